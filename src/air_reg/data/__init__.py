@@ -1,0 +1,6 @@
+"""Pair datasets and LightningDataModules."""
+
+from air_reg.data.datamodule import PairDataModule
+from air_reg.data.synthetic import SyntheticDataModule
+
+__all__ = ["PairDataModule", "SyntheticDataModule"]

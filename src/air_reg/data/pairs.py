@@ -1,0 +1,123 @@
+"""Fixed/moving pair datasets held as in-memory tensors, with rank-sharded pair samplers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
+
+PAIRINGS = ("random", "same_class", "given")
+
+
+class PairDataset(Dataset):
+    """All images in one (N, 1, H, W) float tensor; an item is a (fixed, moving) index pair.
+
+    ``__getitems__`` gathers a whole batch with one indexing call per field, so the
+    DataLoader does no per-item work. ``flows`` (N, 2, H, W), when given, is the
+    ground-truth flow that registers ``moving`` onto fixed image ``i`` (synthetic data).
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, flows: torch.Tensor | None = None
+    ) -> None:
+        self.images, self.labels, self.flows = images, labels, flows
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
+        f, m = idx[:, 0], idx[:, 1]
+        batch = {
+            "fixed": self.images[f],
+            "moving": self.images[m],
+            "fixed_label": self.labels[f],
+            "moving_label": self.labels[m],
+        }
+        if self.flows is not None:
+            batch["flow"] = self.flows[f]
+        return batch
+
+    def __getitem__(self, pair: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([pair]).items()}
+
+
+def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``__getitems__`` already returns a collated batch."""
+    return batch
+
+
+def draw_pairs(
+    pool: torch.Tensor,
+    labels: torch.Tensor,
+    num_pairs: int,
+    pairing: str,
+    generator: torch.Generator,
+    partner: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(num_pairs, 2) (fixed, moving) indices drawn from ``pool``.
+
+    Every pool image is a fixed image once per pass (a fresh permutation each pass);
+    ``random`` draws the moving image from the whole pool, ``same_class`` from the fixed
+    image's class, ``given`` takes ``partner[fixed]``.
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    passes = -(-num_pairs // len(pool))
+    order = torch.cat([torch.randperm(len(pool), generator=generator) for _ in range(passes)])
+    fixed = pool[order[:num_pairs]]
+    if pairing == "given":
+        if partner is None:
+            raise ValueError("pairing='given' needs a dataset with preset partners")
+        moving = partner[fixed]
+    elif pairing == "random":
+        moving = pool[torch.randint(len(pool), (num_pairs,), generator=generator)]
+    else:  # same_class: a uniform draw among the pool images of the fixed image's class
+        moving = torch.empty_like(fixed)
+        pool_labels = labels[pool]
+        for c in labels[fixed].unique():
+            members = pool[pool_labels == c]
+            sel = labels[fixed] == c
+            pick = torch.randint(len(members), (int(sel.sum()),), generator=generator)
+            moving[sel] = members[pick]
+    return torch.stack([fixed, moving], dim=1)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class PairSampler(Sampler):
+    """Yields (fixed, moving) index pairs for one epoch, sharded across ranks.
+
+    ``draw(epoch)`` returns the epoch's global (P, 2) pair list; rank r takes rows
+    r, r + W, r + 2W, ... so ranks never see the same pair. With ``even=True`` (training)
+    the list is cut to a multiple of W so that every rank runs the same number of steps.
+    Lightning calls ``set_epoch`` at the start of each epoch.
+    """
+
+    def __init__(self, draw: Callable[[int], torch.Tensor], even: bool = False) -> None:
+        self.draw, self.even, self.epoch = draw, even, 0
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _pairs(self) -> torch.Tensor:
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self.draw(self.epoch))
+        rank, world = _rank_and_world()
+        pairs = self._cache[1]
+        if self.even:
+            pairs = pairs[: len(pairs) // world * world]
+        return pairs[rank::world]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        yield from map(tuple, self._pairs().tolist())
+
+    def __len__(self) -> int:
+        return len(self._pairs())

@@ -1,0 +1,63 @@
+"""Score a trained checkpoint on its test pairs: ``python -m air_reg.eval ckpt_path=...``."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from air_reg.checkpoint import load_model
+from air_reg.evaluation import (
+    identity_method,
+    markdown_table,
+    score,
+    summarise,
+    write_per_pair_csv,
+)
+from air_reg.train import CONFIG_DIR
+from air_reg.utils import check_writable, run_record, write_json, write_text, write_with
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Score the checkpoint and the identity on the same test pairs; write the summary."""
+    output_dir = check_writable(cfg.paths.output_dir)
+    model = load_model(cfg.ckpt_path, device=cfg.device)
+    data_cfg = cfg.get("data") or OmegaConf.create(model.build_config["data"])
+    if cfg.get("num_pairs"):
+        data_cfg.num_test_pairs = cfg.num_pairs
+    if cfg.get("batch_size"):
+        data_cfg.eval_batch_size = cfg.batch_size
+    datamodule = instantiate(data_cfg)
+    if datamodule.image_size != model.image_size[0]:
+        raise ValueError(
+            f"the model was trained on {model.image_size} images but data.image_size is "
+            f"{datamodule.image_size}; set data.image_size={model.image_size[0]}"
+        )
+    datamodule.setup("test")
+    device = torch.device(cfg.device)
+    batches = ({k: v.to(device) for k, v in b.items()} for b in datamodule.test_dataloader())
+    per_pair, ms = score({"identity": identity_method, "model": model}, batches)
+    summary = summarise(per_pair)
+    table = markdown_table(summary, ms)
+    log.info("Test pairs (%s):\n%s", data_cfg.get("dataset"), table)
+    write_json(
+        output_dir / "summary.json", {"summary": summary, "ms_per_pair": ms, **run_record(cfg)}
+    )
+    write_text(output_dir / "summary.md", table)
+    write_with(output_dir / "per_pair.csv", lambda p: write_per_pair_csv(p, per_pair))
+    log.info("Wrote %s", output_dir)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Similarity losses and flow regularisers; each an ``nn.Module`` that works on any device.
+
+Similarities take ``(warped, fixed)`` images (B, C, H, W) and return a scalar to minimise.
+Regularisers take a flow (B, 2, H, W) in pixels and return a scalar penalty.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MSE(nn.Module):
+    """Mean squared intensity difference (the paper-faithful choice)."""
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(warped, fixed)
+
+
+class NCC(nn.Module):
+    """1 - global normalised cross-correlation per pair, averaged over the batch (min 0)."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        w = warped.flatten(1) - warped.flatten(1).mean(1, keepdim=True)
+        f = fixed.flatten(1) - fixed.flatten(1).mean(1, keepdim=True)
+        ncc = (w * f).sum(1) / ((w.square().sum(1) * f.square().sum(1)).sqrt() + self.eps)
+        return (1 - ncc).mean()
+
+
+class LocalNCC(nn.Module):
+    """1 - local (windowed) squared NCC, as in VoxelMorph, averaged over pixels (min 0)."""
+
+    def __init__(self, window: int = 9, eps: float = 1e-5) -> None:
+        super().__init__()
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"window must be a positive odd integer, got {window}")
+        self.window, self.eps = window, eps
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        c = warped.shape[1]
+        stacked = torch.cat([warped, fixed, warped * warped, fixed * fixed, warped * fixed], 1)
+        # Window means of I, J, I^2, J^2, IJ in one pooling call: (B, 5C, H, W).
+        means = F.avg_pool2d(
+            stacked, self.window, stride=1, padding=self.window // 2, count_include_pad=False
+        )
+        mi, mj, mii, mjj, mij = means.split(c, dim=1)
+        cross = mij - mi * mj
+        var_i, var_j = (mii - mi * mi).clamp(min=0), (mjj - mj * mj).clamp(min=0)
+        return (1 - cross * cross / (var_i * var_j + self.eps)).mean()
+
+
+def _flow_differences(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward differences of a (B, 2, H, W) flow along rows and columns."""
+    return flow[:, :, 1:, :] - flow[:, :, :-1, :], flow[:, :, :, 1:] - flow[:, :, :, :-1]
+
+
+class Diffusion(nn.Module):
+    """Mean squared spatial gradient of the flow (``Grad`` in VoxelMorph), pixels^2."""
+
+    def forward(self, flow: torch.Tensor) -> torch.Tensor:
+        dy, dx = _flow_differences(flow)
+        return dy.square().mean() + dx.square().mean()
+
+
+class BendingEnergy(nn.Module):
+    """Mean squared second derivatives of the flow (penalises curvature, not affine motion)."""
+
+    def forward(self, flow: torch.Tensor) -> torch.Tensor:
+        dy, dx = _flow_differences(flow)
+        dyy = dy[:, :, 1:, :] - dy[:, :, :-1, :]
+        dxx = dx[:, :, :, 1:] - dx[:, :, :, :-1]
+        dxy = dy[:, :, :, 1:] - dy[:, :, :, :-1]
+        return dyy.square().mean() + dxx.square().mean() + 2 * dxy.square().mean()

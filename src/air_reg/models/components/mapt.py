@@ -1,0 +1,83 @@
+"""MAPT: Multi-scale Attention Parallel Transformer (N AiR branches with different patch sizes)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from air_reg.models.components.air import AiRBranch
+from air_reg.models.components.spatial_transformer import (
+    CoarseToDense,
+    FlowField,
+    check_patch_sizes,
+)
+
+
+class MAPT(nn.Module):
+    """Parallel AiR branches; their coarse fields are resampled to the finest branch grid
+    and summed with normalised weights, then made dense by the shared ``FlowField``.
+
+    ``weights`` sets the initial (``learn_weights=True``, softmax-normalised so they stay
+    positive and sum to 1) or fixed (normalised once) mixing weights; default uniform.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 28,
+        patch_sizes: Sequence[int] = (2, 4, 7),
+        weights: Sequence[float] | None = None,
+        learn_weights: bool = True,
+        interpolation: str = "bicubic",
+        branch_interpolation: str = "bicubic",
+        integration_steps: int = 0,
+        **branch_kwargs,
+    ) -> None:
+        super().__init__()
+        patch_sizes = [int(p) for p in patch_sizes]
+        check_patch_sizes(image_size, patch_sizes)
+        if weights is None:
+            weights = [1.0] * len(patch_sizes)
+        if len(weights) != len(patch_sizes) or min(weights) <= 0:
+            raise ValueError(
+                f"weights {list(weights)} must be positive, one per patch size {patch_sizes}"
+            )
+        self.patch_sizes = patch_sizes
+        self.branches = nn.ModuleList(
+            AiRBranch(image_size=image_size, patch_size=p, **branch_kwargs) for p in patch_sizes
+        )
+        grid = image_size // min(patch_sizes)  # common size: the finest branch grid
+        self.resample = nn.ModuleList(
+            CoarseToDense(
+                in_size=(b.grid, b.grid), out_size=(grid, grid), mode=branch_interpolation
+            )
+            for b in self.branches
+        )
+        w = torch.tensor(weights, dtype=torch.float32)
+        if learn_weights:
+            self.weight_logits = nn.Parameter(w.log())
+        else:
+            self.register_buffer("fixed_weights", w / w.sum())
+        self.field = FlowField(
+            coarse_size=(grid, grid),
+            image_size=(image_size, image_size),
+            interpolation=interpolation,
+            integration_steps=integration_steps,
+        )
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The normalised mixing weights (positive, summing to 1)."""
+        if hasattr(self, "weight_logits"):
+            return self.weight_logits.softmax(0)
+        return self.fixed_weights
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        coarse = sum(
+            w[i] * up(branch(fixed, moving))  # (B, 2, G, G)
+            for i, (branch, up) in enumerate(zip(self.branches, self.resample, strict=True))
+        )
+        return self.field(coarse)

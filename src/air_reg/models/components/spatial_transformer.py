@@ -1,0 +1,149 @@
+"""Spatial-transformer stage: warping, coarse-to-dense fields, scaling-and-squaring.
+
+Conventions (see DEVELOPERS.md): a ``flow`` is a displacement in pixels, ``(B, 2, H, W)``,
+channel 0 along rows (y), channel 1 along columns (x), defined on the fixed grid, and
+``warped(p) = moving(p + flow(p))``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INTERPOLATIONS = ("bilinear", "bicubic", "bspline")
+
+
+def identity_grid(size: tuple[int, int], device=None, dtype=None) -> torch.Tensor:
+    """Pixel coordinates of a (H, W) grid as a (2, H, W) tensor (rows, columns)."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in size]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def warp(
+    moving: torch.Tensor,
+    flow: torch.Tensor,
+    mode: str = "bilinear",
+    padding_mode: str = "border",
+) -> torch.Tensor:
+    """Sample ``moving`` (B, C, H, W) at ``p + flow(p)``; flow is (B, 2, H, W) in pixels."""
+    if flow.ndim != 4 or flow.shape[1] != 2:
+        raise ValueError(f"flow must be (B, 2, H, W), got {tuple(flow.shape)}")
+    if moving.ndim != 4 or moving.shape[-2:] != flow.shape[-2:]:
+        raise ValueError(
+            f"moving {tuple(moving.shape)} and flow {tuple(flow.shape)} need the same (H, W)"
+        )
+    h, w = flow.shape[-2:]
+    pos = identity_grid((h, w), flow.device, flow.dtype) + flow  # (B, 2, H, W) pixels
+    # grid_sample wants (x, y) in [-1, 1] with align_corners=True: -1 is the first pixel centre.
+    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=flow.device)
+    grid = pos.flip(1).permute(0, 2, 3, 1) * scale.to(flow.dtype) - 1.0  # (B, H, W, 2)
+    return F.grid_sample(moving, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int) -> torch.Tensor:
+    """Scaling and squaring: exp of a stationary velocity field (B, 2, H, W), in pixels."""
+    flow = velocity / (2**steps)
+    for _ in range(steps):
+        flow = flow + warp(flow, flow)  # phi_{2t} = phi_t o phi_t
+    return flow
+
+
+def _cubic_bspline(t: torch.Tensor) -> torch.Tensor:
+    t = t.abs()
+    inner = (4 - 6 * t**2 + 3 * t**3) / 6
+    outer = (2 - t).clamp(min=0) ** 3 / 6
+    return torch.where(t < 1, inner, outer)
+
+
+def interpolation_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
+    """(n_out, n_in) matrix that resamples a 1-D signal of cell values onto n_out pixels.
+
+    The n_in coarse values sit at the centres of equal cells covering the n_out pixels
+    (a patch grid), i.e. ``align_corners=False`` geometry. ``bspline`` treats them as cubic
+    B-spline control points (smoothest, does not interpolate them exactly).
+    """
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {mode!r}; choose one of {INTERPOLATIONS}")
+    if mode == "bspline":
+        step = n_in / n_out  # control-point units per pixel
+        centres = (torch.arange(n_out, dtype=torch.float64) + 0.5) * step - 0.5
+        return _cubic_bspline(centres[:, None] - torch.arange(n_in)[None, :]).float()
+    eye = torch.eye(n_in).reshape(n_in, 1, n_in)  # n_in one-hot signals of length n_in
+    if n_in == n_out:
+        return torch.eye(n_in)
+    out = F.interpolate(eye[:, :, None, :], size=(1, n_out), mode=mode, align_corners=False)
+    return out.reshape(n_in, n_out).T.contiguous()
+
+
+class CoarseToDense(nn.Module):
+    """Resample a coarse (B, C, h, w) field to (B, C, H, W) with a fixed separable operator.
+
+    One module serves every model: AiR's per-patch displacements, MAPT's branch fusion and
+    DIRNet's control points. Precomputed 1-D matrices make it a pair of small matmuls.
+    """
+
+    def __init__(
+        self, *, in_size: tuple[int, int], out_size: tuple[int, int], mode: str = "bicubic"
+    ) -> None:
+        super().__init__()
+        self.in_size, self.out_size, self.mode = tuple(in_size), tuple(out_size), mode
+        self.register_buffer("rows", interpolation_matrix(in_size[0], out_size[0], mode), False)
+        self.register_buffer("cols", interpolation_matrix(in_size[1], out_size[1], mode), False)
+
+    def forward(self, coarse: torch.Tensor) -> torch.Tensor:
+        if tuple(coarse.shape[-2:]) == self.out_size and self.mode != "bspline":
+            return coarse
+        # (B, C, h, w) -> (B, C, H, W): rows (H, h) and cols (W, w)
+        return torch.einsum("Hh,bchw,Ww->bcHW", self.rows, coarse, self.cols)
+
+    def extra_repr(self) -> str:
+        return f"in_size={self.in_size}, out_size={self.out_size}, mode={self.mode!r}"
+
+
+class FlowField(nn.Module):
+    """Coarse displacements -> dense flow in pixels, optionally diffeomorphic.
+
+    With ``integration_steps > 0`` the dense field is a stationary velocity integrated by
+    scaling and squaring (folding-free for smooth enough velocities).
+    """
+
+    def __init__(
+        self,
+        *,
+        coarse_size: tuple[int, int],
+        image_size: tuple[int, int],
+        interpolation: str = "bicubic",
+        integration_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        if integration_steps < 0:
+            raise ValueError(f"integration_steps must be >= 0, got {integration_steps}")
+        self.upsample = CoarseToDense(in_size=coarse_size, out_size=image_size, mode=interpolation)
+        self.integration_steps = integration_steps
+
+    def forward(self, coarse: torch.Tensor) -> torch.Tensor:
+        dense = self.upsample(coarse)  # (B, 2, H, W)
+        if self.integration_steps:
+            dense = integrate_velocity(dense, self.integration_steps)
+        return dense
+
+
+def check_patch_sizes(image_size: int, patch_sizes) -> None:
+    """Reject patch sizes that do not divide the image size, listing the valid ones."""
+    bad = [p for p in patch_sizes if int(p) <= 0 or image_size % int(p)]
+    if bad:
+        valid = [d for d in range(1, image_size + 1) if image_size % d == 0]
+        raise ValueError(
+            f"patch size(s) {bad} do not divide image size {image_size}; "
+            f"valid patch sizes for {image_size}x{image_size} are {valid} "
+            f"(set model.net.patch_size(s) or data.image_size)"
+        )
+
+
+def to_pair(size) -> tuple[int, int]:
+    """An int or a (H, W) pair as a tuple of two ints."""
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))

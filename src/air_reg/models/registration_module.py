@@ -1,0 +1,142 @@
+"""The LightningModule ("system"): any flow network + warp + loss, metrics and optimisers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from air_reg import metrics as M
+from air_reg.models.components.spatial_transformer import warp
+
+STAGES = ("train", "val", "test")
+METRICS = ("mse", "psnr", "smooth_dice", "folding", "dice", "ncc", "ssim", "sdlogj", "epe")
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_factor: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay to ``min_factor`` x lr, stepped every batch."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class RegistrationModule(L.LightningModule):
+    """Unsupervised registration: minimise ``loss(warp(moving, flow), fixed) + w * reg(flow)``.
+
+    ``forward(fixed, moving)`` is inference only and returns the flow (B, 2, H, W) in pixels.
+    """
+
+    def __init__(
+        self,
+        *,
+        net: nn.Module,
+        loss: nn.Module,
+        regularizer: nn.Module | None = None,
+        reg_weight: float = 0.0,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            logger=False, ignore=["net", "loss", "regularizer", "optimizer", "scheduler"]
+        )
+        self.net, self.loss, self.regularizer = net, loss, regularizer
+        self.reg_weight = reg_weight
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.metrics = nn.ModuleDict(
+            {s: nn.ModuleDict({k: MeanMetric() for k in METRICS}) for s in ("val", "test")}
+        )
+        self.build_config: dict | None = None  # set by train.py; stored in checkpoints
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.net.field.upsample.out_size
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.net(fixed, moving)
+
+    @torch.no_grad()
+    def register(self, fixed: torch.Tensor, moving: torch.Tensor):
+        """(warped, flow) for a batch, without gradients."""
+        flow = self(fixed, moving)
+        return warp(moving, flow), flow
+
+    def objective(self, fixed, moving, flow) -> dict[str, torch.Tensor]:
+        warped = warp(moving, flow)
+        sim = self.loss(warped, fixed)
+        if self.regularizer is not None and self.reg_weight:
+            reg = self.regularizer(flow)
+        else:
+            reg = sim.new_zeros(())
+        return {"loss": sim + self.reg_weight * reg, "sim": sim, "reg": reg, "warped": warped}
+
+    def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        fixed, moving = batch["fixed"], batch["moving"]
+        flow = self.net(fixed, moving)
+        out = self.objective(fixed, moving, flow)
+        bs = fixed.shape[0]
+        on_step = stage == "train"
+        for k in ("loss", "sim", "reg"):
+            self.log(
+                f"{stage}/{k}",
+                out[k].detach(),
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=k == "loss",
+                batch_size=bs,
+                sync_dist=not on_step,
+            )
+        if stage != "train":
+            values = M.pair_metrics(
+                fixed, out["warped"], flow, batch.get("flow"), full=stage == "test"
+            )
+            for k, v in values.items():
+                metric = self.metrics[stage][k]
+                metric.update(v)
+                self.log(f"{stage}/{k}", metric, on_epoch=True, prog_bar=k == "mse", batch_size=bs)
+        return out["loss"]
+
+    def training_step(self, batch, batch_idx):
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._common_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._common_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch["fixed"], batch["moving"])
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.build_config is not None:
+            checkpoint["air_reg"] = self.build_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.build_config = checkpoint.get("air_reg", self.build_config)

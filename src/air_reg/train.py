@@ -1,0 +1,74 @@
+"""Train a registration model: ``python -m air_reg.train model=mapt data=fashion``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from air_reg import __version__
+from air_reg.utils import check_writable, run_record, write_json
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def _instantiate_all(group: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` entry of a callbacks/logger group."""
+    if not group:
+        return []
+    return [
+        instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c
+    ]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test) the configured model; returns the final metrics as floats."""
+    log.info("Composed config:\n%s", OmegaConf.to_yaml(cfg))
+    output_dir = check_writable(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    model: L.LightningModule = instantiate(cfg.model)
+    model.build_config = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "air_reg_version": __version__,
+    }
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=_instantiate_all(cfg.get("callbacks")),
+        logger=_instantiate_all(cfg.get("logger")) or False,
+    )
+    if trainer.is_global_zero:
+        write_json(output_dir / "run_record.json", run_record(cfg))
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train"):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test"):
+        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not ckpt:
+            log.warning("No best checkpoint found; testing the current weights.")
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None)
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        write_json(output_dir / "metrics.json", metrics)
+        log.info("Run folder: %s", output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    name = cfg.get("optimized_metric")
+    return metrics.get(name) if name else None
+
+
+if __name__ == "__main__":
+    main()

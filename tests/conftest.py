@@ -1,0 +1,45 @@
+"""Shared fixtures: the real configs composed with Hydra's compose API, forced onto the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose ``conf/<name>.yaml`` with ``overrides``; CPU, no loggers, output in a temp dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir / "logs")
+        if "trainer" in cfg:
+            cfg.trainer.accelerator = "cpu"
+            cfg.trainer.devices = 1
+            cfg.trainer.enable_progress_bar = False
+            cfg.trainer.enable_model_summary = False
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """``make_cfg("train", [overrides...])`` -> composed DictConfig writing under tmp_path."""
+
+    def _make(name: str = "train", overrides: list[str] | None = None) -> DictConfig:
+        return compose_config(name, overrides or [], tmp_path)
+
+    return _make
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
