@@ -43,3 +43,19 @@ def make_cfg(tmp_path):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class NaNAfterLoss(torch.nn.Module):
+    """MSE that turns NaN after ``steps`` calls in training mode (for the non-finite test)."""
+
+    def __init__(self, steps: int = 3) -> None:
+        super().__init__()
+        self.steps, self.calls = steps, 0
+
+    def forward(self, warped, fixed):
+        loss = (warped - fixed).square().mean()
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls > self.steps:
+                return loss * float("nan")
+        return loss

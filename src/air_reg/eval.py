@@ -18,7 +18,14 @@ from air_reg.evaluation import (
     write_per_pair_csv,
 )
 from air_reg.train import CONFIG_DIR
-from air_reg.utils import check_writable, run_record, write_json, write_text, write_with
+from air_reg.utils import (
+    check_writable,
+    run_cli,
+    run_record,
+    write_json,
+    write_text,
+    write_with,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    run_cli(evaluate, cfg)
 
 
 if __name__ == "__main__":

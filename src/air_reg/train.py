@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from air_reg import __version__
-from air_reg.utils import check_writable, run_record, write_json
+from air_reg.utils import check_writable, run_cli, run_record, write_json
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -45,7 +45,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger=_instantiate_all(cfg.get("logger")) or False,
     )
     if trainer.is_global_zero:
-        write_json(output_dir / "run_record.json", run_record(cfg))
+        record = run_record(cfg, {"data_checksums": datamodule.file_checksums()})
+        write_json(output_dir / "run_record.json", record)
 
     metrics: dict[str, float] = {}
     if cfg.get("train"):
@@ -65,7 +66,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    metrics = run_cli(train, cfg)
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
 

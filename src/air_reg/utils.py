@@ -87,3 +87,29 @@ def run_record(cfg: DictConfig, extra: dict | None = None) -> dict:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# Errors whose message already tells the user what went wrong and how to fix it: the entry
+# points print that message alone instead of a stack trace.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    PermissionError,
+    ValueError,
+    RuntimeError,
+)
+
+
+def run_cli(fn: Callable, cfg: DictConfig):
+    """Call an entry point; report a user error as one clear line and exit with status 1."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return fn(cfg)
+    except (InstantiationException, *USER_ERRORS) as err:
+        if os.environ.get("AIR_REG_DEBUG"):
+            raise
+        cause = err.__cause__ if isinstance(err, InstantiationException) else None
+        shown = cause or err  # Hydra wraps the real error raised by the constructor
+        message = " ".join(str(shown).split()) or repr(shown)
+        log.error("%s: %s (set AIR_REG_DEBUG=1 for the traceback)", type(shown).__name__, message)
+        raise SystemExit(1) from None

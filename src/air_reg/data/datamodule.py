@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from air_reg.data.idx import load_dataset
+from air_reg.data.idx import checksums, load_dataset
 from air_reg.data.pairs import PAIRINGS, PairDataset, PairSampler, collate_batch, draw_pairs
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,10 @@ class PairDataModule(L.LightningDataModule):
         raw, labels = load_dataset(self.hparams.dataset, self.hparams.root, self.hparams.download)
         images = resize(raw[:, None].float().div_(255), self.hparams.image_size)
         return images, labels, None, len(images)
+
+    def file_checksums(self) -> dict[str, str]:
+        """sha256 of the raw files read, for the run record."""
+        return checksums(self.hparams.dataset, self.hparams.root)
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:

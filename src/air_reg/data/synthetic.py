@@ -58,6 +58,9 @@ class SyntheticDataModule(PairDataModule):
         super().__init__(**kwargs)
         self.num_images, self.magnitude, self.seed = num_images, magnitude, seed
 
+    def file_checksums(self) -> dict[str, str]:
+        return {}  # generated from the seed, no files
+
     def load(self):
         g = torch.Generator().manual_seed(self.seed)
         size = self.hparams.image_size

@@ -35,6 +35,10 @@ def cosine_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
 class RegistrationModule(L.LightningModule):
     """Unsupervised registration: minimise ``loss(warp(moving, flow), fixed) + w * reg(flow)``.
 
@@ -50,13 +54,14 @@ class RegistrationModule(L.LightningModule):
         reg_weight: float = 0.0,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
             logger=False, ignore=["net", "loss", "regularizer", "optimizer", "scheduler"]
         )
         self.net, self.loss, self.regularizer = net, loss, regularizer
-        self.reg_weight = reg_weight
+        self.reg_weight, self.check_finite = reg_weight, check_finite
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.metrics = nn.ModuleDict(
             {s: nn.ModuleDict({k: MeanMetric() for k in METRICS}) for s in ("val", "test")}
@@ -112,7 +117,15 @@ class RegistrationModule(L.LightningModule):
         return out["loss"]
 
     def training_step(self, batch, batch_idx):
-        return self._common_step(batch, "train")
+        loss = self._common_step(batch, "train")
+        if self.check_finite and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {batch_idx}); the last good checkpoint is kept. "
+                f"Lower model.optimizer.lr, add gradient clipping (trainer.gradient_clip_val) "
+                f"or check the input images for NaN/inf."
+            )
+        return loss
 
     def validation_step(self, batch, batch_idx):
         self._common_step(batch, "val")
@@ -137,6 +150,15 @@ class RegistrationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.build_config is not None:
             checkpoint["air_reg"] = self.build_config
+        # The RNG state (dropout) lets a resumed run replay the interrupted epoch exactly.
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.build_config = checkpoint.get("air_reg", self.build_config)
+        rng = checkpoint.get("rng_state")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
