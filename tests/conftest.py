@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -59,3 +61,17 @@ class NaNAfterLoss(torch.nn.Module):
             if self.calls > self.steps:
                 return loss * float("nan")
         return loss
+
+
+class RankWeightDigest(L.Callback):
+    """Writes a sha256 of the weights each rank ends with to ``<folder>/rank<k>.txt``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(pl_module.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.txt").write_text(digest.hexdigest())

@@ -53,9 +53,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
-        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if cfg.get("train"):
+            callback = trainer.checkpoint_callback
+            ckpt = callback.best_model_path if callback else ""
+        else:  # test-only run: score the given checkpoint
+            ckpt = cfg.get("ckpt_path") or ""
         if not ckpt:
-            log.warning("No best checkpoint found; testing the current weights.")
+            log.warning("No checkpoint to test; testing the current weights.")
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:

@@ -55,6 +55,7 @@ class RegistrationModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         check_finite: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -67,6 +68,8 @@ class RegistrationModule(L.LightningModule):
             {s: nn.ModuleDict({k: MeanMetric() for k in METRICS}) for s in ("val", "test")}
         )
         self.build_config: dict | None = None  # set by train.py; stored in checkpoints
+        if compile:  # compile the network's forward only: state-dict keys stay the same
+            self.net.forward = torch.compile(self.net.forward)
 
     @property
     def image_size(self) -> tuple[int, int]:
