@@ -22,7 +22,8 @@ def _check_targets(node, where: str = "model") -> None:
         if target is not None and not str(target).startswith(SAFE_TARGETS):
             raise CheckpointError(
                 f"checkpoint config names {target!r} at {where}; only {SAFE_TARGETS} "
-                f"are allowed. Refusing to load it."
+                f"are allowed, so it was not loaded. Use a checkpoint written by "
+                f"`python -m air_reg.train` from a source you trust"
             )
         for key, value in node.items():
             _check_targets(value, f"{where}.{key}")
@@ -41,10 +42,11 @@ def read_checkpoint(path: str | Path) -> dict:
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # torch's own text suggests weights_only=False: not for us
+        reason = "not a zip archive" if "zip" in str(err) else type(err).__name__
         raise CheckpointError(
-            f"{path} could not be read as a checkpoint (corrupt, truncated or not a "
-            f"PyTorch file): {str(err).splitlines()[0]}; retrain or re-download it"
+            f"{path} could not be read as a safe checkpoint (corrupt, truncated, not a "
+            f"PyTorch file, or holding pickled objects: {reason}); retrain or re-download it"
         ) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "air_reg" not in ckpt:
         raise CheckpointError(
@@ -67,9 +69,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
+        detail = " ".join(str(err).split())[:400]
         raise CheckpointError(
-            f"{path}: the weights do not fit the model its config describes (from another "
-            f"model or version?): {str(err).splitlines()[0]}"
+            f"{path}: the weights do not fit the model its config describes (edited, or from "
+            f"another model or version): {detail}; use the checkpoint written with that config "
+            f"or retrain"
         ) from err
     module.build_config = record
     return module.eval().to(device)

@@ -1,6 +1,6 @@
 """Evaluation metrics, one value per pair: each returns a (B,) tensor.
 
-Images are (B, 1, H, W) in [0, 1]; flows are (B, 2, H, W) in pixels (see DEVELOPERS.md).
+Images are (B, 1, H, W) in [0, 1]; flows are (B, 2, H, W) in pixels (see the README).
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; follow the umask instead
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

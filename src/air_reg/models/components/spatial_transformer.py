@@ -1,6 +1,6 @@
 """Spatial-transformer stage: warping, coarse-to-dense fields, scaling-and-squaring.
 
-Conventions (see DEVELOPERS.md): a ``flow`` is a displacement in pixels, ``(B, 2, H, W)``,
+Conventions (see the README): a ``flow`` is a displacement in pixels, ``(B, 2, H, W)``,
 channel 0 along rows (y), channel 1 along columns (x), defined on the fixed grid, and
 ``warped(p) = moving(p + flow(p))``.
 """

@@ -1,0 +1,234 @@
+"""Register images with a trained model: ``python -m air_reg.register fixed=a.png moving=b.png``.
+
+``fixed``/``moving`` are two image files or two folders whose files pair up by name. Images of
+another size than the model's are resampled to it, and the flow is brought back to the input
+size, so the ORIGINAL moving image is warped. Writes the warped PNG, the flow ``.npy``
+((2, H, W) pixels, channel 0 rows), a figure per pair and ``summary.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from air_reg.checkpoint import load_model
+from air_reg.io import IMAGE_SUFFIXES, ImageError, read_image, save_npy, write_image
+from air_reg.metrics import mse, smooth_dice
+from air_reg.models.components.spatial_transformer import warp
+from air_reg.train import CONFIG_DIR
+from air_reg.utils import check_writable, run_cli, write_with
+from air_reg.viz import pair_figure
+
+log = logging.getLogger(__name__)
+METRICS = ("mse_before", "mse_after", "smooth_dice_before", "smooth_dice_after")
+FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS)  # summary.csv columns
+
+
+def resolve_checkpoint(cfg: DictConfig) -> Path:
+    """The checkpoint to load; for now always ``ckpt_path`` (shipped weights may come later)."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
+        raise ValueError(
+            "no checkpoint given: pass ckpt_path=<run dir>/checkpoints/last.ckpt "
+            "(written by `python -m air_reg.train`)"
+        )
+    return Path(cfg.ckpt_path).expanduser()
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, h, w) -> (B, 1, H, W), bilinear, antialiased when shrinking."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    out = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    return out.clamp(0, 1)
+
+
+def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 2, h, w) pixels on an h x w grid -> (B, 2, H, W) pixels on an H x W grid."""
+    h, w = flow.shape[-2:]
+    if (h, w) == tuple(size):
+        return flow
+    shrink = size[0] < h or size[1] < w
+    out = F.interpolate(flow, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    scale = torch.tensor([size[0] / h, size[1] / w], dtype=flow.dtype, device=flow.device)
+    return out * scale.view(1, 2, 1, 1)  # a displacement of d model pixels is d * H / h here
+
+
+def find_pairs(fixed: Path, moving: Path) -> list[tuple[str, Path, Path]]:
+    """(name, fixed file, moving file) for two files, or for two folders paired by file name."""
+    if fixed.is_dir() != moving.is_dir():
+        folder, other = ("fixed", "moving") if fixed.is_dir() else ("moving", "fixed")
+        raise ImageError(
+            f"{folder} is a folder but {other} is not ({fixed}, {moving}); "
+            f"pass two image files or two folders"
+        )
+    if not fixed.is_dir():
+        return [(fixed.stem, fixed, moving)]
+    found = [_images_in(fixed), _images_in(moving)]
+    only = [sorted(found[0].keys() - found[1].keys()), sorted(found[1].keys() - found[0].keys())]
+    if only[0] or only[1]:
+        raise ImageError(
+            f"folders {fixed} and {moving} do not pair up by file name: only in fixed: "
+            f"{_listing(only[0])}; only in moving: {_listing(only[1])}; give each pair the "
+            f"same file name in both folders"
+        )
+    if not found[0]:
+        raise ImageError(
+            f"no images ({' '.join(IMAGE_SUFFIXES)}) in {fixed} or {moving}; put the pairs "
+            f"there under the same file names, or pass two image files"
+        )
+    names = sorted(found[0])
+    stems = [Path(n).stem for n in names]
+    if len(set(stems)) < len(stems):
+        twins = sorted(n for n in names if stems.count(Path(n).stem) > 1)
+        raise ImageError(f"{_listing(twins)} share a name: outputs would clash; rename them")
+    return [(Path(n).stem, found[0][n], found[1][n]) for n in names]
+
+
+def _images_in(folder: Path) -> dict[str, Path]:
+    return {
+        p.name: p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    }
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return (", ".join(names[:limit]) + more) or "none"
+
+
+def read_pair(fixed_path: Path, moving_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both images, (1, 1, H, W) each; refuses pairs of different sizes."""
+    fixed, moving = read_image(fixed_path), read_image(moving_path)
+    if fixed.shape != moving.shape:
+        (fh, fw), (mh, mw) = fixed.shape[-2:], moving.shape[-2:]
+        raise ImageError(
+            f"fixed {fixed_path} is {fh}x{fw} but moving {moving_path} is {mh}x{mw} (HxW); "
+            f"resample one of them to the other's size first"
+        )
+    return fixed, moving
+
+
+@torch.no_grad()
+def register_batch(model, fixed: list[torch.Tensor], moving: list[torch.Tensor]) -> list:
+    """(warped, flow) per pair at its own size; pairs may differ in size from one another."""
+    size = tuple(model.image_size)
+    device = next(model.parameters()).device
+    f = torch.cat([resize_images(x, size) for x in fixed]).to(device)  # (B, 1, h, w)
+    m = torch.cat([resize_images(x, size) for x in moving]).to(device)
+    flows = model(f, m).cpu()  # (B, 2, h, w) on the model's grid
+    out = []
+    for flow, mov in zip(flows, moving, strict=True):
+        flow = resize_flow(flow[None], tuple(mov.shape[-2:]))  # (1, 2, H, W)
+        out.append((warp(mov, flow), flow))
+    return out
+
+
+def _outputs(out_dir: Path, name: str, folders: bool) -> dict[str, Path]:
+    if folders:  # one file per pair in each of warped/ flow/ figures/
+        return {
+            "warped": out_dir / "warped" / f"{name}.png",
+            "flow": out_dir / "flow" / f"{name}.npy",
+            "figure": out_dir / "figures" / f"{name}.png",
+        }
+    return {
+        "warped": out_dir / "warped.png",
+        "flow": out_dir / "flow.npy",
+        "figure": out_dir / "figure.png",
+    }
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def register(cfg: DictConfig) -> dict:
+    """Register every pair, write the outputs; returns mean metrics, time and per-pair rows."""
+    log.info("Composed config:\n%s", OmegaConf.to_yaml(cfg))
+    start = time.perf_counter()
+    out_dir = check_writable(cfg.out_dir)
+    fixed_in, moving_in = Path(cfg.fixed).expanduser(), Path(cfg.moving).expanduser()
+    pairs = find_pairs(fixed_in, moving_in)
+    folders = fixed_in.is_dir()
+    model = load_model(resolve_checkpoint(cfg), device=cfg.device)
+    batch_size = int(cfg.batch_size) if folders else 1
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}; e.g. batch_size=32")
+    rows, compute_s = [], 0.0
+    with tqdm(total=len(pairs), unit="pair", desc="register", disable=not folders) as bar:
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            images = [read_pair(f, m) for _, f, m in chunk]
+            fixed, moving = [im[0] for im in images], [im[1] for im in images]
+            tic = time.perf_counter()
+            results = register_batch(model, fixed, moving)
+            compute_s += time.perf_counter() - tic
+            for (name, f_path, m_path), fix, mov, (warped, flow) in zip(
+                chunk, fixed, moving, results, strict=True
+            ):
+                paths = _outputs(out_dir, name, folders)
+                save_npy(paths["flow"], flow[0])  # (2, H, W) pixels, channel 0 rows
+                write_image(paths["warped"], warped)
+                if cfg.figures:
+                    pair_figure(fix, mov, warped, flow, paths["figure"], titles=[name])
+                row = {
+                    "name": name,
+                    "fixed": str(f_path),
+                    "moving": str(m_path),
+                    "height": fix.shape[-2],
+                    "width": fix.shape[-1],
+                    "mse_before": mse(mov, fix).item(),
+                    "mse_after": mse(warped, fix).item(),
+                    "smooth_dice_before": smooth_dice(mov, fix).item(),
+                    "smooth_dice_after": smooth_dice(warped, fix).item(),
+                }
+                rows.append(row)
+                log.debug("%s: %s", name, row)
+            bar.update(len(chunk))
+    write_with(out_dir / "summary.csv", lambda p: _write_csv(p, rows))
+    means = {k: sum(r[k] for r in rows) / len(rows) for k in METRICS}
+    total_s = time.perf_counter() - start
+    log.info(
+        "%d pair(s): MSE %.5f -> %.5f, smooth Dice %.4f -> %.4f (before -> after)",
+        len(rows),
+        means["mse_before"],
+        means["mse_after"],
+        means["smooth_dice_before"],
+        means["smooth_dice_after"],
+    )
+    log.info(
+        "Registration took %.3f s (%.1f ms per pair), %.2f s in all with I/O; wrote %s",
+        compute_s,
+        1000 * compute_s / len(rows),
+        total_s,
+        out_dir,
+    )
+    return {
+        "num_pairs": len(rows),
+        **means,
+        "seconds": compute_s,
+        "total_seconds": total_s,
+        "output_dir": str(out_dir),
+        "pairs": rows,
+    }
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="register")
+def main(cfg: DictConfig) -> None:
+    run_cli(register, cfg)
+
+
+if __name__ == "__main__":
+    main()
