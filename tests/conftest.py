@@ -8,27 +8,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from air_reg import config as air_reg_config
 
 
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose ``conf/<name>.yaml`` with ``overrides``; CPU, no loggers, output in a temp dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
+    """Compose ``conf/<name>.yaml`` on the CPU with no progress bars, output in a temp dir."""
+    cfg = air_reg_config.compose_config(name, overrides, output_dir)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir / "logs")
         if "trainer" in cfg:
-            cfg.trainer.accelerator = "cpu"
-            cfg.trainer.devices = 1
             cfg.trainer.enable_progress_bar = False
-            cfg.trainer.enable_model_summary = False
-    GlobalHydra.instance().clear()
     return cfg
 
 

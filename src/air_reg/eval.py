@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from air_reg.checkpoint import load_model
+from air_reg.config import CONFIG_DIR
 from air_reg.evaluation import (
     identity_method,
     markdown_table,
@@ -17,7 +18,6 @@ from air_reg.evaluation import (
     summarise,
     write_per_pair_csv,
 )
-from air_reg.train import CONFIG_DIR
 from air_reg.utils import (
     check_writable,
     run_cli,

@@ -20,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from air_reg.checkpoint import load_model
+from air_reg.config import CONFIG_DIR
 from air_reg.io import IMAGE_SUFFIXES, ImageError, read_image, save_npy, write_image
 from air_reg.metrics import mse, smooth_dice
 from air_reg.models.components.spatial_transformer import warp
-from air_reg.train import CONFIG_DIR
 from air_reg.utils import check_writable, run_cli, write_with
 from air_reg.viz import pair_figure
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 import lightning as L
@@ -11,10 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from air_reg import __version__
+from air_reg.config import CONFIG_DIR
 from air_reg.utils import check_writable, run_cli, run_record, write_json
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def _instantiate_all(group: DictConfig | None) -> list:

@@ -68,3 +68,39 @@ def pair_figure(
     suffix = Path(path).suffix.lstrip(".") or "png"
     write_with(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=100))
     return Path(path)
+
+
+@torch.no_grad()
+def method_figure(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    flows: dict[str, torch.Tensor],
+    path: str | Path,
+    max_rows: int = 6,
+) -> Path:
+    """Fig. 3 layout: fixed | moving, then warped and deformation grid for each method."""
+    from air_reg.models.components.spatial_transformer import warp
+
+    n = min(len(fixed), max_rows)
+    h, w = fixed.shape[-2:]
+    step = max(1, round(max(h, w) / 14))
+    cols = 2 + 2 * len(flows)
+    fig = Figure(figsize=(1.6 * cols, 1.6 * n + 0.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n, cols, squeeze=False)
+    titles = ["fixed", "moving"] + [t for name in flows for t in (name, f"{name} grid")]
+    for r in range(n):
+        panels = [fixed[r], moving[r]]
+        for flow in flows.values():
+            panels += [warp(moving[r : r + 1], flow[r : r + 1])[0], flow[r]]
+        for c, (ax, panel) in enumerate(zip(axes[r], panels, strict=True)):
+            if c >= 2 and c % 2 == 1:
+                draw_grid(ax, panel, step, linewidth=0.5)
+            else:
+                ax.imshow(panel[0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=7)
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return Path(path)
