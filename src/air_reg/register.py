@@ -28,18 +28,28 @@ from air_reg.utils import check_writable, run_cli, write_with
 from air_reg.viz import pair_figure
 
 log = logging.getLogger(__name__)
+WEIGHTS_DIR = Path(CONFIG_DIR).parent / "weights"  # small trained checkpoints, see README
+NET_NAMES = {"AiR": "air", "MAPT": "mapt", "DIRNet": "dirnet"}
 METRICS = ("mse_before", "mse_after", "smooth_dice_before", "smooth_dice_after")
 FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS)  # summary.csv columns
 
 
 def resolve_checkpoint(cfg: DictConfig) -> Path:
-    """The checkpoint to load; for now always ``ckpt_path`` (shipped weights may come later)."""
-    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
+    """``ckpt_path`` when given, else the shipped ``weights/<weights>.ckpt``, where
+    ``weights`` defaults to ``<model>_<data>`` of the chosen ``model=`` and ``data=``."""
+    if cfg.get("ckpt_path"):
+        return Path(cfg.ckpt_path).expanduser()
+    net = cfg.model.net._target_.rsplit(".", 1)[-1]
+    name = f"{cfg.get('weights') or f'{NET_NAMES[net]}_{cfg.data.dataset}'}.ckpt"
+    path = WEIGHTS_DIR / name
+    if not path.is_file():
+        shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("*.ckpt"))
         raise ValueError(
-            "no checkpoint given: pass ckpt_path=<run dir>/checkpoints/last.ckpt "
-            "(written by `python -m air_reg.train`)"
+            f"no shipped weights {name}: choose model=<m> data=<d> or weights=<name> among "
+            f"{shipped or 'none'} "
+            f"or pass ckpt_path=<run dir>/checkpoints/last.ckpt (from `python -m air_reg.train`)"
         )
-    return Path(cfg.ckpt_path).expanduser()
+    return path
 
 
 def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
