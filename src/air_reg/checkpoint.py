@@ -56,11 +56,21 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    refine_steps: int = 0,
+    cascade: int = 1,
+    **refine_kwargs,
+):
     """Rebuild the ``RegistrationModule`` stored in ``path``, in eval mode on ``device``.
 
     ``model(fixed, moving)`` takes (B, 1, H, W) images in [0, 1] and returns the flow
     (B, 2, H, W) in pixels (channel 0 rows, channel 1 columns), on the fixed grid.
+    ``refine_steps > 0`` (or ``cascade > 1``) returns an ``air_reg.refine.Refiner`` with the
+    same contract, which optimises each pair's flow for that many steps after the network
+    (``refine_kwargs``: lr, reg_weight, integration_steps, grid, optimizer, ...).
     """
     ckpt = read_checkpoint(path)
     record = ckpt["air_reg"]
@@ -76,4 +86,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
             f"or retrain"
         ) from err
     module.build_config = record
-    return module.eval().to(device)
+    module = module.eval().to(device)
+    if refine_steps or cascade > 1:
+        from air_reg.refine import Refiner
+
+        return Refiner(module, steps=refine_steps, cascade=cascade, **refine_kwargs)
+    return module

@@ -33,7 +33,13 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict:
     """Score the checkpoint and the identity on the same test pairs; write the summary."""
     output_dir = check_writable(cfg.paths.output_dir)
-    model = load_model(cfg.ckpt_path, device=cfg.device)
+    model = load_model(
+        cfg.ckpt_path,
+        device=cfg.device,
+        refine_steps=cfg.refine_steps,
+        cascade=cfg.cascade,
+        **cfg.refine,
+    )
     data_cfg = cfg.get("data") or OmegaConf.create(model.build_config["data"])
     if cfg.get("num_pairs"):
         data_cfg.num_test_pairs = cfg.num_pairs

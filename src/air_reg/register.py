@@ -172,7 +172,13 @@ def register(cfg: DictConfig) -> dict:
     fixed_in, moving_in = Path(cfg.fixed).expanduser(), Path(cfg.moving).expanduser()
     pairs = find_pairs(fixed_in, moving_in)
     folders = fixed_in.is_dir()
-    model = load_model(resolve_checkpoint(cfg), device=cfg.device)
+    model = load_model(
+        resolve_checkpoint(cfg),
+        device=cfg.device,
+        refine_steps=cfg.refine_steps,
+        cascade=cfg.cascade,
+        **cfg.refine,
+    )
     batch_size = int(cfg.batch_size) if folders else 1
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}; e.g. batch_size=32")
