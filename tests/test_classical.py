@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from air_reg import warp
-from air_reg.data.synthetic import make_flows, make_shapes
+from air_reg.data.synthetic import make_pairs
 from air_reg.metrics import folding, mse
 
 sitk = pytest.importorskip("SimpleITK")
@@ -18,10 +18,7 @@ SIZE = 28
 
 def synthetic_pairs(n: int, magnitude: float = 1.5, seed: int = 0):
     """(fixed, moving, flow) with fixed = moving warped by a smooth random flow."""
-    g = torch.Generator().manual_seed(seed)
-    moving, _ = make_shapes(n, SIZE, g)
-    flow = make_flows(n, SIZE, magnitude, g)
-    return warp(moving, flow), moving, flow
+    return make_pairs(n, SIZE, magnitude, torch.Generator().manual_seed(seed))[:3]
 
 
 def sitk_resample(moving: torch.Tensor, field) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from air_reg import warp
-from air_reg.data.synthetic import make_flows, make_shapes
+from air_reg.data.synthetic import make_flows, make_pairs
 from air_reg.losses import MSE, Diffusion
 from air_reg.metrics import folding
 from air_reg.models.components.air import AiR
@@ -18,10 +18,7 @@ SIZE = 28
 
 def synthetic_pairs(n: int, magnitude: float = 1.5, seed: int = 0):
     """(fixed, moving, flow) with fixed = moving warped by a smooth random flow."""
-    g = torch.Generator().manual_seed(seed)
-    moving, _ = make_shapes(n, SIZE, g)
-    flow = make_flows(n, SIZE, magnitude, g)
-    return warp(moving, flow), moving, flow
+    return make_pairs(n, SIZE, magnitude, torch.Generator().manual_seed(seed))[:3]
 
 
 def objective(fixed, moving, flow, reg_weight=0.05) -> torch.Tensor:

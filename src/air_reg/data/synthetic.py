@@ -42,6 +42,14 @@ def make_flows(
     return CoarseToDense(in_size=(grid, grid), out_size=(size, size), mode="bspline")(coarse)
 
 
+@torch.no_grad()
+def make_pairs(n: int, size: int, magnitude: float, generator: torch.Generator):
+    """(fixed, moving, flow, labels): shapes and their known warps, fixed = warp(moving, flow)."""
+    moving, labels = make_shapes(n, size, generator)
+    flow = make_flows(n, size, magnitude, generator)
+    return warp(moving, flow), moving, flow, labels
+
+
 class SyntheticDataModule(PairDataModule):
     """Shapes (moving) and their known warps (fixed = moving warped by ``flow``).
 
@@ -64,10 +72,7 @@ class SyntheticDataModule(PairDataModule):
     def load(self):
         g = torch.Generator().manual_seed(self.seed)
         size = self.hparams.image_size
-        moving, labels = make_shapes(self.num_images, size, g)
-        flows = make_flows(self.num_images, size, self.magnitude, g)
-        with torch.no_grad():
-            fixed = warp(moving, flows)  # fixed(p) = moving(p + flow(p))
+        fixed, moving, flows, labels = make_pairs(self.num_images, size, self.magnitude, g)
         n = self.num_images
         images = torch.cat([fixed, moving])
         self.partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
