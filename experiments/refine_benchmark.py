@@ -70,7 +70,8 @@ def methods_for(model, steps: list[int], cascades: list[int], use_demons: bool) 
     for k in cascades:
         methods[f"cascade x{k}"] = lambda f, m, k=k: cascade(model, f, m, k)
     for n in steps:
-        methods[f"refined {n}"] = Refiner(model, steps=n, integration_steps=7)
+        # the diffeomorphic preset of eval/register (conf/eval.yaml: refine)
+        methods[f"refined {n}"] = Refiner(model, steps=n, integration_steps=7, grid=7, lr=1.0)
     if use_demons:
         methods["Demons"] = demons
     return methods
