@@ -6,7 +6,10 @@
 The machine is shared and noisy, so every comparison is measured in the same run, interleaved
 (round-robin with a rotating start, after a warm-up), as the median of several repeats; speed-ups
 are medians of per-round time ratios, which pair measurements taken seconds apart. Peak memory is
-the growth of ``ru_maxrss`` over one training step in a fresh child process per configuration.
+the growth of the peak RSS over one training step in a fresh child process per configuration.
+The run restarts itself with OMP_WAIT_POLICY=PASSIVE unless that is set (or --omp-default):
+libgomp's default spin-waiting turns 2-thread timings on a loaded 2-core machine into a
+measure of the other users' load (section 5 shows by how much).
 Writes benchmark.md, one CSV per section and benchmark.png to
 experiments/results/benchmark/<full|quick>/ (or --out DIR).
 """
@@ -25,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -53,26 +57,55 @@ log = logging.getLogger("benchmark")
 
 @dataclass(frozen=True)
 class Profile:
-    batch: int  # training pairs per step
-    infer_batch: int  # pairs per batched inference call
-    repeats: int  # timed rounds after the warm-up
-    warmup: int  # untimed calls of every configuration first
-    scaling: tuple[tuple[int, int], ...]  # (image size, patch size) pairs
-    scaling_batch: int
-    demons_pairs: int
-    demons_iterations: int
-    models: tuple[str, ...] | None = None  # None: every model of section 1
-    memory: bool = True  # section 3 (one child process per model)
+    """What one run measures; the defaults are the full run."""
+
+    batch: int = 64  # training pairs per step
+    infer_batch: int = 256  # pairs per batched inference call
+    repeats: int = 5  # timed rounds after the warm-up
+    warmup: int = 1  # untimed calls of every configuration first
+    scaling: tuple[tuple[int, int], ...] = ((28, 7), (32, 4), (64, 4), (64, 2), (128, 2))
+    scaling_batch: int = 8  # (image size, patch size) pairs above
+    scaling_naive: bool = True  # also the naive reference (a child process per point)
+    demons_pairs: int = 16
+    demons_iterations: int = 100
+    models: tuple[str, ...] | None = None  # sections 1-2; None: all
+    memory_models: tuple[str, ...] | None = None  # section 3, a child process each; None: all
+    policy_rounds: int = 2  # OMP_WAIT_POLICY lever: alternations of two child processes
     compile: bool = True
     profile_steps: int = 3
 
 
-SMOKE_MODELS = ("AiR-single p2 ours", "AiR-single p2 naive, matched widths")
+AIR_ROWS = ("AiR-single p2 ours", "AiR-single p2 naive, matched widths")
 PROFILES = {
-    "full": Profile(64, 256, 5, 1, ((28, 7), (32, 4), (64, 4), (64, 2), (128, 2)), 8, 32, 100),
-    "quick": Profile(16, 64, 3, 1, ((28, 7), (32, 4), (64, 4)), 4, 16, 100, compile=False),
-    # For tests/test_benchmark.py only: every code path, in seconds.
-    "smoke": Profile(2, 4, 1, 0, ((28, 7),), 2, 2, 5, SMOKE_MODELS, False, False, 1),
+    "full": Profile(),
+    "quick": Profile(
+        batch=16,
+        infer_batch=64,
+        repeats=2,
+        scaling=((28, 7), (64, 4)),
+        scaling_batch=4,
+        demons_pairs=4,
+        memory_models=AIR_ROWS,
+        policy_rounds=1,
+        compile=False,
+    ),
+    # For tests/test_benchmark.py: every code path in seconds, numbers meaningless.
+    "smoke": Profile(
+        batch=2,
+        infer_batch=4,
+        repeats=1,
+        warmup=0,
+        scaling=((28, 7),),
+        scaling_batch=2,
+        scaling_naive=False,
+        demons_pairs=2,
+        demons_iterations=5,
+        models=AIR_ROWS,
+        memory_models=(),
+        policy_rounds=0,
+        compile=False,
+        profile_steps=1,
+    ),
 }
 MAX_MB, MAX_STEP_S = 8000, 60  # skip a scaling point whose extrapolated cost exceeds either
 
@@ -198,8 +231,15 @@ def timing_row(t: list[float], pairs: int) -> dict:
 # --- child processes: peak memory and torch.compile, each in a fresh interpreter ------------
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def peak_rss_mb() -> float:
+    """Peak RSS of this process's memory: VmHWM on Linux, else ``ru_maxrss``.
+
+    ``ru_maxrss`` also counts the parent's RSS at the fork before ``exec``, which can hide a
+    child's own peak; VmHWM is the address space's own mark, and ``clear_refs`` can reset it.
+    """
+    with contextlib.suppress(OSError, IndexError):
+        return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def reset_peak_rss() -> None:
@@ -212,16 +252,15 @@ def child_memory(spec: dict, batch: int) -> dict:
     """Peak-RSS growth over one training step, after imports, model and data exist."""
     step = train_job(build(spec), batch)
     reset_peak_rss()
-    base = rss_mb()
+    base = peak_rss_mb()
     start = time.perf_counter()
     step()
-    return {"peak_mb": rss_mb() - base, "step_s": time.perf_counter() - start}
+    return {"peak_mb": peak_rss_mb() - base, "step_s": time.perf_counter() - start}
 
 
 def child_compile(spec: dict, batch: int, repeats: int) -> dict:
     """Compile time of ``torch.compile`` and its speed-up over eager, measured side by side."""
-    net = build(spec)
-    eager, compiled = train_job(net, batch), train_job(torch.compile(net), batch)
+    eager, compiled = train_job(build(spec), batch), train_job(torch.compile(build(spec)), batch)
     start = time.perf_counter()
     compiled()  # compiles forward and backward
     compile_s = time.perf_counter() - start
@@ -229,14 +268,22 @@ def child_compile(spec: dict, batch: int, repeats: int) -> dict:
     return {"compile_s": compile_s, "speedup": speedup(times, "eager", "compiled")}
 
 
-CHILD_TASKS = {"memory": child_memory, "compile": child_compile}
+def child_steps(specs: dict[str, dict], batch: int, repeats: int) -> dict:
+    """Median training-step seconds of each spec, interleaved, in this process's environment."""
+    jobs = {name: train_job(build(spec), batch) for name, spec in specs.items()}
+    return {k: statistics.median(t) for k, t in interleave(jobs, repeats, warmup=1).items()}
+
+
+CHILD_TASKS = {"memory": child_memory, "compile": child_compile, "steps": child_steps}
 CHILD_WORKERS = 2  # memory children run two at a time: their peaks are their own
 
 
-def in_child(task: str, timeout: float, **kw) -> dict:
+def in_child(task: str, timeout: float, env: dict | None = None, **kw) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps({"task": task, **kw})]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=True, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"took over {timeout:.0f} s"}
     except subprocess.CalledProcessError as err:
@@ -293,8 +340,8 @@ def inference_section(profile: Profile, specs: dict[str, dict]) -> list[dict]:
 
 
 def memory_section(profile: Profile, specs: dict[str, dict]) -> list[dict]:
-    if not profile.memory:
-        return []
+    if profile.memory_models is not None:
+        specs = {k: v for k, v in specs.items() if k in profile.memory_models}
     rows, kws = [], [{"spec": spec, "batch": profile.batch} for spec in specs.values()]
     for name, res in zip(specs, in_children("memory", 600, kws), strict=True):
         mb = res.get("peak_mb")
@@ -328,6 +375,7 @@ def scaling_section(profile: Profile) -> list[dict]:
         specs = {
             impl: air(image_size=size, patch_size=patch, **VARIANTS[variant])
             for impl, variant in (("ours", "ours"), ("naive", "naive, matched widths"))
+            if impl == "ours" or profile.scaling_naive
         }
         notes = {impl: too_costly(prev.get(impl), tokens) for impl in specs}
         run = [impl for impl in specs if notes[impl] is None]
@@ -343,6 +391,9 @@ def scaling_section(profile: Profile) -> list[dict]:
             if impl in times:
                 row["ms/pair"] = timing_row(times[impl], b)["ms/pair"]
                 row["MB/pair"] = mem[impl]["peak_mb"] / b
+            if impl == "naive" and "naive" in times and "ours" in times:
+                row["time ÷ ours"] = speedup(times, "naive", "ours")
+                row["MB ÷ ours"] = mem["naive"]["peak_mb"] / max(mem["ours"]["peak_mb"], 1e-3)
             rows.append(row | {"note": notes[impl]})
     return rows
 
@@ -443,7 +494,7 @@ def lever_section(profile: Profile, naive_speedup: float | None) -> list[dict]:
             lambda: build(air(**VARIANTS["ours, attn_dropout 0.5"])), "yes: regularises"
         ),
         "threads 1": Lever(ours, threads=1),
-        "threads 2": Lever(ours, threads=2),
+        "threads 2 (a control when the default is 2)": Lever(ours, threads=2),
         "bf16 autocast": Lever(ours, "yes: bf16 rounding", bf16=True),
         "proposal: dropout mask from rand_like": Lever(
             lambda: rand_dropout(ours()), "dropout RNG stream"
@@ -472,15 +523,44 @@ def lever_section(profile: Profile, naive_speedup: float | None) -> list[dict]:
         row["changes results"] = lv.changes
         row["eval max |Δ|"] = diffs[label]
         rows.append(row)
+    rows.append(wait_policy_row(profile))
     rows.append(compile_row(profile, air(**VARIANTS["ours"])))
     return rows
+
+
+def wait_policy_row(profile: Profile) -> dict:
+    """libgomp reads OMP_WAIT_POLICY when it loads, so each setting runs in child processes,
+    alternated; its default spins idle threads, which a loaded machine punishes."""
+    row = {"lever": "OMP_WAIT_POLICY=PASSIVE (vs unset)", "changes results": "no"}
+    if not profile.policy_rounds:
+        return row | {"note": "not measured in this profile"}
+    unset = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    envs = {"unset": unset, "PASSIVE": unset | {"OMP_WAIT_POLICY": "PASSIVE"}}
+    specs = {k: air(**VARIANTS[k]) for k in ("ours", "naive, matched widths")}
+    kw = {"specs": specs, "batch": profile.batch, "repeats": max(2, profile.repeats - 2)}
+    runs = []  # per alternation: {policy: {model: median seconds}}
+    for _ in range(profile.policy_rounds):
+        runs.append({k: in_child("steps", 600, env=env, **kw) for k, env in envs.items()})
+        if any("error" in t for t in runs[-1].values()):
+            return row | {"note": "a child process failed"}
+    ours = [r["unset"]["ours"] / r["PASSIVE"]["ours"] for r in runs]
+    vs_naive = {
+        k: statistics.median(r[k]["naive, matched widths"] / r[k]["ours"] for r in runs)
+        for k in envs
+    }
+    note = "ours ÷ naive: " + ", ".join(f"{k} {v:.1f}x" for k, v in vs_naive.items())
+    note += "; per-alternation speed-ups " + ", ".join(f"{r:.2f}" for r in ours)
+    return row | {"speed-up": statistics.median(ours), "note": note}
 
 
 def compile_row(profile: Profile, spec: dict) -> dict:
     row = {"lever": "torch.compile (forward + backward)", "changes results": "RNG stream"}
     if not profile.compile:
         return row | {"note": "not tried in this profile (compiling takes about a minute)"}
-    res = in_child("compile", 150, spec=spec, batch=profile.batch, repeats=profile.repeats)
+    kw = {"spec": spec, "batch": profile.batch, "repeats": profile.repeats}
+    with tempfile.TemporaryDirectory() as cache:  # an empty inductor cache: a cold compile
+        env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+        res = in_child("compile", 150, env=env, **kw)
     if "error" in res:
         return row | {"note": f"compile {res['error']}: not measured"}
     return row | {"speed-up": res["speedup"], "note": f"compiled in {res['compile_s']:.0f} s"}
@@ -524,6 +604,8 @@ def columns(rows: list[dict]) -> list[str]:
 
 
 def md_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
     cols = columns(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
@@ -564,6 +646,7 @@ def bars(ax, rows: list[dict], metric: str, title: str) -> None:
     rows = [r for r in rows if (r.get(metric) or 0) > 0]
     ax.barh([r["model"] for r in rows], [r[metric] for r in rows], color="tab:blue")
     ax.set(xscale="log" if rows else "linear", xlabel=metric, title=title)
+    ax.tick_params(axis="x", which="minor", labelbottom=False)  # they overlap on short ranges
     ax.invert_yaxis()
 
 
@@ -606,9 +689,9 @@ NOTES = {
     "inference": "eval mode, `no_grad`, flow + warp, batch {infer_batch}; SimpleITK diffeomorphic "
     "Demons ({demons_iterations} iterations, its default threads) on {demons_pairs} pairs of "
     "the same images, interleaved with the learned models.",
-    "memory": "Growth of peak RSS (`ru_maxrss`) over one training step (batch {batch}) in a fresh "
-    "process, after imports, model and data exist: activations, gradients, Adam state, "
-    "library workspaces.",
+    "memory": "Growth of the peak RSS (VmHWM, reset once imports, model and data exist) over one "
+    "training step (batch {batch}) in a fresh process: activations, gradients, Adam state, "
+    "library workspaces. 0 = below resolution (served from memory already resident).",
     "scaling": "AiR-single (dim 16, 4 heads, 1 block, dropout 0.5) training step, batch "
     "{scaling_batch}; ours with attn_dropout 0 (flash kernel), naive with attention dropout 0.5. "
     "A point is skipped when the previous one, extrapolated as tokens^2, exceeds "
@@ -633,26 +716,27 @@ TITLES = {
 
 
 def report(name: str, profile: Profile, res: dict, loads: dict, took: dict) -> str:
-    p = profile.__dict__
     load = ", ".join(f"{k} {v[0]:.2f}" for k, v in loads.items())
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    command = "python experiments/benchmark.py" + {"full": ""}.get(name, f" --{name}")
     lines = [
         f"# Speed and memory benchmark ({name})",
         "",
-        f"`python experiments/benchmark.py{' --quick' if name == 'quick' else ''}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M')}: torch {torch.__version__}, Python "
-        f"{platform.python_version()}, {cpu_name()}, {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}. Shared machine; 1-minute load average at each section "
-        f"start: {load}. Timings are medians of {profile.repeats} interleaved rounds after "
-        f"{profile.warmup} warm-up call(s); `spread %` = (max - min) / median.",
+        f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')}: torch {torch.__version__}, "
+        f"Python {platform.python_version()}, {cpu_name()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY {policy}. Shared machine; "
+        f"1-minute load average at each section start: {load}. Timings: medians of "
+        f"{profile.repeats} interleaved rounds after {profile.warmup} warm-up call(s); "
+        "`spread %` = (max - min) / median.",
         "",
         "## Targets",
         "",
-        md_table(targets(res)) if targets(res) else "(none measured in this profile)",
+        md_table(targets(res)) or "(none measured in this profile)",
     ]
     for key, title in TITLES.items():
-        lines += ["", f"## {title}", "", NOTES[key].format(**p)]
+        lines += ["", f"## {title}", "", NOTES[key].format(**profile.__dict__)]
         lines += [f"Took {took[key]:.0f} s." if key in took else "", ""]
-        lines.append(md_table(res[key]) if res[key] else "(nothing measured)")
+        lines.append(md_table(res[key]) or "(nothing measured)")
     return "\n".join(lines) + "\n"
 
 
@@ -690,6 +774,9 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="about a minute")
     parser.add_argument("--smoke", action="store_true", help="seconds; for the tests")
     parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument(
+        "--omp-default", action="store_true", help="keep libgomp's default OMP_WAIT_POLICY"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement
     return parser.parse_args(argv)
 
@@ -713,4 +800,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    if not {"--omp-default", "--child"} & set(sys.argv) and "OMP_WAIT_POLICY" not in os.environ:
+        # libgomp reads the policy when torch loads it: restart with it set (children inherit)
+        env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     main()

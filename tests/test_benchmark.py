@@ -47,5 +47,6 @@ def test_smoke_run_writes_tables_csvs_and_plot(bench, tmp_path):
     training = {r["model"]: r for r in csv.DictReader((tmp_path / "training.csv").open())}
     assert float(training["AiR-single p2 naive, matched widths"]["ours ÷ this (time)"]) > 0
     scaling = list(csv.DictReader((tmp_path / "scaling.csv").open()))
-    assert {r["impl"] for r in scaling if r["ms/pair"]} == {"ours", "naive"}
+    assert float(scaling[0]["ms/pair"]) > 0
+    assert float(scaling[0]["MB/pair"]) >= 0
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
