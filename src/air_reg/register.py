@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from air_reg.checkpoint import load_model
 from air_reg.config import CONFIG_DIR
+from air_reg.data.datamodule import resize
 from air_reg.io import IMAGE_SUFFIXES, ImageError, read_image, save_npy, write_image
 from air_reg.metrics import mse, smooth_dice
 from air_reg.models.components.spatial_transformer import warp
@@ -50,15 +51,6 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
             f"or pass ckpt_path=<run dir>/checkpoints/last.ckpt (from `python -m air_reg.train`)"
         )
     return path
-
-
-def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 1, h, w) -> (B, 1, H, W), bilinear, antialiased when shrinking."""
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
-    out = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-    return out.clamp(0, 1)
 
 
 def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -133,8 +125,8 @@ def register_batch(model, fixed: list[torch.Tensor], moving: list[torch.Tensor])
     """(warped, flow) per pair at its own size; pairs may differ in size from one another."""
     size = tuple(model.image_size)
     device = next(model.parameters()).device
-    f = torch.cat([resize_images(x, size) for x in fixed]).to(device)  # (B, 1, h, w)
-    m = torch.cat([resize_images(x, size) for x in moving]).to(device)
+    f = torch.cat([resize(x, size) for x in fixed]).to(device)  # (B, 1, h, w)
+    m = torch.cat([resize(x, size) for x in moving]).to(device)
     flows = model(f, m).cpu()  # (B, 2, h, w) on the model's grid
     out = []
     for flow, mov in zip(flows, moving, strict=True):

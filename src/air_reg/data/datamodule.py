@@ -15,18 +15,14 @@ from air_reg.data.pairs import PAIRINGS, PairDataset, PairSampler, collate_batch
 log = logging.getLogger(__name__)
 
 
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, 1, h, w) float images to (N, 1, size, size), bilinear (antialiased when shrinking)."""
-    if images.shape[-1] == size and images.shape[-2] == size:
+def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """(N, 1, h, w) float images to (N, 1, H, W), bilinear, antialiased when shrinking."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(images.shape[-2:]) == size:
         return images
-    out = F.interpolate(
-        images,
-        size=(size, size),
-        mode="bilinear",
-        align_corners=False,
-        antialias=size < images.shape[-1],
-    )
-    return out.clamp_(0, 1)
+    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    out = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    return out.clamp(0, 1)
 
 
 class PairDataModule(L.LightningDataModule):
