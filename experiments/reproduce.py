@@ -90,7 +90,6 @@ def train_method(experiment: str, data: str, pairing: str, profile: dict, out: P
             f"data={data}",
             f"data.pairing={pairing}",
             f"data.num_val_pairs={profile['val_pairs']}",
-            "data.num_test_pairs=1",
             f"data.pairs_per_epoch={profile['pairs_per_epoch']}",
             "callbacks.image_grid=null",
             f"trainer.max_time={profile['max_time']}",

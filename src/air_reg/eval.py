@@ -41,8 +41,7 @@ def evaluate(cfg: DictConfig) -> dict:
         **cfg.refine,
     )
     data_cfg = cfg.get("data") or OmegaConf.create(model.build_config["data"])
-    if cfg.get("num_pairs"):
-        data_cfg.num_test_pairs = cfg.num_pairs
+    data_cfg.num_test_pairs = cfg.get("num_pairs")  # null = one pair per test image
     if cfg.get("batch_size"):
         data_cfg.eval_batch_size = cfg.batch_size
     datamodule = instantiate(data_cfg)
