@@ -92,3 +92,14 @@ def load_model(
 
         return Refiner(module, steps=refine_steps, cascade=cascade, **refine_kwargs)
     return module
+
+
+def load_configured(path: str | Path, cfg):
+    """``load_model`` with an entry point's device and refinement settings (eval, register)."""
+    return load_model(
+        path,
+        device=cfg.device,
+        refine_steps=cfg.refine_steps,
+        cascade=cfg.cascade,
+        **cfg.refine,
+    )

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from air_reg.checkpoint import load_model
+from air_reg.checkpoint import load_configured
 from air_reg.config import CONFIG_DIR
 from air_reg.evaluation import (
     identity_method,
@@ -33,13 +33,7 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict:
     """Score the checkpoint and the identity on the same test pairs; write the summary."""
     output_dir = check_writable(cfg.paths.output_dir)
-    model = load_model(
-        cfg.ckpt_path,
-        device=cfg.device,
-        refine_steps=cfg.refine_steps,
-        cascade=cfg.cascade,
-        **cfg.refine,
-    )
+    model = load_configured(cfg.ckpt_path, cfg)
     data_cfg = cfg.get("data") or OmegaConf.create(model.build_config["data"])
     data_cfg.num_test_pairs = cfg.get("num_pairs")  # null = one pair per test image
     if cfg.get("batch_size"):

@@ -29,11 +29,12 @@ def score(
     values: dict[str, dict[str, list]] = {name: {} for name in methods}
     seconds = dict.fromkeys(methods, 0.0)
     pairs = 0
-    for batch in tqdm(batches, desc="scoring pairs", disable=not progress, unit="batch"):
+    batches = tqdm(batches, desc="scoring pairs", disable=not progress, unit="batch")
+    for i, batch in enumerate(batches):
         fixed, moving = batch["fixed"], batch["moving"]
         pairs += fixed.shape[0]
         for name, method in methods.items():
-            if pairs == fixed.shape[0]:  # untimed warm-up call (lazy init, allocator, threads)
+            if i == 0:  # untimed warm-up call (lazy init, allocator, threads)
                 method(fixed[:2], moving[:2])
             start = time.perf_counter()
             flow = method(fixed, moving)

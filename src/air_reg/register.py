@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from air_reg.checkpoint import load_model
+from air_reg.checkpoint import load_configured
 from air_reg.config import CONFIG_DIR
 from air_reg.data.datamodule import resize
 from air_reg.io import IMAGE_SUFFIXES, ImageError, read_image, save_npy, write_image
@@ -164,13 +164,7 @@ def register(cfg: DictConfig) -> dict:
     fixed_in, moving_in = Path(cfg.fixed).expanduser(), Path(cfg.moving).expanduser()
     pairs = find_pairs(fixed_in, moving_in)
     folders = fixed_in.is_dir()
-    model = load_model(
-        resolve_checkpoint(cfg),
-        device=cfg.device,
-        refine_steps=cfg.refine_steps,
-        cascade=cfg.cascade,
-        **cfg.refine,
-    )
+    model = load_configured(resolve_checkpoint(cfg), cfg)
     batch_size = int(cfg.batch_size) if folders else 1
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}; e.g. batch_size=32")
