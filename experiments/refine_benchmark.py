@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 
 import air_reg
 from air_reg.classical import demons, has_simpleitk
@@ -65,13 +66,17 @@ def known_deformation_batches(batches: list[dict], magnitude: float, seed: int =
     return out
 
 
+def refine_preset() -> dict:
+    """The diffeomorphic refinement settings eval and register use (one source of truth)."""
+    return dict(OmegaConf.load(REPO / "conf" / "refinement" / "diffeomorphic.yaml").refine)
+
+
 def methods_for(model, steps: list[int], cascades: list[int], use_demons: bool) -> dict:
-    methods = {"one-shot": model}
+    methods, preset = {"one-shot": model}, refine_preset()
     for k in cascades:
         methods[f"cascade x{k}"] = lambda f, m, k=k: cascade(model, f, m, k)
     for n in steps:
-        # the diffeomorphic preset of eval/register (conf/eval.yaml: refine)
-        methods[f"refined {n}"] = Refiner(model, steps=n, integration_steps=7, grid=7, lr=1.0)
+        methods[f"refined {n}"] = Refiner(model, steps=n, **preset)
     if use_demons:
         methods["Demons"] = demons
     return methods
@@ -98,15 +103,16 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion"])
     parser.add_argument("--weights", default="mapt_tuned", help="weights/<name>_<data>.ckpt")
     parser.add_argument("--pairs", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100])
+    parser.add_argument("--batch", type=int, default=200, help="pairs refined at once")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 35, 50, 100])
     parser.add_argument("--cascades", type=int, nargs="+", default=[2])
     parser.add_argument("--magnitude", type=float, default=2.0, help="known warps, pixels")
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "refine")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     use_demons = has_simpleitk()
-    rows, report = [], [f"load average at start {os.getloadavg()[0]:.1f}\n"]
+    load = os.getloadavg()[0]
+    rows, report = [], [f"load average at start {load:.1f}; refinement preset {refine_preset()}\n"]
     for data in args.datasets:
         model = air_reg.load_model(REPO / "weights" / f"{args.weights}_{data}.ckpt")
         methods = methods_for(model, args.steps, args.cascades, use_demons)

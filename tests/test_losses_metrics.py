@@ -8,7 +8,7 @@ import torch
 from air_reg import losses, metrics
 
 SIMILARITIES = [losses.MSE(), losses.NCC(), losses.LocalNCC(window=5)]
-REGULARIZERS = [losses.Diffusion(), losses.BendingEnergy()]
+REGULARIZERS = [losses.Diffusion(), losses.BendingEnergy(), losses.NegativeJacobian()]
 
 
 @pytest.mark.parametrize("loss", SIMILARITIES, ids=lambda m: type(m).__name__)
@@ -64,3 +64,12 @@ def test_folding_and_jacobian():
     flip = torch.stack([-2 * ys, torch.zeros(6, 6)])[None]  # y -> -y: det = -1 everywhere
     assert metrics.folding(flip).item() == 100
     assert metrics.epe(zero, torch.ones(1, 2, 6, 6)).item() == pytest.approx(math.sqrt(2))
+
+
+def test_negative_jacobian_penalises_only_folds():
+    ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
+    penalty = losses.NegativeJacobian(eps=0.05)
+    shrink = torch.stack([-0.5 * ys, -0.5 * xs])[None]  # det = 0.25 everywhere: no fold
+    assert penalty(shrink).item() == 0
+    flip = torch.stack([-2 * ys, torch.zeros(6, 6)])[None]  # det = -1: 0.05 - (-1) per pixel
+    assert penalty(flip).item() == pytest.approx(1.05)

@@ -1,7 +1,10 @@
 """Instance optimisation (refine), flow composition (cascade) and the Refiner wrapper."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from air_reg import warp
@@ -14,6 +17,7 @@ from air_reg.models.registration_module import RegistrationModule
 from air_reg.refine import Refiner, cascade, compose, refine, velocity_from_flow
 
 SIZE = 28
+REPO = Path(__file__).resolve().parents[1]
 
 
 def synthetic_pairs(n: int, magnitude: float = 1.5, seed: int = 0):
@@ -90,13 +94,21 @@ def test_diffeomorphic_refinement_does_not_fold_a_large_field():
     # magnitude 5: displacements up to ~7 px on 28x28; the true flow itself folds
     fixed, moving, truth = synthetic_pairs(6, magnitude=5.0)
     assert folding(truth).max() > 0
-    flow = refine(fixed, moving, steps=50, integration_steps=7, grid=7)
+    preset = OmegaConf.load(REPO / "conf" / "refinement" / "diffeomorphic.yaml").refine
+    flow = refine(fixed, moving, steps=50, **preset)
     assert folding(flow).max() == 0
     before = objective(fixed, moving, torch.zeros_like(flow), reg_weight=0)
     assert objective(fixed, moving, flow, reg_weight=0) < 0.1 * before
     # the same problem without integration or regularisation does fold
     plain = refine(fixed, moving, steps=50, reg_weight=0.0)
     assert folding(plain).max() > 0
+
+
+def test_fold_penalty_removes_folds_of_a_plain_field():
+    fixed, moving, _ = synthetic_pairs(6, magnitude=5.0)
+    plain = refine(fixed, moving, steps=50, reg_weight=0.0)
+    penalised = refine(fixed, moving, steps=50, reg_weight=0.0, fold_weight=20.0)
+    assert folding(penalised).mean() < 0.5 * folding(plain).mean()
 
 
 def test_velocity_from_flow_inverts_scaling_and_squaring():

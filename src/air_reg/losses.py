@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from air_reg.metrics import jacobian_determinant
+
 
 class MSE(nn.Module):
     """Mean squared intensity difference (the paper-faithful choice)."""
@@ -76,3 +78,19 @@ class BendingEnergy(nn.Module):
         dxx = dx[:, :, :, 1:] - dx[:, :, :, :-1]
         dxy = dy[:, :, :, 1:] - dy[:, :, :, :-1]
         return dyy.square().mean() + dxx.square().mean() + 2 * dxy.square().mean()
+
+
+class NegativeJacobian(nn.Module):
+    """Mean of ``relu(eps - det J)`` of p -> p + flow(p): penalises folding (det <= 0).
+
+    Zero wherever the field keeps a margin ``eps`` from folding, so it leaves ordinary pairs
+    alone; it is what keeps scaling-and-squaring refinement at 0 % folding on the few pairs
+    whose optimum is an extreme compression (measured in experiments/refine_benchmark.py).
+    """
+
+    def __init__(self, eps: float = 0.05) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, flow: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.eps - jacobian_determinant(flow)).mean()

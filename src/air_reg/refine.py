@@ -5,9 +5,14 @@ the fixed grid, ``warped(p) = moving(p + flow(p))``.
 
 Defaults, chosen on 128 synthetic and 128 MNIST same-class pairs starting from the zero
 flow: Adam (elementwise, so pairs stay independent; L-BFGS got stuck in worse minima on
-MNIST), lr 0.5 px, 50 steps, MSE + 0.05 * Diffusion. For a diffeomorphic result use
-``integration_steps=7, grid=7, lr=1.0``: a smooth B-spline velocity keeps folding at ~0 %,
-whereas a full-resolution velocity still folds on ~1 % of MNIST pixels (discrete Jacobian).
+MNIST), lr 0.5 px, 50 steps, MSE + 0.05 * Diffusion. For a diffeomorphic result use the preset of
+``conf/refinement/diffeomorphic.yaml`` (``integration_steps=4, grid=7, lr=1.0,
+fold_weight=20``): a smooth B-spline velocity integrated by scaling and squaring, whereas a
+full-resolution velocity still folds on ~1 % of MNIST pixels (discrete Jacobian). Even the
+B-spline velocity folded a few pixels on 2 of 200 Fashion-MNIST pairs whose optimum is an
+extreme compression; the ``NegativeJacobian`` penalty (``fold_weight``) removes that at no
+cost in end-point error. 4 squaring steps gave the same EPE, Dice and folding as 7 on both
+datasets (200 pairs each) for 40 % less time.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from air_reg.losses import MSE, Diffusion
+from air_reg.losses import MSE, Diffusion, NegativeJacobian
 from air_reg.models.components.spatial_transformer import (
     CoarseToDense,
     integrate_velocity,
@@ -83,6 +88,7 @@ def refine(
     similarity: nn.Module | None = None,
     regularizer: nn.Module | None = None,
     reg_weight: float = 0.05,
+    fold_weight: float = 0.0,
     integration_steps: int = 0,
     optimizer: str = "adam",
     grid: int | None = None,
@@ -92,7 +98,8 @@ def refine(
     """Optimise ``similarity + reg_weight * regularizer`` per pair; the refined flow (detached).
 
     ``similarity`` defaults to ``MSE()``, ``regularizer`` to ``Diffusion()`` of the dense
-    displacement (as in training); ``lr=None`` is 0.5 for Adam, 1 for L-BFGS. With
+    displacement (as in training); ``fold_weight`` adds ``NegativeJacobian`` (a folding
+    penalty, zero away from folds); ``lr=None`` is 0.5 for Adam, 1 for L-BFGS. With
     ``integration_steps > 0`` the variable is a stationary velocity (``init_velocity``, else
     an approximate log of ``init_flow``) integrated by scaling and squaring. With ``grid``
     the variable is a (grid x grid) control grid resampled by ``CoarseToDense(grid_mode)``,
@@ -107,6 +114,7 @@ def refine(
     similarity = MSE() if similarity is None else similarity
     regularizer = Diffusion() if regularizer is None else regularizer
     lr = DEFAULT_LR[optimizer] if lr is None else lr
+    fold_penalty = NegativeJacobian()
     b, _, h, w = fixed.shape
     # Lightning's test/predict loops run under inference_mode, which enable_grad alone does
     # not lift; clones made inside inference_mode(False) are ordinary tensors autograd can use.
@@ -133,6 +141,8 @@ def refine(
             loss = similarity(warp(moving, flow), fixed)
             if reg_weight:
                 loss = loss + reg_weight * regularizer(flow)
+            if fold_weight:
+                loss = loss + fold_weight * fold_penalty(flow)
             # Our losses are batch means: B x mean = sum of per-pair means, so each pair's
             # gradient is that of its own objective, whatever the batch size.
             return b * loss
@@ -189,6 +199,7 @@ class Refiner(nn.Module):
         similarity: nn.Module | None = None,
         regularizer: nn.Module | None = None,
         reg_weight: float = 0.05,
+        fold_weight: float = 0.0,
         integration_steps: int | None = None,
         optimizer: str = "adam",
         grid: int | None = None,
@@ -202,6 +213,7 @@ class Refiner(nn.Module):
         self.similarity = MSE() if similarity is None else similarity
         self.regularizer = Diffusion() if regularizer is None else regularizer
         self.steps, self.lr, self.reg_weight = steps, lr, reg_weight
+        self.fold_weight = fold_weight
         if integration_steps is None:
             integration_steps = _integration_steps(net)
         self.integration_steps, self.optimizer = integration_steps, optimizer
@@ -232,6 +244,7 @@ class Refiner(nn.Module):
             similarity=self.similarity,
             regularizer=self.regularizer,
             reg_weight=self.reg_weight,
+            fold_weight=self.fold_weight,
             integration_steps=self.integration_steps,
             optimizer=self.optimizer,
             grid=self.grid,
@@ -241,6 +254,7 @@ class Refiner(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"steps={self.steps}, lr={self.lr}, reg_weight={self.reg_weight}, "
+            f"fold_weight={self.fold_weight}, "
             f"integration_steps={self.integration_steps}, optimizer={self.optimizer!r}, "
             f"grid={self.grid}, cascade={self.cascade}"
         )

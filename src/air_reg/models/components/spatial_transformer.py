@@ -34,10 +34,14 @@ def warp(
             f"moving {tuple(moving.shape)} and flow {tuple(flow.shape)} need the same (H, W)"
         )
     h, w = flow.shape[-2:]
-    pos = identity_grid((h, w), flow.device, flow.dtype) + flow  # (B, 2, H, W) pixels
     # grid_sample wants (x, y) in [-1, 1] with align_corners=True: -1 is the first pixel centre.
-    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=flow.device)
-    grid = pos.flip(1).permute(0, 2, 3, 1) * scale.to(flow.dtype) - 1.0  # (B, H, W, 2)
+    # Built channel by channel (no flip/permute copies): warp is the hot op of training,
+    # scaling and squaring and refinement.
+    xs = torch.linspace(-1.0, 1.0, w, device=flow.device, dtype=flow.dtype)  # (W,)
+    ys = torch.linspace(-1.0, 1.0, h, device=flow.device, dtype=flow.dtype)  # (H,)
+    gx = flow[:, 1] * (2.0 / max(w - 1, 1)) + xs  # (B, H, W)
+    gy = flow[:, 0] * (2.0 / max(h - 1, 1)) + ys[:, None]
+    grid = torch.stack((gx, gy), dim=-1)  # (B, H, W, 2)
     return F.grid_sample(moving, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
