@@ -5,6 +5,7 @@ import torch
 
 from air_reg import warp
 from air_reg.models.components.air import AiR
+from air_reg.models.components.attention import FastDropout
 from air_reg.models.components.dirnet import DIRNet
 from air_reg.models.components.mapt import MAPT
 from air_reg.models.components.spatial_transformer import (
@@ -20,12 +21,15 @@ def n_params(m):
 
 
 # Counts by hand for dim 16, ff 64: encoder layer 3,280, decoder layer 4,400, head 34,
-# embedding p*p*16 + 16, positions (size/p)^2 * 16; MAPT adds its 3 mixing weights.
+# embedding p*p*16 + 16 (a conv stem: see its row), positions (size/p)^2 * 16; MAPT adds
+# its 3 mixing weights.
 @pytest.mark.parametrize(
     ("net", "size", "params"),
     [
         (lambda: AiR(image_size=28, patch_size=2), 28, 10_930),
         (lambda: AiR(image_size=28, patch_size=7), 28, 8_770),
+        # conv stem 8 ch x 2 (80 + 584) and a 2x2 patch conv 8 -> 16 (528) replace the 80
+        (lambda: AiR(image_size=28, patch_size=2, stem_channels=8), 28, 12_042),
         (lambda: AiR(image_size=64, patch_size=8, dim=32), 64, 33_890),
         (lambda: MAPT(image_size=28, patch_sizes=[2, 4, 7]), 28, 28_473),
         (lambda: MAPT(image_size=64, patch_sizes=[8, 16, 32]), 64, 46_041),
@@ -104,3 +108,24 @@ def test_patch_size_that_does_not_divide_is_rejected_with_valid_list():
 
 def test_integration_of_zero_velocity_is_zero():
     assert integrate_velocity(torch.zeros(1, 2, 8, 8), 5).abs().max() == 0
+
+
+def test_fast_dropout_has_dropouts_distribution_and_gradient():
+    drop = FastDropout(0.3).train()
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.01)
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x * mask * s)/dx = mask * s
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_fast_dropout_changes_nothing_in_eval_mode():
+    torch.manual_seed(0)
+    plain = MAPT(image_size=28, dim=16)
+    fast = MAPT(image_size=28, dim=16, fast_dropout=True)
+    fast.load_state_dict(plain.state_dict())  # same parameters, same keys
+    fixed, moving = torch.rand(2, 1, 28, 28), torch.rand(2, 1, 28, 28)
+    assert torch.equal(plain.eval()(fixed, moving), fast.eval()(fixed, moving))

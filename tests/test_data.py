@@ -58,6 +58,18 @@ def test_same_class_pairing_pairs_equal_labels():
     assert torch.equal(labels[pairs[:, 0]], labels[pairs[:, 1]])
 
 
+@pytest.mark.parametrize("pairing", ["random", "same_class"])
+def test_no_image_is_paired_with_itself(pairing):
+    # 6 images in 2 classes: without the redraw a third of same-class draws would be self-pairs
+    pool, labels = torch.arange(6), torch.tensor([0, 0, 0, 1, 1, 1])
+    g = torch.Generator().manual_seed(0)
+    pairs = pairs_mod.draw_pairs(pool, labels, 600, pairing, g)
+    assert (pairs[:, 0] != pairs[:, 1]).all()
+    assert set(pairs[:, 0].tolist()) == set(range(6))
+    if pairing == "same_class":
+        assert torch.equal(labels[pairs[:, 0]], labels[pairs[:, 1]])
+
+
 def test_batches_are_dicts_of_batched_tensors(mnist):
     batch = next(iter(mnist.train_dataloader()))
     assert set(batch) == {"fixed", "moving", "fixed_label", "moving_label"}

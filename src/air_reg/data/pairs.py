@@ -61,7 +61,9 @@ def draw_pairs(
 
     Every pool image is a fixed image once per pass (a fresh permutation each pass);
     ``random`` draws the moving image from the whole pool, ``same_class`` from the fixed
-    image's class, ``given`` takes ``partner[fixed]``.
+    image's class, ``given`` takes ``partner[fixed]``. An image is never paired with itself
+    (such a pair is no registration problem and its PSNR is infinite): the few draws that hit
+    the fixed image are redrawn, leaving every other pair as drawn.
     """
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
@@ -72,17 +74,33 @@ def draw_pairs(
         if partner is None:
             raise ValueError("pairing='given' needs a dataset with preset partners")
         moving = partner[fixed]
-    elif pairing == "random":
-        moving = pool[torch.randint(len(pool), (num_pairs,), generator=generator)]
-    else:  # same_class: a uniform draw among the pool images of the fixed image's class
-        moving = torch.empty_like(fixed)
-        pool_labels = labels[pool]
-        for c in labels[fixed].unique():
-            members = pool[pool_labels == c]
-            sel = labels[fixed] == c
-            pick = torch.randint(len(members), (int(sel.sum()),), generator=generator)
-            moving[sel] = members[pick]
+    else:
+        moving = _draw_moving(pool, labels, fixed, pairing, generator)
+        for _ in range(100):  # self-pairs: ~1 in len(class) draws, so this ends in a round or two
+            same = moving == fixed
+            if not same.any():
+                break
+            moving[same] = _draw_moving(pool, labels, fixed[same], pairing, generator)
     return torch.stack([fixed, moving], dim=1)
+
+
+def _draw_moving(
+    pool: torch.Tensor,
+    labels: torch.Tensor,
+    fixed: torch.Tensor,
+    pairing: str,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One moving index per fixed index: from the whole pool, or from the fixed image's class."""
+    if pairing == "random":
+        return pool[torch.randint(len(pool), (len(fixed),), generator=generator)]
+    moving = torch.empty_like(fixed)  # same_class: uniform among the pool images of the class
+    pool_labels = labels[pool]
+    for c in labels[fixed].unique():
+        members = pool[pool_labels == c]
+        sel = labels[fixed] == c
+        moving[sel] = members[torch.randint(len(members), (int(sel.sum()),), generator=generator)]
+    return moving
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -13,6 +13,17 @@ IMPLEMENTATIONS = {"sdpa": Transformer, "torch": TorchTransformer}
 QUERIES = ("moving", "fixed")
 
 
+def conv_stem(channels: int, layers: int) -> nn.Sequential:
+    """3x3 conv + GELU layers at full resolution: (B, 1, H, W) -> (B, channels, H, W)."""
+    if channels < 1 or layers < 1:
+        raise ValueError(f"stem needs channels >= 1 and layers >= 1, got {channels}, {layers}")
+    mods, c_in = [], 1
+    for _ in range(layers):
+        mods += [nn.Conv2d(c_in, channels, 3, padding=1), nn.GELU()]
+        c_in = channels
+    return nn.Sequential(*mods)
+
+
 class AiRBranch(nn.Module):
     """Patch tokens of both images -> Transformer -> per-patch displacement (B, 2, H/p, W/p).
 
@@ -20,6 +31,10 @@ class AiRBranch(nn.Module):
     the decoder over the moving image with cross-attention to that memory. ``"fixed"`` is
     what the authors' code does in practice (encoder on moving, decoder on fixed). Either
     way the output is read on the shared patch grid.
+
+    ``stem_channels > 0`` (not in the paper) puts a small conv stem before the patch
+    embedding, so each token sees a neighbourhood wider than its patch: distinctive keys for
+    the cross-attention to match. ``0`` is the paper's linear patch embedding.
     """
 
     def __init__(
@@ -35,6 +50,9 @@ class AiRBranch(nn.Module):
         attn_dropout: float = 0.5,
         query: str = "moving",
         impl: str = "sdpa",
+        stem_channels: int = 0,
+        stem_layers: int = 2,
+        fast_dropout: bool = False,
     ) -> None:
         super().__init__()
         check_patch_sizes(image_size, [patch_size])
@@ -45,10 +63,17 @@ class AiRBranch(nn.Module):
         self.grid = image_size // patch_size  # tokens per side
         self.query = query
         # One embedding and one position table for both images (as in the authors' code).
-        self.embed = nn.Sequential(
-            Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size),
-            nn.Linear(patch_size * patch_size, dim),
-        )
+        if stem_channels:
+            self.embed = nn.Sequential(
+                conv_stem(stem_channels, stem_layers),
+                nn.Conv2d(stem_channels, dim, patch_size, stride=patch_size),  # patch embedding
+                Rearrange("b d h w -> b (h w) d"),
+            )
+        else:
+            self.embed = nn.Sequential(
+                Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size),
+                nn.Linear(patch_size * patch_size, dim),
+            )
         self.pos = nn.Parameter(torch.randn(1, self.grid**2, dim) * 0.02)
         self.transformer = IMPLEMENTATIONS[impl](
             dim=dim,
@@ -57,6 +82,7 @@ class AiRBranch(nn.Module):
             ff_dim=ff_dim or 4 * dim,
             dropout=dropout,
             attn_dropout=attn_dropout,
+            fast_dropout=fast_dropout,
         )
         self.head = nn.Linear(dim, 2)  # per-token (dy, dx) in pixels
         nn.init.normal_(self.head.weight, std=1e-5)  # start near the identity

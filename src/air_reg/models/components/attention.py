@@ -39,20 +39,43 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(rearrange(out, "b h n e -> b n (h e)"))
 
 
+class FastDropout(nn.Dropout):
+    """Inverted dropout with its mask from ``rand_like`` (``fast_dropout=True``).
+
+    The same distribution as ``nn.Dropout`` (each element kept with probability 1 - p and
+    scaled by 1 / (1 - p)) and the same eval output, but a different random stream, so
+    seeded runs change. On CPU ``bernoulli_`` is slow: this made a training step of the
+    paper's AiR 1.2-1.3x faster (experiments/benchmark.py, levers). CUDA keeps PyTorch's
+    fused kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.is_cuda:
+            return F.dropout(x, self.p, self.training)
+        if self.p == 1:
+            return x * 0
+        keep = torch.rand_like(x).ge_(self.p)  # 1.0 with probability 1 - p, else 0.0
+        return x * keep.mul_(1 / (1 - self.p))
+
+
+def _dropout(p: float, fast: bool) -> nn.Dropout:
+    return FastDropout(p) if fast else nn.Dropout(p)
+
+
 class FeedForward(nn.Sequential):
-    def __init__(self, *, dim: int, hidden: int, dropout: float) -> None:
+    def __init__(self, *, dim: int, hidden: int, dropout: float, fast: bool = False) -> None:
         super().__init__(
-            nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+            nn.Linear(dim, hidden), nn.ReLU(), _dropout(dropout, fast), nn.Linear(hidden, dim)
         )
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, *, dim, heads, ff_dim, dropout, attn_dropout) -> None:
+    def __init__(self, *, dim, heads, ff_dim, dropout, attn_dropout, fast_dropout=False) -> None:
         super().__init__()
         self.attn = MultiheadAttention(dim=dim, heads=heads, attn_dropout=attn_dropout)
-        self.ff = FeedForward(dim=dim, hidden=ff_dim, dropout=dropout)
+        self.ff = FeedForward(dim=dim, hidden=ff_dim, dropout=dropout, fast=fast_dropout)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = _dropout(dropout, fast_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x + self.drop(self.attn(x)))
@@ -60,13 +83,13 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, *, dim, heads, ff_dim, dropout, attn_dropout) -> None:
+    def __init__(self, *, dim, heads, ff_dim, dropout, attn_dropout, fast_dropout=False) -> None:
         super().__init__()
         self.self_attn = MultiheadAttention(dim=dim, heads=heads, attn_dropout=attn_dropout)
         self.cross_attn = MultiheadAttention(dim=dim, heads=heads, attn_dropout=attn_dropout)
-        self.ff = FeedForward(dim=dim, hidden=ff_dim, dropout=dropout)
+        self.ff = FeedForward(dim=dim, hidden=ff_dim, dropout=dropout, fast=fast_dropout)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
-        self.drop = nn.Dropout(dropout)
+        self.drop = _dropout(dropout, fast_dropout)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x + self.drop(self.self_attn(x)))
@@ -86,6 +109,7 @@ class Transformer(nn.Module):
         ff_dim: int,
         dropout: float,
         attn_dropout: float,
+        fast_dropout: bool = False,
     ) -> None:
         super().__init__()
         kw = {
@@ -94,6 +118,7 @@ class Transformer(nn.Module):
             "ff_dim": ff_dim,
             "dropout": dropout,
             "attn_dropout": attn_dropout,
+            "fast_dropout": fast_dropout,
         }
         self.encoder = nn.ModuleList(EncoderLayer(**kw) for _ in range(depth))
         self.decoder = nn.ModuleList(DecoderLayer(**kw) for _ in range(depth))
@@ -113,8 +138,12 @@ class TorchTransformer(nn.Module):
     equivalence test and the speed benchmark, not for training by default.
     """
 
-    def __init__(self, *, dim, depth, heads, ff_dim, dropout, attn_dropout=None) -> None:
+    def __init__(
+        self, *, dim, depth, heads, ff_dim, dropout, attn_dropout=None, fast_dropout=False
+    ) -> None:
         super().__init__()
+        if fast_dropout:
+            raise ValueError("fast_dropout needs impl=sdpa (nn.Transformer has its own dropout)")
         kw = {"d_model": dim, "nhead": heads, "dim_feedforward": ff_dim, "dropout": dropout}
         self.encoder = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(batch_first=True, **kw),
