@@ -14,32 +14,37 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(SCRIPT.parent))  # benchmark.py imports its sibling modules
     spec = importlib.util.spec_from_file_location("experiments_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    module.sections = importlib.import_module("benchmark_sections")
+    module.reporting = importlib.import_module("benchmark_report")
     yield module
     del sys.modules[spec.name]
+    sys.path.remove(str(SCRIPT.parent))
 
 
 def test_growth_exponents_and_skip_rule(bench):
     rows = [
         {"impl": "ours", "tokens": n, "ms/pair": n**2, "MB/pair": 3 * n} for n in (16, 64, 256)
     ]
-    (fit,) = bench.growth_exponents(rows)
+    (fit,) = bench.sections.growth_exponents(rows)
     assert fit["ms/pair slope, top 3"] == pytest.approx(2)
     assert fit["MB/pair slope, all"] == pytest.approx(1)
     small = {"tokens": 1024, "peak_mb": 100.0, "step_s": 0.5}
-    assert bench.too_costly(small, 2048) is None
-    assert bench.too_costly(small | {"peak_mb": 1000.0}, 4096).startswith("skipped")
-    assert bench.too_costly({"tokens": 256, "error": "took over 300 s"}, 1024).startswith("skip")
+    too_costly = bench.sections.too_costly
+    assert too_costly(small, 2048) is None
+    assert too_costly(small | {"peak_mb": 1000.0}, 4096).startswith("skipped")
+    assert too_costly({"tokens": 256, "error": "took over 300 s"}, 1024).startswith("skip")
 
 
 @pytest.mark.slow
 def test_smoke_run_writes_tables_csvs_and_plot(bench, tmp_path):
     bench.main(["--smoke", "--out", str(tmp_path)])
     text = (tmp_path / "benchmark.md").read_text()
-    for title in bench.TITLES.values():
+    for title in bench.reporting.TITLES.values():
         assert f"## {title}" in text, title
     for name in ("training", "inference", "scaling", "levers", "profile"):
         rows = list(csv.DictReader((tmp_path / f"{name}.csv").open()))
