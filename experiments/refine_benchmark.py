@@ -71,8 +71,10 @@ def refine_preset() -> dict:
     return dict(OmegaConf.load(REPO / "conf" / "refinement" / "diffeomorphic.yaml").refine)
 
 
-def methods_for(model, steps: list[int], cascades: list[int], use_demons: bool) -> dict:
-    methods, preset = {"one-shot": model}, refine_preset()
+def methods_for(
+    model, steps: list[int], cascades: list[int], preset: dict, use_demons: bool
+) -> dict:
+    methods = {"one-shot": model}
     for k in cascades:
         methods[f"cascade x{k}"] = lambda f, m, k=k: cascade(model, f, m, k)
     for n in steps:
@@ -112,10 +114,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     use_demons = has_simpleitk()
     load = os.getloadavg()[0]
-    rows, report = [], [f"load average at start {load:.1f}; refinement preset {refine_preset()}\n"]
+    preset = refine_preset()
+    rows, report = [], [f"load average at start {load:.1f}; refinement preset {preset}\n"]
     for data in args.datasets:
         model = air_reg.load_model(REPO / "weights" / f"{args.weights}_{data}.ckpt")
-        methods = methods_for(model, args.steps, args.cascades, use_demons)
+        methods = methods_for(model, args.steps, args.cascades, preset, use_demons)
         batches = test_pairs_batches(data, args.pairs, args.batch)
         for kind, bs in (
             ("same_class", batches),

@@ -17,6 +17,7 @@ datasets (200 pairs each) for 40 % less time.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -78,6 +79,15 @@ def _fit_coarse(dense: torch.Tensor, up: CoarseToDense) -> torch.Tensor:
     return torch.einsum("gH,bcHW,hW->bcgh", rows, dense, cols)
 
 
+def _check(steps: int, integration_steps: int, optimizer: str) -> None:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if steps < 0 or integration_steps < 0:
+        raise ValueError(
+            f"steps, integration_steps must be >= 0, got {steps}, {integration_steps}"
+        )
+
+
 def refine(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -105,12 +115,7 @@ def refine(
     the variable is a (grid x grid) control grid resampled by ``CoarseToDense(grid_mode)``,
     initialised by least squares.
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if steps < 0 or integration_steps < 0:
-        raise ValueError(
-            f"steps, integration_steps must be >= 0, got {steps}, {integration_steps}"
-        )
+    _check(steps, integration_steps, optimizer)
     similarity = MSE() if similarity is None else similarity
     regularizer = Diffusion() if regularizer is None else regularizer
     lr = DEFAULT_LR[optimizer] if lr is None else lr
@@ -187,37 +192,33 @@ class Refiner(nn.Module):
     ``forward(fixed, moving)`` returns the refined flow (B, 2, H, W). The network only runs in
     eval mode without gradients, so its parameters never change. ``integration_steps=None``
     keeps the network's own (a diffeomorphic net stays diffeomorphic); ``cascade=k`` applies
-    the net k times (composed) before refining.
+    the net k times (composed) before refining. Every other keyword is one of ``refine``'s
+    settings (steps, lr, similarity, regularizer, reg_weight, fold_weight, optimizer, grid,
+    grid_mode), with ``refine``'s defaults.
     """
 
     def __init__(
         self,
         net: nn.Module,
         *,
-        steps: int = 50,
-        lr: float | None = None,
+        integration_steps: int | None = None,
+        cascade: int = 1,
         similarity: nn.Module | None = None,
         regularizer: nn.Module | None = None,
-        reg_weight: float = 0.05,
-        fold_weight: float = 0.0,
-        integration_steps: int | None = None,
-        optimizer: str = "adam",
-        grid: int | None = None,
-        grid_mode: str = "bspline",
-        cascade: int = 1,
+        **settings,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.net = net.eval()
-        self.similarity = MSE() if similarity is None else similarity
-        self.regularizer = Diffusion() if regularizer is None else regularizer
-        self.steps, self.lr, self.reg_weight = steps, lr, reg_weight
-        self.fold_weight = fold_weight
         if integration_steps is None:
             integration_steps = _integration_steps(net)
-        self.integration_steps, self.optimizer = integration_steps, optimizer
-        self.grid, self.grid_mode, self.cascade = grid, grid_mode, cascade
+        self.integration_steps, self.cascade = integration_steps, cascade
+        self.similarity, self.regularizer = similarity, regularizer  # None: refine's defaults
+        # Unknown names fail here, not at the first forward; the flows are forward's own.
+        bound = inspect.signature(refine).bind_partial(**settings).arguments
+        if {"fixed", "moving", "init_flow", "init_velocity"} & bound.keys():
+            raise TypeError(f"Refiner takes refine's settings, not its inputs: {sorted(bound)}")
+        self.settings = settings
+        _check(settings.get("steps", 0), integration_steps, settings.get("optimizer", "adam"))
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -239,22 +240,12 @@ class Refiner(nn.Module):
             fixed,
             moving,
             init,
-            steps=self.steps,
-            lr=self.lr,
             similarity=self.similarity,
             regularizer=self.regularizer,
-            reg_weight=self.reg_weight,
-            fold_weight=self.fold_weight,
             integration_steps=self.integration_steps,
-            optimizer=self.optimizer,
-            grid=self.grid,
-            grid_mode=self.grid_mode,
+            **self.settings,
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"steps={self.steps}, lr={self.lr}, reg_weight={self.reg_weight}, "
-            f"fold_weight={self.fold_weight}, "
-            f"integration_steps={self.integration_steps}, optimizer={self.optimizer!r}, "
-            f"grid={self.grid}, cascade={self.cascade}"
-        )
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
+        return f"integration_steps={self.integration_steps}, cascade={self.cascade}, {settings}"
