@@ -53,6 +53,7 @@ class AiRBranch(nn.Module):
         stem_channels: int = 0,
         stem_layers: int = 2,
         fast_dropout: bool = False,
+        attn_kernel: str = "auto",
     ) -> None:
         super().__init__()
         check_patch_sizes(image_size, [patch_size])
@@ -83,6 +84,7 @@ class AiRBranch(nn.Module):
             dropout=dropout,
             attn_dropout=attn_dropout,
             fast_dropout=fast_dropout,
+            attn_kernel=attn_kernel,
         )
         self.head = nn.Linear(dim, 2)  # per-token (dy, dx) in pixels
         nn.init.normal_(self.head.weight, std=1e-5)  # start near the identity

@@ -1,9 +1,10 @@
 """Encoder-decoder Transformer built on ``scaled_dot_product_attention``.
 
 Same maths as ``nn.TransformerEncoderLayer``/``nn.TransformerDecoderLayer`` (post-norm, ReLU
-feed-forward) with two differences that matter for speed: attention goes through
+feed-forward) with differences that matter for speed: attention goes through
 ``F.scaled_dot_product_attention`` (fused kernels, no materialised N x N matrix when
-attention dropout is off), and attention-probability dropout is its own setting
+attention dropout is off) or, for small heads on CPU, air-reg's own kernel (``attn_kernel``,
+see ``cpu_attention``), and attention-probability dropout is its own setting
 (``attn_dropout``) instead of being tied to the residual dropout.
 """
 
@@ -14,14 +15,42 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from air_reg.models.components import cpu_attention
+
+
+def check_attn_kernel(kernel: str, *, dim: int, heads: int, attn_dropout: float) -> None:
+    """Reject an ``attn_kernel`` setting that cannot work, naming the fix."""
+    if kernel not in cpu_attention.KERNELS:
+        raise ValueError(f"attn_kernel must be one of {cpu_attention.KERNELS}, got {kernel!r}")
+    if kernel != "cpu":
+        return
+    if attn_dropout:
+        raise ValueError(
+            "attn_kernel=cpu has no attention dropout: set attn_dropout=0 or attn_kernel=auto"
+        )
+    if dim // heads not in cpu_attention.HEAD_SIZES:
+        raise ValueError(
+            f"attn_kernel=cpu needs a head size (dim / heads = {dim // heads}) in "
+            f"{cpu_attention.HEAD_SIZES}; use attn_kernel=auto or sdpa"
+        )
+
 
 class MultiheadAttention(nn.Module):
-    """Self- or cross-attention; ``in_proj`` stacks (q, k, v) like ``nn.MultiheadAttention``."""
+    """Self- or cross-attention; ``in_proj`` stacks (q, k, v) like ``nn.MultiheadAttention``.
 
-    def __init__(self, *, dim: int, heads: int, attn_dropout: float = 0.0) -> None:
+    ``attn_kernel``: ``sdpa`` (PyTorch's ``scaled_dot_product_attention``), ``cpu``
+    (air-reg's small-head kernel; an error where it cannot run) or ``auto`` (that kernel for
+    CPU float32 inputs without attention dropout when it builds here, else SDPA).
+    """
+
+    def __init__(
+        self, *, dim: int, heads: int, attn_dropout: float = 0.0, attn_kernel: str = "auto"
+    ) -> None:
         super().__init__()
-        assert dim % heads == 0, f"dim {dim} must be divisible by heads {heads}"
-        self.heads, self.attn_dropout = heads, attn_dropout
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        check_attn_kernel(attn_kernel, dim=dim, heads=heads, attn_dropout=attn_dropout)
+        self.heads, self.attn_dropout, self.attn_kernel = heads, attn_dropout, attn_kernel
         self.in_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
@@ -33,10 +62,23 @@ class MultiheadAttention(nn.Module):
             w, b = self.in_proj.weight, self.in_proj.bias
             q = F.linear(x, w[:d], b[:d])
             k, v = F.linear(memory, w[d:], b[d:]).chunk(2, dim=-1)
-        q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
         p = self.attn_dropout if self.training else 0.0
+        if self._use_cpu_kernel(q, k, v, p):
+            return self.out_proj(cpu_attention.attention(q, k, v, self.heads))
+        q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, h, N, e)
         return self.out_proj(rearrange(out, "b h n e -> b n (h e)"))
+
+    def _use_cpu_kernel(self, q, k, v, dropout_p: float) -> bool:
+        if self.attn_kernel == "sdpa" or dropout_p:
+            return False
+        why = cpu_attention.applicable(q, k, v, self.heads)
+        if self.attn_kernel == "cpu":
+            if why:
+                raise ValueError(f"attn_kernel=cpu cannot run here: {why}; use attn_kernel=auto")
+            cpu_attention.library()  # raises KernelUnavailable with the compiler's message
+            return True
+        return why is None and cpu_attention.available()
 
 
 class FastDropout(nn.Dropout):
@@ -70,9 +112,17 @@ class FeedForward(nn.Sequential):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, *, dim, heads, ff_dim, dropout, attn_dropout, fast_dropout=False) -> None:
+    def __init__(
+        self, *, dim, heads, ff_dim, dropout, attn_dropout, fast_dropout=False, attn_kernel="auto"
+    ) -> None:
         super().__init__()
-        self.attn = MultiheadAttention(dim=dim, heads=heads, attn_dropout=attn_dropout)
+        att = {
+            "dim": dim,
+            "heads": heads,
+            "attn_dropout": attn_dropout,
+            "attn_kernel": attn_kernel,
+        }
+        self.attn = MultiheadAttention(**att)
         self.ff = FeedForward(dim=dim, hidden=ff_dim, dropout=dropout, fast=fast_dropout)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = _dropout(dropout, fast_dropout)
@@ -83,10 +133,18 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, *, dim, heads, ff_dim, dropout, attn_dropout, fast_dropout=False) -> None:
+    def __init__(
+        self, *, dim, heads, ff_dim, dropout, attn_dropout, fast_dropout=False, attn_kernel="auto"
+    ) -> None:
         super().__init__()
-        self.self_attn = MultiheadAttention(dim=dim, heads=heads, attn_dropout=attn_dropout)
-        self.cross_attn = MultiheadAttention(dim=dim, heads=heads, attn_dropout=attn_dropout)
+        att = {
+            "dim": dim,
+            "heads": heads,
+            "attn_dropout": attn_dropout,
+            "attn_kernel": attn_kernel,
+        }
+        self.self_attn = MultiheadAttention(**att)
+        self.cross_attn = MultiheadAttention(**att)
         self.ff = FeedForward(dim=dim, hidden=ff_dim, dropout=dropout, fast=fast_dropout)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
         self.drop = _dropout(dropout, fast_dropout)
@@ -110,6 +168,7 @@ class Transformer(nn.Module):
         dropout: float,
         attn_dropout: float,
         fast_dropout: bool = False,
+        attn_kernel: str = "auto",
     ) -> None:
         super().__init__()
         kw = {
@@ -119,6 +178,7 @@ class Transformer(nn.Module):
             "dropout": dropout,
             "attn_dropout": attn_dropout,
             "fast_dropout": fast_dropout,
+            "attn_kernel": attn_kernel,
         }
         self.encoder = nn.ModuleList(EncoderLayer(**kw) for _ in range(depth))
         self.decoder = nn.ModuleList(DecoderLayer(**kw) for _ in range(depth))
@@ -139,11 +199,22 @@ class TorchTransformer(nn.Module):
     """
 
     def __init__(
-        self, *, dim, depth, heads, ff_dim, dropout, attn_dropout=None, fast_dropout=False
+        self,
+        *,
+        dim,
+        depth,
+        heads,
+        ff_dim,
+        dropout,
+        attn_dropout=None,
+        fast_dropout=False,
+        attn_kernel="auto",
     ) -> None:
         super().__init__()
         if fast_dropout:
             raise ValueError("fast_dropout needs impl=sdpa (nn.Transformer has its own dropout)")
+        if attn_kernel == "cpu":
+            raise ValueError("attn_kernel=cpu needs impl=sdpa (nn.Transformer has its own)")
         kw = {"d_model": dim, "nhead": heads, "dim_feedforward": ff_dim, "dropout": dropout}
         self.encoder = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(batch_first=True, **kw),

@@ -1,0 +1,195 @@
+"""air-reg's small-head CPU attention kernel against SDPA in float64, and its fallbacks."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from air_reg.models.components import cpu_attention
+from air_reg.models.components.air import AiR
+from air_reg.models.components.attention import MultiheadAttention
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_attention.available(), reason="no C++ compiler here: the kernel cannot be built"
+)
+
+
+def reference(q, k, v, heads):
+    """float64 SDPA on the same heads: the ground truth for float32 kernels."""
+    q, k, v = (rearrange(t.double(), "b n (h e) -> b h n e", h=heads) for t in (q, k, v))
+    return rearrange(F.scaled_dot_product_attention(q, k, v), "b h n e -> b n (h e)")
+
+
+def errors(fn, q, k, v, heads, grad):
+    """Largest |difference| to the float64 reference of the output and of dq, dk, dv."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out, ref = fn(*leaves, heads), reference(*ref_leaves, heads)
+    grads = torch.autograd.grad(out, leaves, grad)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+    pairs = [(out, ref), *zip(grads, ref_grads, strict=True)]
+    return [(a.double() - b).abs().max().item() for a, b in pairs]
+
+
+def sdpa(q, k, v, heads):
+    q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=heads) for t in (q, k, v))
+    return rearrange(F.scaled_dot_product_attention(q, k, v), "b h n e -> b n (h e)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("head", cpu_attention.HEAD_SIZES)
+@pytest.mark.parametrize("tokens", [1, 7, 50])  # below, between and above the SIMD width
+def test_kernel_matches_float64_reference_as_closely_as_sdpa(head, tokens):
+    heads = 3
+    q, k, v, grad = (torch.randn(2, tokens, heads * head) for _ in range(4))
+    ours, theirs = (
+        errors(cpu_attention.attention, q, k, v, heads, grad),
+        errors(sdpa, q, k, v, heads, grad),
+    )
+    for mine, sdpa_err in zip(ours, theirs, strict=True):
+        assert mine < max(4 * sdpa_err, 1e-6), (ours, theirs)
+
+
+@needs_kernel
+def test_kernel_reads_strided_projections_in_place_and_is_thread_count_independent():
+    heads, proj = 4, torch.randn(3, 40, 3 * 16)
+    q, k, v = proj.chunk(3, dim=-1)  # token stride 48, not 16
+    assert q.stride(1) == 48
+    strided = cpu_attention.attention(q, k, v, heads)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_attention.attention(*(t.contiguous() for t in (q, k, v)), heads)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(strided, one)  # slices are computed alone: bit-identical
+    assert torch.allclose(strided, reference(q, k, v, heads).float(), atol=1e-6)
+
+
+@needs_kernel
+def test_kernel_is_stable_for_near_one_hot_softmax():
+    heads, q, k, v = 2, torch.randn(2, 30, 8) * 40, torch.randn(2, 30, 8), torch.randn(2, 30, 8)
+    out, ref = cpu_attention.attention(q, k, v, heads), reference(q, k, v, heads)
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_kernel_rejects_inputs_it_cannot_take_with_the_reason():
+    q = torch.randn(2, 5, 8)
+    assert "float32" in cpu_attention.applicable(q.double(), q.double(), q.double(), 2)
+    assert "head size" in cpu_attention.applicable(q[..., :6], q[..., :6], q[..., :6], 2)
+    assert "one shape" in cpu_attention.applicable(q, q[:, :3], q[:, :3], 2)
+    assert cpu_attention.applicable(q, q, q, 2) is None
+    with pytest.raises(ValueError, match="float32"):
+        cpu_attention.attention(q.double(), q.double(), q.double(), 2)
+
+
+def _pair(kernel: str, **kw) -> tuple[MultiheadAttention, MultiheadAttention]:
+    a = MultiheadAttention(dim=16, heads=4, attn_kernel=kernel, **kw)
+    b = MultiheadAttention(dim=16, heads=4, attn_kernel="sdpa", **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", ["cpu", "auto"])
+def test_attention_layer_with_kernel_matches_sdpa_forward_and_backward(kernel, monkeypatch):
+    calls = []
+    real = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1) or real(*a))
+    ours, theirs = _pair(kernel)
+    x, mem = torch.randn(3, 49, 16), torch.randn(3, 49, 16)
+    for args in ((x,), (x, mem)):  # self- and cross-attention
+        out, ref = ours(*args), theirs(*args)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        assert torch.allclose(out, ref, atol=1e-5)
+    for p, r in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.allclose(p.grad, r.grad, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 2
+
+
+def test_auto_uses_sdpa_for_attention_dropout_and_when_the_kernel_is_unavailable(
+    monkeypatch, caplog
+):
+    calls = []
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1))
+    x = torch.randn(2, 10, 16)
+    MultiheadAttention(dim=16, heads=4, attn_dropout=0.5).train()(x)
+    assert not calls  # dropout on attention probabilities: SDPA
+
+    def unavailable():
+        raise cpu_attention.KernelUnavailable("no compiler (test)")
+
+    monkeypatch.setattr(cpu_attention, "library", unavailable)
+    monkeypatch.setattr(cpu_attention, "_warned", type(cpu_attention._warned)())
+    with caplog.at_level(logging.WARNING):
+        out = MultiheadAttention(dim=16, heads=4)(x)
+        MultiheadAttention(dim=16, heads=4)(x)
+    assert out.shape == x.shape
+    assert not calls
+    assert [r.getMessage() for r in caplog.records].count(
+        "small-head attention kernel unavailable, using SDPA instead: no compiler (test)"
+    ) == 1  # warned once
+    with pytest.raises(cpu_attention.KernelUnavailable, match="no compiler"):
+        MultiheadAttention(dim=16, heads=4, attn_kernel="cpu")(x)
+
+
+def test_attn_kernel_settings_that_cannot_work_fail_at_construction():
+    with pytest.raises(ValueError, match="attn_kernel must be one of"):
+        MultiheadAttention(dim=16, heads=4, attn_kernel="flash")
+    with pytest.raises(ValueError, match="no attention dropout"):
+        MultiheadAttention(dim=16, heads=4, attn_dropout=0.1, attn_kernel="cpu")
+    with pytest.raises(ValueError, match="head size"):
+        MultiheadAttention(dim=24, heads=2, attn_kernel="cpu")
+    with pytest.raises(ValueError, match="impl=sdpa"):
+        AiR(impl="torch", attn_kernel="cpu")
+
+
+@needs_kernel
+def test_air_with_kernel_gives_the_same_flow_and_gradients_as_with_sdpa():
+    kw = {"image_size": 28, "patch_size": 2, "dropout": 0.0, "attn_dropout": 0.0}
+    ours, theirs = AiR(attn_kernel="cpu", **kw), AiR(attn_kernel="sdpa", **kw)
+    theirs.load_state_dict(ours.state_dict())
+    torch.nn.init.normal_(ours.branch.head.weight)
+    theirs.branch.head.load_state_dict(ours.branch.head.state_dict())
+    fixed, moving = torch.rand(4, 1, 28, 28), torch.rand(4, 1, 28, 28)
+    flows = [net(fixed, moving) for net in (ours, theirs)]
+    assert torch.allclose(*flows, atol=1e-5)
+    for f in flows:
+        f.square().mean().backward()
+    for (name, p), r in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert torch.allclose(p.grad, r.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_build_failure_names_the_compiler_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIR_REG_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    cpu_attention.library.cache_clear()
+    try:
+        with pytest.raises(cpu_attention.KernelUnavailable, match="could not run"):
+            cpu_attention.library()
+    finally:
+        monkeypatch.undo()
+        cpu_attention.library.cache_clear()  # later tests load the real build again
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_kernel_builds_into_an_empty_cache_and_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIR_REG_CACHE", str(tmp_path))
+    cpu_attention.library.cache_clear()
+    try:
+        cpu_attention.library()
+        built = list((tmp_path / "kernels").iterdir())
+        assert len(built) == 1
+        assert built[0].suffix == ".so"
+        mtime = built[0].stat().st_mtime_ns
+        cpu_attention.library.cache_clear()
+        cpu_attention.library()
+        assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    finally:
+        monkeypatch.undo()
+        cpu_attention.library.cache_clear()
