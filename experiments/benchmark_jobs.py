@@ -85,8 +85,9 @@ MAX_MB, MAX_STEP_S = 8000, 60  # skip a scaling point whose extrapolated cost ex
 # The paper's Transformer (Sec. 4.1); ff_dim None means 4 * dim ("matched widths").
 PAPER = {"dim": 16, "heads": 4, "depth": 1, "dropout": 0.5, "ff_dim": None}
 VARIANTS = {  # label -> overrides; the naive reference ties attention dropout to `dropout`
-    "ours": {"impl": "sdpa", "attn_dropout": 0.0},
+    "ours": {"impl": "sdpa", "attn_dropout": 0.0},  # attn_kernel auto: air-reg's CPU kernel
     "ours, fast_dropout": {"impl": "sdpa", "attn_dropout": 0.0, "fast_dropout": True},
+    "ours, SDPA attention": {"impl": "sdpa", "attn_dropout": 0.0, "attn_kernel": "sdpa"},
     "ours, attn_dropout 0.5": {"impl": "sdpa", "attn_dropout": 0.5},
     "naive, matched widths": {"impl": "torch"},
     "naive, authors' build": {"impl": "torch", "ff_dim": 2048},
@@ -122,12 +123,13 @@ def describe(spec: dict) -> dict:
     if spec["arch"] == "DIRNet":
         return {"impl": "CNN", "ff": "-", "dropout": "-", "attn dropout": "-"}
     naive = spec.get("impl") == "torch"
+    sdpa = spec.get("attn_kernel") == "sdpa" or spec.get("attn_dropout")
     return {
-        "impl": "nn.Transformer" if naive else "SDPA (ours)",
+        "impl": "nn.Transformer" if naive else "ours, SDPA" if sdpa else "ours, air-reg kernel",
         "ff": spec.get("ff_dim") or 4 * spec["dim"],
         "dropout": spec["dropout"],
         "attn dropout": spec["dropout"] if naive else spec["attn_dropout"],
-        "dropout mask": "rand_like" if spec.get("fast_dropout") else "bernoulli",
+        "dropout mask": "int16" if spec.get("fast_dropout") else "bernoulli",
     }
 
 

@@ -118,7 +118,8 @@ NOTES = {
     "training step (batch {batch}) in a fresh process: activations, gradients, Adam state, "
     "library workspaces. 0 = below resolution (served from memory already resident).",
     "scaling": "AiR-single (dim 16, 4 heads, 1 block, dropout 0.5) training step, batch "
-    "{scaling_batch}; ours with attn_dropout 0 (flash kernel), naive with attention dropout 0.5. "
+    "{scaling_batch}; ours with attn_dropout 0 (air-reg's kernel), naive with attention "
+    "dropout 0.5. "
     "A point is skipped when the previous one, extrapolated as tokens^2, exceeds "
     f"{MAX_MB / 1e3:.0f} GB or {MAX_STEP_S} s per step.",
     "exponents": "Least-squares slopes of log(per-pair cost) against log(tokens); `top 3` uses "

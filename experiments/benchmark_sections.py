@@ -211,13 +211,16 @@ def lever_section(profile: Profile, naive_speedup: float | None) -> list[dict]:
     levers = {
         f"ours (baseline: fused qkv, attn_dropout 0, {n} threads, fp32)": Lever(ours, "-"),
         "unfused q/k/v projections": Lever(lambda: unfuse(ours())),
-        "attention dropout 0.5 (no flash kernel)": Lever(
+        "SDPA instead of air-reg's attention kernel": Lever(
+            lambda: build(air(**VARIANTS["ours, SDPA attention"])), "no (float32 rounding)"
+        ),
+        "attention dropout 0.5 (SDPA's unfused path)": Lever(
             lambda: build(air(**VARIANTS["ours, attn_dropout 0.5"])), "yes: regularises"
         ),
         "threads 1": Lever(ours, threads=1),
         "threads 2 (a control when the default is 2)": Lever(ours, threads=2),
         "bf16 autocast": Lever(ours, "yes: bf16 rounding", bf16=True),
-        "fast_dropout (dropout mask from rand_like)": Lever(
+        "fast_dropout (dropout masks from 16-bit integers)": Lever(
             lambda: build(air(**VARIANTS["ours, fast_dropout"])), "dropout RNG stream"
         ),
     }

@@ -122,6 +122,14 @@ def test_fast_dropout_has_dropouts_distribution_and_gradient():
     assert torch.equal(drop.eval()(x), x)
 
 
+def test_fast_dropout_masks_are_fair_at_every_position_and_any_shape():
+    torch.manual_seed(0)
+    y = FastDropout(0.5).train()(torch.ones(100_000, 4))  # column c: int16 lane c of a draw
+    rates = (y != 0).float().mean(0)
+    assert torch.allclose(rates, torch.full((4,), 0.5), atol=0.01), rates
+    assert FastDropout(0.5).train()(torch.ones(3, 5, 7)).shape == (3, 5, 7)  # 105: not 4k
+
+
 def test_fast_dropout_changes_nothing_in_eval_mode():
     torch.manual_seed(0)
     plain = MAPT(image_size=28, dim=16)

@@ -4,7 +4,7 @@
 // (flash attention) is built for heads of 64-128: at size 4 its small matrix products cost
 // more than the arithmetic. Here the head size D is a template constant, every loop runs
 // over VL query rows or VL keys at once in SIMD lanes (VL = 16 with AVX-512, else 8), and
-// all accumulators stay in registers, so no reduction across lanes is ever needed:
+// accumulators stay in registers (or, for dQ, in per-lane partial sums):
 //   forward    lanes = queries: pass 1 finds each row's max score, pass 2 sums
 //              P = exp(S - max) and accumulates P V; also returns lse = max + log(sum).
 //   backward   lanes = keys: recomputes P = exp(S - lse) (no N x N matrix is stored),

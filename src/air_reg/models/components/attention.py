@@ -82,13 +82,16 @@ class MultiheadAttention(nn.Module):
 
 
 class FastDropout(nn.Dropout):
-    """Inverted dropout with its mask from ``rand_like`` (``fast_dropout=True``).
+    """Inverted dropout with masks from 16-bit random integers (``fast_dropout=True``).
 
-    The same distribution as ``nn.Dropout`` (each element kept with probability 1 - p and
-    scaled by 1 / (1 - p)) and the same eval output, but a different random stream, so
-    seeded runs change. On CPU ``bernoulli_`` is slow: this made a training step of the
-    paper's AiR 1.2-1.3x faster (experiments/benchmark.py, levers). CUDA keeps PyTorch's
-    fused kernel.
+    Each element is kept with probability 1 - p' and scaled by 1 / (1 - p), where p' is p
+    rounded to a multiple of 2^-16 (exact for the paper's 0.5; 0.1 -> 0.1000061): the same
+    distribution as ``nn.Dropout`` up to that rounding and the same eval output, but another
+    random stream, so seeded runs change. On CPU ``bernoulli_`` draws and converts one random
+    number per element, serially; here one 64-bit draw serves four elements. This made a
+    training step of the paper's AiR about 1.3x faster (experiments/benchmark.py, levers).
+    CUDA keeps PyTorch's fused kernel. (Before 2026-11-26 evening the masks came from
+    ``rand_like``: same distribution, a different stream.)
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,8 +99,11 @@ class FastDropout(nn.Dropout):
             return F.dropout(x, self.p, self.training)
         if self.p == 1:
             return x * 0
-        keep = torch.rand_like(x).ge_(self.p)  # 1.0 with probability 1 - p, else 0.0
-        return x * keep.mul_(1 / (1 - self.p))
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+        bits = words.random_(-(2**63), None).view(torch.int16)[:n].view(x.shape)  # uniform
+        keep = bits >= round(self.p * 2**16) - 2**15  # True with probability 1 - p'
+        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
 
 
 def _dropout(p: float, fast: bool) -> nn.Dropout:
