@@ -69,11 +69,32 @@ def test_kernel_reads_strided_projections_in_place_and_is_thread_count_independe
 
 
 @needs_kernel
-def test_kernel_is_stable_for_near_one_hot_softmax():
-    heads, q, k, v = 2, torch.randn(2, 30, 8) * 40, torch.randn(2, 30, 8), torch.randn(2, 30, 8)
-    out, ref = cpu_attention.attention(q, k, v, heads), reference(q, k, v, heads)
-    assert torch.isfinite(out).all()
-    assert (out.double() - ref).abs().max() < 1e-5
+def test_kernel_is_stable_for_near_one_hot_and_very_negative_scores():
+    heads, k, v = 2, torch.randn(2, 30, 16), torch.randn(2, 30, 16)
+    # all scores -92.1: log-sum-exp = -128 in log2 units, where 2^(0 - lse) in the padded
+    # SIMD lanes of the last key block (30 tokens) would overflow to inf without a clamp
+    far = (torch.full((2, 30, 16), 92.12 / 8**0.5), -torch.ones(2, 30, 16))
+    for q, keys in ((torch.randn(2, 30, 16) * 40, k), far):
+        grad = torch.randn(2, 30, 16)  # 30 tokens: padded SIMD lanes in the last block
+        mine = errors(cpu_attention.attention, q, keys, v, heads, grad)
+        theirs = errors(sdpa, q, keys, v, heads, grad)
+        assert all(e < max(4 * t, 1e-4) for e, t in zip(mine, theirs, strict=True)), mine
+
+
+@needs_kernel
+def test_kernel_backward_takes_broadcast_and_transposed_gradients():
+    heads, q, k, v = 2, *(torch.randn(3, 9, 8, requires_grad=True) for _ in range(3))
+    (cpu_attention.attention(q, k, v, heads).sum() * 2).backward()  # grad: stride 0
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    (reference(*ref, heads).sum() * 2).backward()
+    for mine, theirs in zip((q, k, v), ref, strict=True):
+        assert torch.allclose(mine.grad.double(), theirs.grad, atol=1e-5)
+    g = torch.randn(3, 8, 9).transpose(1, 2)  # token stride 1, channel stride 9
+    out = cpu_attention.attention(q, k, v, heads)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(reference(*ref, heads), ref, g.double())
+    for mine, theirs in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(mine.double(), theirs, atol=1e-5)
 
 
 def test_kernel_rejects_inputs_it_cannot_take_with_the_reason():

@@ -35,23 +35,29 @@ typedef int vi __attribute__((vector_size(VL * 4), aligned(4), may_alias));
 static inline vf splat(float x) { return vf{} + x; }
 static inline vf& at(float* p) { return *reinterpret_cast<vf*>(p); }
 
-// exp(x) for x <= ~0, to ~1 ulp: round-to-nearest n = x log2(e) by the 1.5 * 2^23 trick,
-// Cody-Waite reduction r = x - n ln 2, Cephes' degree-6 polynomial, 2^n from exponent bits.
-// x < -87 is clamped (exp(-87) = 1.6e-38, negligible against the row's largest term, 1).
-static inline vf vexp(vf x) {
-    x = x < -87.f ? splat(-87.f) : x;
-    vf fn = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-    vf r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-    vf p = splat(1.9875691500E-4f);
-    p = p * r + 1.3981999507E-3f;
-    p = p * r + 8.3334519073E-3f;
-    p = p * r + 4.1665795894E-2f;
-    p = p * r + 1.6666665459E-1f;
-    p = p * r + 5.0000001201E-1f;
-    p = p * r * r + r + 1.f;
-    vi e = (__builtin_convertvector(fn, vi) + 127) << 23;
+// 2^x for x <= ~0 (scores are kept in log2 units), to about 1 ulp: x = n + f with n the
+// nearest integer, |f| <= 1/2; 2^f by its degree-7 Taylor polynomial in f ln 2 (truncation
+// error < 1e-8); 2^n through the exponent bits. x < -125 is clamped (2^-125 = 2.4e-38,
+// negligible against the row's largest term, 1), and so is x > 64: only the lanes of padded
+// keys get there, and their terms must stay finite (they are multiplied by k = 0).
+static inline vf vexp2(vf x) {
+    x = x < -125.f ? splat(-125.f) : x;
+    x = x > 64.f ? splat(64.f) : x;
+    const vf fn = (x + 12582912.f) - 12582912.f;  // round to nearest by the 1.5 * 2^23 trick
+    const vf f = x - fn;
+    vf p = splat(1.5252733646775596e-05f);
+    p = p * f + 1.5403529687318950e-04f;
+    p = p * f + 1.3333557872101665e-03f;
+    p = p * f + 9.6181286498904230e-03f;
+    p = p * f + 5.5504109710454940e-02f;
+    p = p * f + 2.4022650718688965e-01f;
+    p = p * f + 6.9314718246459960e-01f;
+    p = p * f + 1.f;
+    const vi e = (__builtin_convertvector(fn, vi) + 127) << 23;  // 2^n
     return p * (vf)e;
 }
+
+constexpr float LOG2E = 1.44269504088896341f, LN2 = 0.693147180559945309f;
 
 struct View {  // a (B, N, H * D) float tensor with unit channel stride
     float* data;
@@ -92,7 +98,7 @@ static void fwd(const View* views, float* lse, long s0, long s1, int N, int H, f
     for (long s = s0; s < s1; s++) {
         const Slice q = slice(views[0], s, H, D), k = slice(views[1], s, H, D);
         const Slice v = slice(views[2], s, H, D), o = slice(views[3], s, H, D);
-        to_T(q, qT, N, Np, D, scale);
+        to_T(q, qT, N, Np, D, scale * LOG2E);  // scores in log2 units
         for (int i = 0; i < Np; i += VL) {
             vf qv[D];
             for (int d = 0; d < D; d++) qv[d] = at(qT + d * Np + i);
@@ -107,13 +113,13 @@ static void fwd(const View* views, float* lse, long s0, long s1, int N, int H, f
             for (int j = 0; j < N; j++) {
                 vf sv = qv[0] * k(j, 0);
                 for (int d = 1; d < D; d++) sv += qv[d] * k(j, d);
-                vf p = vexp(sv - m);
+                vf p = vexp2(sv - m);
                 l += p;
                 for (int d = 0; d < D; d++) ov[d] += p * v(j, d);
             }
             vf inv = 1.f / l;
             for (int d = 0; d < D; d++) at(oT + d * Np + i) = ov[d] * inv;
-            for (int t = 0; t < VL && i + t < N; t++) lse[s * N + i + t] = m[t] + std::log(l[t]);
+            for (int t = 0; t < VL && i + t < N; t++) lse[s * N + i + t] = m[t] + std::log2(l[t]);
         }
         from_T(oT, o, N, Np, D);
     }
@@ -130,7 +136,7 @@ static void bwd(const View* views, const float* lse, long s0, long s1, int N, in
         const Slice q = slice(views[0], s, H, D), k = slice(views[1], s, H, D);
         const Slice v = slice(views[2], s, H, D), o = slice(views[3], s, H, D);
         const Slice g = slice(views[4], s, H, D), dq = slice(views[5], s, H, D);
-        to_T(q, qT, N, Np, D, scale);
+        to_T(q, qT, N, Np, D, scale * LOG2E);  // scores in log2 units, as lse
         to_T(k, kT, N, Np, D);
         to_T(v, vT, N, Np, D);
         for (int i = 0; i < N; i++) {
@@ -154,17 +160,17 @@ static void bwd(const View* views, const float* lse, long s0, long s1, int N, in
                     sv += kv[d] * qT[d * Np + i];
                     dp += vv[d] * g(i, d);
                 }
-                vf p = vexp(sv - lp[i]);
+                vf p = vexp2(sv - lp[i]);
                 vf ds = p * (dp - di[i]);
                 float* dqi = dqp + (long)i * D * VL;
                 for (int d = 0; d < D; d++) {
-                    dkv[d] += ds * qT[d * Np + i];  // qT holds scale * q
+                    dkv[d] += ds * qT[d * Np + i];  // qT holds scale log2(e) q
                     dvv[d] += p * g(i, d);
                     at(dqi + d * VL) += ds * kv[d];
                 }
             }
             for (int d = 0; d < D; d++) {  // this block of kT / vT is read no more: reuse it
-                at(kT + d * Np + j) = dkv[d];
+                at(kT + d * Np + j) = dkv[d] * LN2;
                 at(vT + d * Np + j) = dvv[d];
             }
         }

@@ -221,8 +221,9 @@ class _SmallHeadAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
+        grad = _unit_stride(grad)  # a name keeps a copy alive: the views hold raw pointers
         grads = [torch.empty_like(out) for _ in range(3)]
-        views = View.array(q, k, v, out, _unit_stride(grad), *grads)
+        views = View.array(q, k, v, out, grad, *grads)
         _launch(library().air_attn_bwd, views, lse, ctx.heads, q.shape[-1] // ctx.heads, True)
         return (*grads, None)
 
