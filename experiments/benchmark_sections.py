@@ -32,7 +32,6 @@ from benchmark_jobs import (
     train_job,
     with_threads,
 )
-from einops import rearrange
 from torch import nn
 
 from air_reg.classical import demons, has_simpleitk
@@ -167,10 +166,7 @@ def unfused_forward(self: MultiheadAttention, x, memory=None):
     src = x if memory is None else memory
     w, b = self.in_proj.weight.split(x.shape[-1]), self.in_proj.bias.split(x.shape[-1])
     q, k, v = (F.linear(t, wi, bi) for t, wi, bi in zip((x, src, src), w, b, strict=True))
-    q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
-    p = self.attn_dropout if self.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-    return self.out_proj(rearrange(out, "b h n e -> b n (h e)"))
+    return self.out_proj(self.attend(q, k, v))
 
 
 def unfuse(net: nn.Module) -> nn.Module:

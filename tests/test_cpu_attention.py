@@ -158,6 +158,13 @@ def test_auto_uses_sdpa_for_attention_dropout_and_when_the_kernel_is_unavailable
         MultiheadAttention(dim=16, heads=4, attn_kernel="cpu")(x)
 
 
+def test_auto_leaves_head_size_16_to_sdpa(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1))
+    MultiheadAttention(dim=32, heads=2)(torch.randn(2, 10, 32))  # slower than SDPA there
+    assert not calls
+
+
 def test_attn_kernel_settings_that_cannot_work_fail_at_construction():
     with pytest.raises(ValueError, match="attn_kernel must be one of"):
         MultiheadAttention(dim=16, heads=4, attn_kernel="flash")

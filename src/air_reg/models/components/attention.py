@@ -39,8 +39,9 @@ class MultiheadAttention(nn.Module):
     """Self- or cross-attention; ``in_proj`` stacks (q, k, v) like ``nn.MultiheadAttention``.
 
     ``attn_kernel``: ``sdpa`` (PyTorch's ``scaled_dot_product_attention``), ``cpu``
-    (air-reg's small-head kernel; an error where it cannot run) or ``auto`` (that kernel for
-    CPU float32 inputs without attention dropout when it builds here, else SDPA).
+    (air-reg's small-head kernel, head sizes up to 16; an error where it cannot run) or
+    ``auto`` (that kernel for CPU float32 inputs, head size up to 8, no attention dropout,
+    when it builds here; else SDPA).
     """
 
     def __init__(
@@ -62,12 +63,16 @@ class MultiheadAttention(nn.Module):
             w, b = self.in_proj.weight, self.in_proj.bias
             q = F.linear(x, w[:d], b[:d])
             k, v = F.linear(memory, w[d:], b[d:]).chunk(2, dim=-1)
+        return self.out_proj(self.attend(q, k, v))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention of (B, N, D) projections -> (B, N, D), before ``out_proj``."""
         p = self.attn_dropout if self.training else 0.0
         if self._use_cpu_kernel(q, k, v, p):
-            return self.out_proj(cpu_attention.attention(q, k, v, self.heads))
+            return cpu_attention.attention(q, k, v, self.heads)
         q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, h, N, e)
-        return self.out_proj(rearrange(out, "b h n e -> b n (h e)"))
+        return rearrange(out, "b h n e -> b n (h e)")
 
     def _use_cpu_kernel(self, q, k, v, dropout_p: float) -> bool:
         if self.attn_kernel == "sdpa" or dropout_p:
@@ -78,7 +83,8 @@ class MultiheadAttention(nn.Module):
                 raise ValueError(f"attn_kernel=cpu cannot run here: {why}; use attn_kernel=auto")
             cpu_attention.library()  # raises KernelUnavailable with the compiler's message
             return True
-        return why is None and cpu_attention.available()
+        small = q.shape[-1] // self.heads in cpu_attention.AUTO_HEAD_SIZES
+        return why is None and small and cpu_attention.available()
 
 
 class FastDropout(nn.Dropout):

@@ -36,7 +36,9 @@ from torch.autograd.function import once_differentiable
 
 log = logging.getLogger(__name__)
 
-HEAD_SIZES = (1, 2, 4, 8, 16)
+HEAD_SIZES = (1, 2, 4, 8, 16)  # what the kernel takes (attn_kernel=cpu)
+AUTO_HEAD_SIZES = (1, 2, 4, 8)  # where attn_kernel=auto uses it: faster than SDPA there
+# (experiments/attention_kernels.py; at 16 its accumulators no longer fit in registers)
 KERNELS = ("auto", "cpu", "sdpa")  # the ``attn_kernel`` choices
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "small_head_attention.cpp"
 FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared"]
