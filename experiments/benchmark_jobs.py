@@ -34,7 +34,7 @@ class Profile:
 
     batch: int = 64  # training pairs per step
     infer_batch: int = 256  # pairs per batched inference call
-    repeats: int = 5  # timed rounds after the warm-up
+    repeats: int = 7  # timed rounds after the warm-up
     warmup: int = 1  # untimed calls of every configuration first
     scaling: tuple[tuple[int, int], ...] = ((28, 7), (32, 4), (64, 4), (64, 2), (128, 2))
     scaling_batch: int = 8  # (image size, patch size) pairs above
