@@ -10,6 +10,8 @@ see ``cpu_attention``), and attention-probability dropout is its own setting
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -128,13 +130,9 @@ class EncoderLayer(nn.Module):
         self, *, dim, heads, ff_dim, dropout, attn_dropout, fast_dropout=False, attn_kernel="auto"
     ) -> None:
         super().__init__()
-        att = {
-            "dim": dim,
-            "heads": heads,
-            "attn_dropout": attn_dropout,
-            "attn_kernel": attn_kernel,
-        }
-        self.attn = MultiheadAttention(**att)
+        self.attn = MultiheadAttention(
+            dim=dim, heads=heads, attn_dropout=attn_dropout, attn_kernel=attn_kernel
+        )
         self.ff = FeedForward(dim=dim, hidden=ff_dim, dropout=dropout, fast=fast_dropout)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = _dropout(dropout, fast_dropout)
@@ -149,14 +147,14 @@ class DecoderLayer(nn.Module):
         self, *, dim, heads, ff_dim, dropout, attn_dropout, fast_dropout=False, attn_kernel="auto"
     ) -> None:
         super().__init__()
-        att = {
-            "dim": dim,
-            "heads": heads,
-            "attn_dropout": attn_dropout,
-            "attn_kernel": attn_kernel,
-        }
-        self.self_attn = MultiheadAttention(**att)
-        self.cross_attn = MultiheadAttention(**att)
+        attention = partial(
+            MultiheadAttention,
+            dim=dim,
+            heads=heads,
+            attn_dropout=attn_dropout,
+            attn_kernel=attn_kernel,
+        )
+        self.self_attn, self.cross_attn = attention(), attention()
         self.ff = FeedForward(dim=dim, hidden=ff_dim, dropout=dropout, fast=fast_dropout)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
         self.drop = _dropout(dropout, fast_dropout)
