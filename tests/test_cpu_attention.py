@@ -141,11 +141,14 @@ def test_auto_uses_sdpa_for_attention_dropout_and_when_the_kernel_is_unavailable
     MultiheadAttention(dim=16, heads=4, attn_dropout=0.5).train()(x)
     assert not calls  # dropout on attention probabilities: SDPA
 
+    tries = []
+
     def unavailable():
+        tries.append(1)
         raise cpu_attention.KernelUnavailable("no compiler (test)")
 
     monkeypatch.setattr(cpu_attention, "library", unavailable)
-    monkeypatch.setattr(cpu_attention, "_warned", type(cpu_attention._warned)())
+    monkeypatch.setattr(cpu_attention, "_failure", [])
     with caplog.at_level(logging.WARNING):
         out = MultiheadAttention(dim=16, heads=4)(x)
         MultiheadAttention(dim=16, heads=4)(x)
@@ -154,6 +157,7 @@ def test_auto_uses_sdpa_for_attention_dropout_and_when_the_kernel_is_unavailable
     assert [r.getMessage() for r in caplog.records].count(
         "small-head attention kernel unavailable, using SDPA instead: no compiler (test)"
     ) == 1  # warned once
+    assert len(tries) == 1  # and the compiler is not tried again for every call
     with pytest.raises(cpu_attention.KernelUnavailable, match="no compiler"):
         MultiheadAttention(dim=16, heads=4, attn_kernel="cpu")(x)
 
@@ -202,6 +206,20 @@ def test_build_failure_names_the_compiler_and_the_fix(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         cpu_attention.library.cache_clear()  # later tests load the real build again
+
+
+@needs_kernel
+def test_unwritable_cache_names_the_setting_to_change(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("AIR_REG_CACHE", str(blocker))
+    cpu_attention.library.cache_clear()
+    try:
+        with pytest.raises(cpu_attention.KernelUnavailable, match="AIR_REG_CACHE"):
+            cpu_attention.library()
+    finally:
+        monkeypatch.undo()
+        cpu_attention.library.cache_clear()
 
 
 @needs_kernel

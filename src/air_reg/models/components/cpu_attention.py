@@ -27,7 +27,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -92,8 +91,14 @@ def _cpu_signature() -> str:
 
 def _build(cxx: str, out: Path) -> None:
     """Compile to a temporary file, then rename: concurrent builders (DDP ranks) are safe."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    except OSError as e:
+        raise KernelUnavailable(
+            f"cannot write the kernel cache {out.parent} ({e}); "
+            "set AIR_REG_CACHE to a writable folder"
+        ) from e
     os.close(fd)
     try:
         err = ""
@@ -145,17 +150,19 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-_warned = threading.Event()
+_failure: list[str] = []  # why the kernel cannot be built or loaded here, once it failed
 
 
 def available() -> bool:
-    """Whether the kernel runs here; for ``auto``, a failure is logged once, then SDPA."""
+    """Whether the kernel runs here. A failure is logged once and remembered: ``auto`` then
+    uses SDPA without trying the compiler again in this process."""
+    if _failure:
+        return False
     try:
         library()
     except KernelUnavailable as e:
-        if not _warned.is_set():
-            _warned.set()
-            log.warning("small-head attention kernel unavailable, using SDPA instead: %s", e)
+        _failure.append(str(e))
+        log.warning("small-head attention kernel unavailable, using SDPA instead: %s", e)
         return False
     return True
 
