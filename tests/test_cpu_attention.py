@@ -196,46 +196,39 @@ def test_air_with_kernel_gives_the_same_flow_and_gradients_as_with_sdpa():
         assert torch.allclose(p.grad, r.grad, atol=1e-5, rtol=1e-4), name
 
 
-def test_build_failure_names_the_compiler_and_the_fix(tmp_path, monkeypatch):
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A private, empty kernel cache; afterwards the real build is loaded again."""
     monkeypatch.setenv("AIR_REG_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     cpu_attention.library.cache_clear()
-    try:
-        with pytest.raises(cpu_attention.KernelUnavailable, match="could not run"):
-            cpu_attention.library()
-    finally:
-        monkeypatch.undo()
-        cpu_attention.library.cache_clear()  # later tests load the real build again
+    yield tmp_path
+    monkeypatch.undo()
+    cpu_attention.library.cache_clear()
+
+
+def test_build_failure_names_the_compiler_and_the_fix(own_cache, monkeypatch):
+    monkeypatch.setenv("CXX", str(own_cache / "no-such-compiler"))
+    with pytest.raises(cpu_attention.KernelUnavailable, match="could not run"):
+        cpu_attention.library()
 
 
 @needs_kernel
-def test_unwritable_cache_names_the_setting_to_change(tmp_path, monkeypatch):
-    blocker = tmp_path / "file"
+def test_unwritable_cache_names_the_setting_to_change(own_cache, monkeypatch):
+    blocker = own_cache / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("AIR_REG_CACHE", str(blocker))
-    cpu_attention.library.cache_clear()
-    try:
-        with pytest.raises(cpu_attention.KernelUnavailable, match="AIR_REG_CACHE"):
-            cpu_attention.library()
-    finally:
-        monkeypatch.undo()
-        cpu_attention.library.cache_clear()
+    with pytest.raises(cpu_attention.KernelUnavailable, match="AIR_REG_CACHE"):
+        cpu_attention.library()
 
 
 @needs_kernel
 @pytest.mark.slow
-def test_kernel_builds_into_an_empty_cache_and_is_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIR_REG_CACHE", str(tmp_path))
+def test_kernel_builds_into_an_empty_cache_and_is_reused(own_cache):
+    cpu_attention.library()
+    built = list((own_cache / "kernels").iterdir())
+    assert len(built) == 1  # no temporary file left behind
+    assert built[0].suffix == ".so"
+    mtime = built[0].stat().st_mtime_ns
     cpu_attention.library.cache_clear()
-    try:
-        cpu_attention.library()
-        built = list((tmp_path / "kernels").iterdir())
-        assert len(built) == 1
-        assert built[0].suffix == ".so"
-        mtime = built[0].stat().st_mtime_ns
-        cpu_attention.library.cache_clear()
-        cpu_attention.library()
-        assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
-    finally:
-        monkeypatch.undo()
-        cpu_attention.library.cache_clear()
+    cpu_attention.library()
+    assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
