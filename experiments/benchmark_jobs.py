@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from air_reg import warp
+from air_reg.models.components import cpu_attention
 from air_reg.models.components.air import AiR
 from air_reg.models.components.dirnet import DIRNet
 from air_reg.models.components.mapt import MAPT
@@ -123,9 +124,14 @@ def describe(spec: dict) -> dict:
     if spec["arch"] == "DIRNet":
         return {"impl": "CNN", "ff": "-", "dropout": "-", "attn dropout": "-"}
     naive = spec.get("impl") == "torch"
-    sdpa = spec.get("attn_kernel") == "sdpa" or spec.get("attn_dropout")
+    kernel = (  # what attn_kernel=auto picks on these CPU float32 inputs (MultiheadAttention)
+        spec.get("attn_kernel", "auto") != "sdpa"
+        and not spec.get("attn_dropout")
+        and spec["dim"] // spec["heads"] in cpu_attention.AUTO_HEAD_SIZES
+        and cpu_attention.available()
+    )
     return {
-        "impl": "nn.Transformer" if naive else "ours, SDPA" if sdpa else "ours, air-reg kernel",
+        "impl": "nn.Transformer" if naive else "ours, air-reg kernel" if kernel else "ours, SDPA",
         "ff": spec.get("ff_dim") or 4 * spec["dim"],
         "dropout": spec["dropout"],
         "attn dropout": spec["dropout"] if naive else spec["attn_dropout"],

@@ -214,11 +214,12 @@ class Refiner(nn.Module):
         self.integration_steps, self.cascade = integration_steps, cascade
         self.similarity, self.regularizer = similarity, regularizer  # None: refine's defaults
         # Unknown names fail here, not at the first forward; the flows are forward's own.
-        bound = inspect.signature(refine).bind_partial(**settings).arguments
-        if {"fixed", "moving", "init_flow", "init_velocity"} & bound.keys():
-            raise TypeError(f"Refiner takes refine's settings, not its inputs: {sorted(bound)}")
+        bound = inspect.signature(refine).bind_partial(**settings)
+        if {"fixed", "moving", "init_flow", "init_velocity"} & bound.arguments.keys():
+            raise TypeError(f"Refiner takes refine's settings, not its inputs: {sorted(settings)}")
         self.settings = settings
-        _check(settings.get("steps", 0), integration_steps, settings.get("optimizer", "adam"))
+        bound.apply_defaults()  # refine's own defaults for what is not set
+        _check(bound.arguments["steps"], integration_steps, bound.arguments["optimizer"])
 
     @property
     def image_size(self) -> tuple[int, int]:

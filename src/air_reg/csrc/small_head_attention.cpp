@@ -6,7 +6,8 @@
 // over VL query rows or VL keys at once in SIMD lanes (VL = 16 with AVX-512, else 8), and
 // accumulators stay in registers (or, for dQ, in per-lane partial sums):
 //   forward    lanes = queries: pass 1 finds each row's max score, pass 2 sums
-//              P = exp(S - max) and accumulates P V; also returns lse = max + log(sum).
+//              P = exp(S - max) and accumulates P V; also returns lse = max + log(sum) for
+//              the backward (scores and lse in log2 units: q is scaled by log2(e)).
 //   backward   lanes = keys: recomputes P = exp(S - lse) (no N x N matrix is stored),
 //              dP = dO V^T, dS = P (dP - rowsum(dO * O)); accumulates dK = scale dS^T Q and
 //              dV = P^T dO in registers and dQ = scale dS K as per-lane partial sums
@@ -89,6 +90,14 @@ static void from_T(const float* xT, Slice x, int N, int Np, int D) {
         for (int d = 0; d < D; d++) x.p[j * x.rs + d] = xT[d * Np + j];
 }
 
+// Scores of VL query rows (qv: their transposed, scaled q) against key j.
+template <int D>
+static inline vf scores(const vf* qv, Slice k, int j) {
+    vf sv = qv[0] * k(j, 0);
+    for (int d = 1; d < D; d++) sv += qv[d] * k(j, d);
+    return sv;
+}
+
 // views: q, k, v, o; lse (S, N)
 template <int D>
 static void fwd(const View* views, float* lse, long s0, long s1, int N, int H, float scale,
@@ -104,16 +113,13 @@ static void fwd(const View* views, float* lse, long s0, long s1, int N, int H, f
             for (int d = 0; d < D; d++) qv[d] = at(qT + d * Np + i);
             vf m = splat(-std::numeric_limits<float>::infinity());
             for (int j = 0; j < N; j++) {
-                vf sv = qv[0] * k(j, 0);
-                for (int d = 1; d < D; d++) sv += qv[d] * k(j, d);
+                const vf sv = scores<D>(qv, k, j);
                 m = sv > m ? sv : m;
             }
             vf l = splat(0.f), ov[D];
             for (int d = 0; d < D; d++) ov[d] = splat(0.f);
             for (int j = 0; j < N; j++) {
-                vf sv = qv[0] * k(j, 0);
-                for (int d = 1; d < D; d++) sv += qv[d] * k(j, d);
-                vf p = vexp2(sv - m);
+                const vf p = vexp2(scores<D>(qv, k, j) - m);
                 l += p;
                 for (int d = 0; d < D; d++) ov[d] += p * v(j, d);
             }

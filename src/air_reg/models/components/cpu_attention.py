@@ -147,6 +147,7 @@ def library() -> ctypes.CDLL:
     lib.air_attn_work_floats.argtypes, lib.air_attn_work_floats.restype = [i32, i32, i32], i64
     for fn in (lib.air_attn_fwd, lib.air_attn_bwd):
         fn.argtypes = [ctypes.POINTER(View), ptr, i64, i32, i32, i32, f32, ptr, i32, i32, i32]
+    lib.openmp = bool(lib.air_attn_openmp())  # asked once, not on every call
     return lib
 
 
@@ -201,7 +202,7 @@ def _launch(fn, views: ctypes.Array, lse: torch.Tensor, heads: int, d: int, back
         args = (slices, n, heads, d, d**-0.5, work.data_ptr(), threads, t0, t1)
         return fn(views, lse.data_ptr(), *args)
 
-    if lib.air_attn_openmp() or threads == 1:
+    if lib.openmp or threads == 1:
         bad = ranges(0, threads)
     else:
         if _pool is None or _pool[:2] != (os.getpid(), threads):  # new size, or a forked child
