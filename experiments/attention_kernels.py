@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 
-from air_reg.models.components import cpu_attention  # noqa: E402
+from air_reg.models.components import cpu_attention, kernels  # noqa: E402
 from air_reg.utils import write_text  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "experiments/results/benchmark/attention_kernels.md"
@@ -70,7 +70,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     fns = {"sdpa": F.scaled_dot_product_attention, "by hand": by_hand}
-    if cpu_attention.available():
+    if kernels.available():
         fns["air-reg"] = air_reg_kernel
     for heads, size in ((4, 4), (4, 16), (2, 8), (1, 16)):
         ms = ms_per_call(fns, heads, size)

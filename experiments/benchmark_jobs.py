@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from air_reg import warp
-from air_reg.models.components import cpu_attention
+from air_reg.models.components import cpu_attention, kernels
 from air_reg.models.components.air import AiR
 from air_reg.models.components.dirnet import DIRNet
 from air_reg.models.components.mapt import MAPT
@@ -128,14 +128,16 @@ def describe(spec: dict) -> dict:
         spec.get("attn_kernel", "auto") != "sdpa"
         and not spec.get("attn_dropout")
         and spec["dim"] // spec["heads"] in cpu_attention.AUTO_HEAD_SIZES
-        and cpu_attention.available()
+        and kernels.available()
     )
     return {
         "impl": "nn.Transformer" if naive else "ours, air-reg kernel" if kernel else "ours, SDPA",
         "ff": spec.get("ff_dim") or 4 * spec["dim"],
         "dropout": spec["dropout"],
         "attn dropout": spec["dropout"] if naive else spec["attn_dropout"],
-        "dropout mask": "int16" if spec.get("fast_dropout") else "bernoulli",
+        "dropout mask": ("kernel" if kernels.available() else "int16")
+        if spec.get("fast_dropout")
+        else "bernoulli",
     }
 
 

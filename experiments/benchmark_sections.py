@@ -216,7 +216,7 @@ def lever_section(profile: Profile, naive_speedup: float | None) -> list[dict]:
         "threads 1": Lever(ours, threads=1),
         "threads 2 (a control when the default is 2)": Lever(ours, threads=2),
         "bf16 autocast": Lever(ours, "yes: bf16 rounding", bf16=True),
-        "fast_dropout (dropout masks from 16-bit integers)": Lever(
+        "fast_dropout (counter-based masks in air-reg's kernel)": Lever(
             lambda: build(air(**VARIANTS["ours, fast_dropout"])), "dropout RNG stream"
         ),
     }

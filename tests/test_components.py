@@ -5,7 +5,6 @@ import torch
 
 from air_reg import warp
 from air_reg.models.components.air import AiR
-from air_reg.models.components.attention import FastDropout
 from air_reg.models.components.dirnet import DIRNet
 from air_reg.models.components.mapt import MAPT
 from air_reg.models.components.spatial_transformer import (
@@ -108,26 +107,6 @@ def test_patch_size_that_does_not_divide_is_rejected_with_valid_list():
 
 def test_integration_of_zero_velocity_is_zero():
     assert integrate_velocity(torch.zeros(1, 2, 8, 8), 5).abs().max() == 0
-
-
-def test_fast_dropout_has_dropouts_distribution_and_gradient():
-    drop = FastDropout(0.3).train()
-    x = torch.ones(200_000, requires_grad=True)
-    y = drop(x)
-    kept = y != 0
-    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.01)
-    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())  # d(x * mask * s)/dx = mask * s
-    assert torch.equal(drop.eval()(x), x)
-
-
-def test_fast_dropout_masks_are_fair_at_every_position_and_any_shape():
-    torch.manual_seed(0)
-    y = FastDropout(0.5).train()(torch.ones(100_000, 4))  # column c: int16 lane c of a draw
-    rates = (y != 0).float().mean(0)
-    assert torch.allclose(rates, torch.full((4,), 0.5), atol=0.01), rates
-    assert FastDropout(0.5).train()(torch.ones(3, 5, 7)).shape == (3, 5, 7)  # 105: not 4k
 
 
 def test_fast_dropout_changes_nothing_in_eval_mode():

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from air_reg.models.components import cpu_attention
+from air_reg.models.components import cpu_attention, kernels
 from air_reg.models.components.air import AiR
 from air_reg.models.components.attention import MultiheadAttention
 
 needs_kernel = pytest.mark.skipif(
-    not cpu_attention.available(), reason="no C++ compiler here: the kernel cannot be built"
+    not kernels.available(), reason="no C++ compiler here: the kernel cannot be built"
 )
 
 
@@ -145,20 +145,21 @@ def test_auto_uses_sdpa_for_attention_dropout_and_when_the_kernel_is_unavailable
 
     def unavailable():
         tries.append(1)
-        raise cpu_attention.KernelUnavailable("no compiler (test)")
+        raise kernels.KernelUnavailable("no compiler (test)")
 
-    monkeypatch.setattr(cpu_attention, "library", unavailable)
-    monkeypatch.setattr(cpu_attention, "_failure", [])
+    monkeypatch.setattr(kernels, "library", unavailable)
+    monkeypatch.setattr(kernels, "_failure", [])
     with caplog.at_level(logging.WARNING):
         out = MultiheadAttention(dim=16, heads=4)(x)
         MultiheadAttention(dim=16, heads=4)(x)
     assert out.shape == x.shape
     assert not calls
     assert [r.getMessage() for r in caplog.records].count(
-        "small-head attention kernel unavailable, using SDPA instead: no compiler (test)"
+        "air-reg's CPU kernels unavailable, using torch ops instead "
+        "(SDPA attention, torch dropout masks): no compiler (test)"
     ) == 1  # warned once
     assert len(tries) == 1  # and the compiler is not tried again for every call
-    with pytest.raises(cpu_attention.KernelUnavailable, match="no compiler"):
+    with pytest.raises(kernels.KernelUnavailable, match="no compiler"):
         MultiheadAttention(dim=16, heads=4, attn_kernel="cpu")(x)
 
 
@@ -194,41 +195,3 @@ def test_air_with_kernel_gives_the_same_flow_and_gradients_as_with_sdpa():
         f.square().mean().backward()
     for (name, p), r in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         assert torch.allclose(p.grad, r.grad, atol=1e-5, rtol=1e-4), name
-
-
-@pytest.fixture
-def own_cache(tmp_path, monkeypatch):
-    """A private, empty kernel cache; afterwards the real build is loaded again."""
-    monkeypatch.setenv("AIR_REG_CACHE", str(tmp_path))
-    cpu_attention.library.cache_clear()
-    yield tmp_path
-    monkeypatch.undo()
-    cpu_attention.library.cache_clear()
-
-
-def test_build_failure_names_the_compiler_and_the_fix(own_cache, monkeypatch):
-    monkeypatch.setenv("CXX", str(own_cache / "no-such-compiler"))
-    with pytest.raises(cpu_attention.KernelUnavailable, match="could not run"):
-        cpu_attention.library()
-
-
-@needs_kernel
-def test_unwritable_cache_names_the_setting_to_change(own_cache, monkeypatch):
-    blocker = own_cache / "file"
-    blocker.write_text("not a folder")
-    monkeypatch.setenv("AIR_REG_CACHE", str(blocker))
-    with pytest.raises(cpu_attention.KernelUnavailable, match="AIR_REG_CACHE"):
-        cpu_attention.library()
-
-
-@needs_kernel
-@pytest.mark.slow
-def test_kernel_builds_into_an_empty_cache_and_is_reused(own_cache):
-    cpu_attention.library()
-    built = list((own_cache / "kernels").iterdir())
-    assert len(built) == 1  # no temporary file left behind
-    assert built[0].suffix == ".so"
-    mtime = built[0].stat().st_mtime_ns
-    cpu_attention.library.cache_clear()
-    cpu_attention.library()
-    assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt

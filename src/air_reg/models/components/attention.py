@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from air_reg.models.components import cpu_attention
+from air_reg.models.components import cpu_attention, kernels
+from air_reg.models.components.dropout import FastDropout, make_dropout
 
 
 def check_attn_kernel(kernel: str, *, dim: int, heads: int, attn_dropout: float) -> None:
@@ -83,46 +84,23 @@ class MultiheadAttention(nn.Module):
         if self.attn_kernel == "cpu":
             if why:
                 raise ValueError(f"attn_kernel=cpu cannot run here: {why}; use attn_kernel=auto")
-            cpu_attention.library()  # raises KernelUnavailable with the compiler's message
+            kernels.library()  # raises KernelUnavailable with the compiler's message
             return True
         small = q.shape[-1] // self.heads in cpu_attention.AUTO_HEAD_SIZES
-        return why is None and small and cpu_attention.available()
-
-
-class FastDropout(nn.Dropout):
-    """Inverted dropout with masks from 16-bit random integers (``fast_dropout=True``).
-
-    Each element is kept with probability 1 - p' and scaled by 1 / (1 - p), where p' is p
-    rounded to a multiple of 2^-16 (exact for the paper's 0.5; 0.1 -> 0.1000061): the same
-    distribution as ``nn.Dropout`` up to that rounding and the same eval output, but another
-    random stream, so seeded runs change. On CPU ``bernoulli_`` draws and converts one random
-    number per element, serially; here one 64-bit draw serves four elements. This made a
-    training step of the paper's AiR about 1.3x faster (experiments/benchmark.py, levers).
-    CUDA keeps PyTorch's fused kernel. (Before 2026-11-26 evening the masks came from
-    ``rand_like``: same distribution, a different stream.)
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.is_cuda:
-            return F.dropout(x, self.p, self.training)
-        if self.p == 1:
-            return x * 0
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
-        bits = words.random_(-(2**63), None).view(torch.int16)[:n].view(x.shape)  # uniform
-        keep = bits >= round(self.p * 2**16) - 2**15  # True with probability 1 - p'
-        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
-
-
-def _dropout(p: float, fast: bool) -> nn.Dropout:
-    return FastDropout(p) if fast else nn.Dropout(p)
+        return why is None and small and kernels.available()
 
 
 class FeedForward(nn.Sequential):
     def __init__(self, *, dim: int, hidden: int, dropout: float, fast: bool = False) -> None:
         super().__init__(
-            nn.Linear(dim, hidden), nn.ReLU(), _dropout(dropout, fast), nn.Linear(hidden, dim)
+            nn.Linear(dim, hidden), nn.ReLU(), make_dropout(dropout, fast), nn.Linear(hidden, dim)
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear1, _, drop, linear2 = self
+        if isinstance(drop, FastDropout):  # it applies the ReLU in the same pass
+            return linear2(drop(linear1(x), relu=True))
+        return super().forward(x)
 
 
 class EncoderLayer(nn.Module):
@@ -135,7 +113,7 @@ class EncoderLayer(nn.Module):
         )
         self.ff = FeedForward(dim=dim, hidden=ff_dim, dropout=dropout, fast=fast_dropout)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.drop = _dropout(dropout, fast_dropout)
+        self.drop = make_dropout(dropout, fast_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x + self.drop(self.attn(x)))
@@ -157,7 +135,7 @@ class DecoderLayer(nn.Module):
         self.self_attn, self.cross_attn = attention(), attention()
         self.ff = FeedForward(dim=dim, hidden=ff_dim, dropout=dropout, fast=fast_dropout)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
-        self.drop = _dropout(dropout, fast_dropout)
+        self.drop = make_dropout(dropout, fast_dropout)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x + self.drop(self.self_attn(x)))

@@ -1,0 +1,101 @@
+"""fast_dropout: air-reg's counter-based dropout kernel and the torch fallback beside it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from air_reg.models.components import dropout, kernels
+from air_reg.models.components.dropout import FastDropout
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def masks(request, monkeypatch):
+    """Run a test with the C++ kernel's masks, then with the torch fallback's."""
+    if request.param == "kernel" and not kernels.available():
+        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    if request.param == "torch":
+        monkeypatch.setattr(dropout, "uses_kernel", lambda x: False)
+    return request.param
+
+
+def test_fast_dropout_has_dropouts_distribution_and_gradient(masks):
+    drop = FastDropout(0.3).train()
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.01)
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()  # a broadcast gradient (stride 0)
+    assert torch.equal(x.grad, y.detach())  # d(x * mask * s)/dx = mask * s
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_fast_dropout_masks_are_fair_at_every_position_and_any_shape(masks):
+    torch.manual_seed(0)
+    y = FastDropout(0.5).train()(torch.ones(100_000, 4))  # torch: column c = int16 lane c
+    rates = (y != 0).float().mean(0)
+    assert torch.allclose(rates, torch.full((4,), 0.5), atol=0.01), rates
+    assert FastDropout(0.5).train()(torch.ones(3, 5, 7)).shape == (3, 5, 7)  # 105: not 4k
+
+
+def test_fused_relu_dropout_is_the_relu_then_the_same_mask(masks):
+    drop = FastDropout(0.5).train()
+    x = torch.randn(64, 49, 64)
+    leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(1)
+    fused = drop(leaf, relu=True)
+    torch.manual_seed(1)
+    ref = F.relu(drop(ref_leaf))  # relu(mask * x * s) = mask * relu(x) * s
+    assert torch.equal(fused, ref)
+    grad = torch.randn(64, 64, 49).transpose(1, 2)  # a non-contiguous gradient
+    fused.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(leaf.grad, ref_leaf.grad)
+
+
+def test_gradient_of_a_transposed_view_follows_the_element_order(masks):
+    drop = FastDropout(0.5).train()
+    x = torch.randn(300, 200).t().requires_grad_()  # non-contiguous input
+    y = drop(x)
+    grad = torch.randn(200, 300)
+    y.backward(grad)
+    assert torch.equal(x.grad, grad * (y != 0) * 2)
+
+
+def test_kernel_masks_repeat_with_the_seed_and_not_with_the_thread_count():
+    if not kernels.available():
+        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    drop, x = FastDropout(0.5).train(), torch.ones(8 * dropout._MIN_SHARE)  # several shares
+    threads = torch.get_num_threads()
+    try:
+        masks = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            masks.append((drop(x), drop(x)))
+    finally:
+        torch.set_num_threads(threads)
+    (first, second), (again, _) = masks
+    assert torch.equal(first, again)  # same seed, one or three threads: same mask
+    assert not torch.equal(first, second)  # each call draws a new seed
+
+
+def test_kernel_masks_are_uncorrelated_between_neighbours_and_calls():
+    if not kernels.available():
+        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    torch.manual_seed(0)
+    drop, x = FastDropout(0.5).train(), torch.ones(1_000_000)
+    a, b = ((drop(x) != 0).float() - 0.5 for _ in range(2))
+    for u, v in ((a[:-1], a[1:]), (a[:-4], a[4:]), (a, b)):  # std of these means: 0.0005
+        assert abs((u * v).mean().item() * 4) < 0.005
+
+
+def test_inputs_the_kernel_does_not_take_use_the_torch_masks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dropout._KernelDropout, "apply", lambda *a: calls.append(1))
+    drop = FastDropout(0.5).train()
+    for dtype in (torch.bfloat16, torch.float64):
+        y = drop(torch.ones(1000, dtype=dtype))
+        assert y.dtype == dtype
+        assert set(y.unique().tolist()) == {0.0, 2.0}
+    assert not calls
