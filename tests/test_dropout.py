@@ -62,6 +62,34 @@ def test_gradient_of_a_transposed_view_follows_the_element_order(masks):
     assert torch.equal(x.grad, grad * (y != 0) * 2)
 
 
+def splitmix64_keep(seed: int, n: int, drop: int) -> torch.Tensor:
+    """The mask csrc/dropout.cpp documents, in Python integers: element i keeps when bits
+    16 (i % 4) .. + 15 of SplitMix64(seed + (i // 4 + 1) * gamma) are >= drop."""
+    full, keep = 2**64 - 1, []
+    for i in range(n):
+        z = (seed + (i // 4 + 1) * 0x9E3779B97F4A7C15) & full
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & full
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & full
+        z ^= z >> 31
+        keep.append((z >> (16 * (i % 4))) & 0xFFFF >= drop)
+    return torch.tensor(keep)
+
+
+def test_kernel_mask_is_splitmix64_of_seed_and_index_across_shares(monkeypatch):
+    if not kernels.available():
+        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    monkeypatch.setattr(dropout, "_MIN_SHARE", 300)  # 1,003 elements: 3 shares, a ragged tail
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        x, y, seed = torch.ones(1003), torch.empty(1003), 2**63 + 12345
+        dropout._dropout_into(y, x, seed, 0.3, relu=False)
+    finally:
+        torch.set_num_threads(threads)
+    expected = splitmix64_keep(seed, 1003, round(0.3 * 2**16))
+    assert torch.equal(y != 0, expected)
+
+
 def test_kernel_masks_repeat_with_the_seed_and_not_with_the_thread_count():
     if not kernels.available():
         pytest.skip("no C++ compiler here: the kernel cannot be built")
