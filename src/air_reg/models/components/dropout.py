@@ -5,7 +5,7 @@ to a multiple of 2^-16 (exact for the paper's 0.5; 0.1 -> 0.1000061): the distri
 ``nn.Dropout`` up to that rounding, the same eval output, another random stream (so seeded
 runs change). On CPU ``bernoulli_`` draws and converts one random number per element,
 serially, and the mask is then converted and multiplied in further passes: at the paper's
-sizes, dropout was a sixth of a MAPT training step.
+sizes that is about 40 % of an AiR training step (``experiments/benchmark.py``, profile).
 
 - With air-reg's CPU kernels (``csrc/dropout.cpp``, float32, eager mode): one pass per call,
   the mask a pure function of (seed, element index) (SplitMix64), the seed one draw from
@@ -16,8 +16,8 @@ sizes, dropout was a sixth of a MAPT training step.
   16-bit random integers, one 64-bit draw per four elements (another stream again).
 - CUDA: PyTorch's fused dropout.
 
-Before 2026-11-27 the CPU masks came from the 16-bit integers (since 2026-11-26 evening) or
-``rand_like`` (before): same distribution, other streams.
+Earlier versions drew the CPU masks with ``rand_like``, then from the 16-bit integers alone:
+the same distribution, other streams.
 """
 
 from __future__ import annotations
