@@ -1,8 +1,9 @@
 """Building and caching air-reg's C++ CPU kernels (attention and dropout), and their failures."""
 
 import pytest
+import torch
 
-from air_reg.models.components import kernels
+from air_reg.models.components import cpu_attention, dropout, kernels
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(), reason="no C++ compiler here: the kernels cannot be built"
@@ -45,3 +46,26 @@ def test_kernel_builds_into_an_empty_cache_and_is_reused(own_cache):
     kernels.library.cache_clear()
     kernels.library()
     assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+@needs_kernel
+def test_without_openmp_the_shares_run_on_python_threads_with_the_same_results(monkeypatch):
+    q, k, v = torch.randn(3, 2, 50, 16)  # (B, N, heads * d), 4 heads of 4
+    x = torch.randn(4 * dropout._MIN_SHARE)
+
+    def run():
+        torch.manual_seed(1)
+        return cpu_attention.attention(q, k, v, 4), dropout.FastDropout(0.5).train()(x)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        expected = run()
+        monkeypatch.setattr(kernels.library(), "openmp", False)  # as a build without -fopenmp
+        monkeypatch.setattr(kernels, "_pool", None)
+        got = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert kernels._pool[1] == 3  # the shares went to a pool of 3 Python threads
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a, b)

@@ -26,9 +26,6 @@ AUTO_HEAD_SIZES = (1, 2, 4, 8)  # where attn_kernel=auto uses it: faster than SD
 KERNELS = ("auto", "cpu", "sdpa")  # the ``attn_kernel`` choices
 
 
-# --- calling it -----------------------------------------------------------------------------
-
-
 def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> str | None:
     """Why (B, N, heads * d) inputs cannot go through the kernel (None when they can)."""
     if any(t.device.type != "cpu" for t in (q, k, v)):
