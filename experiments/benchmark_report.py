@@ -127,8 +127,9 @@ NOTES = {
     "levers": "AiR-single p2 training, batch {batch}, one lever at a time against the baseline "
     "in the same rounds; speed-up = median over rounds of baseline time / lever time. "
     "`eval max |Δ|`: largest flow difference against the baseline in eval mode, same weights.",
-    "profile": "`torch.profiler` over {profile_steps} training steps of AiR-single p2 (ours), "
-    "batch {batch}; top ops by self CPU time.",
+    "profile": "`torch.profiler` over {profile_steps} training steps, batch {batch}, of "
+    "AiR-single p2 as the paper configs run it (`bernoulli_` dropout masks) and of MAPT with "
+    "`fast_dropout`; top ops by self CPU time.",
 }
 TITLES = {
     "training": "1. Training throughput",

@@ -27,6 +27,7 @@ from benchmark_jobs import (
     in_children,
     infer_job,
     interleave,
+    mapt,
     speedup,
     timing_row,
     train_job,
@@ -287,22 +288,30 @@ def compile_row(profile: Profile, spec: dict) -> dict:
 
 
 def profile_section(profile: Profile) -> list[dict]:
-    """Top ops by self CPU time over a few training steps of AiR-single p2 (ours)."""
-    step = train_job(build(air(**VARIANTS["ours"])), profile.batch)
-    step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(profile.profile_steps):
-            step()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    n = profile.profile_steps
-    return [
-        {
-            "op": e.key,
-            "calls/step": e.count / n,
-            "self ms/step": e.self_cpu_time_total / 1e3 / n,
-            "% of self time": 100 * e.self_cpu_time_total / total,
-        }
-        for e in top
-    ]
+    """Top ops by self CPU time over a few training steps: AiR-single p2 as the paper configs
+    run it (``bernoulli_`` masks) and MAPT with ``fast_dropout`` (the fastest MAPT)."""
+    runs = {
+        "AiR-single p2 ours": air(**VARIANTS["ours"]),
+        "MAPT [2,4,7] ours, fast_dropout": mapt(**VARIANTS["ours, fast_dropout"]),
+    }
+    rows, n = [], profile.profile_steps
+    for name, spec in runs.items():
+        step = train_job(build(spec), profile.batch)
+        step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        rows += [
+            {
+                "model": name,
+                "op": e.key,
+                "calls/step": e.count / n,
+                "self ms/step": e.self_cpu_time_total / 1e3 / n,
+                "% of self time": 100 * e.self_cpu_time_total / total,
+            }
+            for e in top
+        ]
+    return rows
