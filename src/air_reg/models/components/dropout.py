@@ -14,7 +14,7 @@ sizes that is about 40 % of an AiR training step (``experiments/benchmark.py``, 
   (``relu=True``), and its backward needs only the output.
 - Otherwise (no compiler, other dtypes such as bf16 autocast, ``torch.compile``): masks from
   16-bit random integers, one 64-bit draw per four elements (another stream again).
-- CUDA: PyTorch's fused dropout.
+- CUDA and other devices: PyTorch's dropout (fused on CUDA).
 
 Earlier versions drew the CPU masks with ``rand_like``, then from the 16-bit integers alone:
 the same distribution, other streams.
@@ -50,7 +50,7 @@ def _dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, p: float, relu:
     _in_shares(n, lambda *share: fn(*args, *share))
 
 
-def _relu_dropout_grad_into(dx: torch.Tensor, y: torch.Tensor, dy: torch.Tensor, p) -> None:
+def _relu_dropout_grad_into(dx: torch.Tensor, y: torch.Tensor, dy: torch.Tensor, p: float):
     """dx = dy / (1 - p) where the output y > 0, else 0."""
     n, fn = y.numel(), kernels.library().air_relu_dropout_bwd
     args = (y.data_ptr(), dy.data_ptr(), dx.data_ptr(), n, 1 / (1 - p))
@@ -105,7 +105,7 @@ class FastDropout(nn.Dropout):
     """Inverted dropout with cheap masks (module docstring); ``relu=True`` applies a ReLU first."""
 
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.is_cuda:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
             return F.dropout(F.relu(x) if relu else x, self.p, self.training)
         if self.p == 1:
             return x * 0
