@@ -11,6 +11,11 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from air_reg import config as air_reg_config
+from air_reg.models.components import kernels
+
+needs_kernel = pytest.mark.skipif(
+    not kernels.available(), reason="no C++ compiler here: air-reg's CPU kernels cannot be built"
+)
 
 
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:

@@ -5,15 +5,13 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_kernel
 from einops import rearrange
 
 from air_reg.models.components import cpu_attention, kernels
 from air_reg.models.components.air import AiR
 from air_reg.models.components.attention import MultiheadAttention
-
-needs_kernel = pytest.mark.skipif(
-    not kernels.available(), reason="no C++ compiler here: the kernel cannot be built"
-)
+from air_reg.models.components.dropout import FastDropout
 
 
 def reference(q, k, v, heads):
@@ -118,8 +116,8 @@ def _pair(kernel: str, **kw) -> tuple[MultiheadAttention, MultiheadAttention]:
 @pytest.mark.parametrize("kernel", ["cpu", "auto"])
 def test_attention_layer_with_kernel_matches_sdpa_forward_and_backward(kernel, monkeypatch):
     calls = []
-    real = cpu_attention.attention
-    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1) or real(*a))
+    real = cpu_attention.apply
+    monkeypatch.setattr(cpu_attention, "apply", lambda *a: calls.append(1) or real(*a))
     ours, theirs = _pair(kernel)
     x, mem = torch.randn(3, 49, 16), torch.randn(3, 49, 16)
     for args in ((x,), (x, mem)):  # self- and cross-attention
@@ -136,7 +134,7 @@ def test_auto_uses_sdpa_for_attention_dropout_and_when_the_kernel_is_unavailable
     monkeypatch, caplog
 ):
     calls = []
-    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1))
+    monkeypatch.setattr(cpu_attention, "apply", lambda *a: calls.append(1))
     x = torch.randn(2, 10, 16)
     MultiheadAttention(dim=16, heads=4, attn_dropout=0.5).train()(x)
     assert not calls  # dropout on attention probabilities: SDPA
@@ -165,7 +163,7 @@ def test_auto_uses_sdpa_for_attention_dropout_and_when_the_kernel_is_unavailable
 
 def test_auto_leaves_head_size_16_to_sdpa(monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1))
+    monkeypatch.setattr(cpu_attention, "apply", lambda *a: calls.append(1))
     MultiheadAttention(dim=32, heads=2)(torch.randn(2, 10, 32))  # slower than SDPA there
     assert not calls
 
@@ -195,3 +193,13 @@ def test_air_with_kernel_gives_the_same_flow_and_gradients_as_with_sdpa():
         f.square().mean().backward()
     for (name, p), r in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         assert torch.allclose(p.grad, r.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_auto_does_not_build_the_kernels_for_inputs_they_cannot_take(monkeypatch):
+    tries = []
+    monkeypatch.setattr(kernels, "library", lambda: tries.append(1))
+    monkeypatch.setattr(kernels, "_failure", [])
+    x = torch.randn(2, 10, 16, dtype=torch.float64)  # stands in for GPU or bf16 inputs
+    MultiheadAttention(dim=16, heads=4).double()(x)
+    FastDropout(0.5).train()(x)
+    assert not tries

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_kernel
 
 from air_reg.models.components import dropout, kernels
 from air_reg.models.components.dropout import FastDropout
@@ -75,9 +76,8 @@ def splitmix64_keep(seed: int, n: int, drop: int) -> torch.Tensor:
     return torch.tensor(keep)
 
 
+@needs_kernel
 def test_kernel_mask_is_splitmix64_of_seed_and_index_across_shares(monkeypatch):
-    if not kernels.available():
-        pytest.skip("no C++ compiler here: the kernel cannot be built")
     monkeypatch.setattr(dropout, "_MIN_SHARE", 300)  # 1,003 elements: 3 shares, a ragged tail
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
@@ -90,9 +90,8 @@ def test_kernel_mask_is_splitmix64_of_seed_and_index_across_shares(monkeypatch):
     assert torch.equal(y != 0, expected)
 
 
+@needs_kernel
 def test_kernel_masks_repeat_with_the_seed_and_not_with_the_thread_count():
-    if not kernels.available():
-        pytest.skip("no C++ compiler here: the kernel cannot be built")
     drop, x = FastDropout(0.5).train(), torch.ones(8 * dropout._MIN_SHARE)  # several shares
     threads = torch.get_num_threads()
     try:
@@ -108,9 +107,8 @@ def test_kernel_masks_repeat_with_the_seed_and_not_with_the_thread_count():
     assert not torch.equal(first, second)  # each call draws a new seed
 
 
+@needs_kernel
 def test_kernel_masks_are_uncorrelated_between_neighbours_and_calls():
-    if not kernels.available():
-        pytest.skip("no C++ compiler here: the kernel cannot be built")
     torch.manual_seed(0)
     drop, x = FastDropout(0.5).train(), torch.ones(1_000_000)
     a, b = ((drop(x) != 0).float() - 0.5 for _ in range(2))

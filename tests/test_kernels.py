@@ -2,12 +2,9 @@
 
 import pytest
 import torch
+from conftest import needs_kernel
 
 from air_reg.models.components import cpu_attention, dropout, kernels
-
-needs_kernel = pytest.mark.skipif(
-    not kernels.available(), reason="no C++ compiler here: the kernels cannot be built"
-)
 
 
 @pytest.fixture

@@ -72,7 +72,7 @@ class MultiheadAttention(nn.Module):
         """Multi-head attention of (B, N, D) projections -> (B, N, D), before ``out_proj``."""
         p = self.attn_dropout if self.training else 0.0
         if self._use_cpu_kernel(q, k, v, p):
-            return cpu_attention.attention(q, k, v, self.heads)
+            return cpu_attention.apply(q, k, v, self.heads)
         q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, h, N, e)
         return rearrange(out, "b h n e -> b n (h e)")
@@ -80,14 +80,15 @@ class MultiheadAttention(nn.Module):
     def _use_cpu_kernel(self, q, k, v, dropout_p: float) -> bool:
         if self.attn_kernel == "sdpa" or dropout_p:
             return False
-        why = cpu_attention.applicable(q, k, v, self.heads)
         if self.attn_kernel == "cpu":
+            why = cpu_attention.applicable(q, k, v, self.heads)
             if why:
                 raise ValueError(f"attn_kernel=cpu cannot run here: {why}; use attn_kernel=auto")
             kernels.library()  # raises KernelUnavailable with the compiler's message
             return True
-        small = q.shape[-1] // self.heads in cpu_attention.AUTO_HEAD_SIZES
-        return why is None and small and kernels.available()
+        if cpu_attention.applicable(q, k, v, self.heads):  # first: never build for GPU inputs
+            return False
+        return cpu_attention.auto_uses_kernel(q.shape[-1] // self.heads, dropout_p)
 
 
 class FeedForward(nn.Sequential):

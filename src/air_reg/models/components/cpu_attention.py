@@ -28,18 +28,18 @@ KERNELS = ("auto", "cpu", "sdpa")  # the ``attn_kernel`` choices
 
 def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> str | None:
     """Why (B, N, heads * d) inputs cannot go through the kernel (None when they can)."""
-    if any(t.device.type != "cpu" for t in (q, k, v)):
-        return "it runs on CPU tensors only"
-    if any(t.dtype != torch.float32 for t in (q, k, v)):
-        return "it takes float32 only"
     if q.dim() != 3 or not q.shape == k.shape == v.shape:
         shapes = ", ".join(str(list(t.shape)) for t in (q, k, v))
         return f"q, k, v must be (B, N, heads * d) of one shape (got {shapes})"
     if q.shape[-1] % heads or q.shape[-1] // heads not in HEAD_SIZES:
         return f"head size {q.shape[-1]} / {heads} is not one of {HEAD_SIZES}"
-    if torch.compiler.is_compiling():
-        return "torch.compile traces SDPA instead"
-    return None
+    return kernels.why_not(q, k, v)
+
+
+def auto_uses_kernel(head_size: int, dropout_p: float) -> bool:
+    """Whether ``attn_kernel=auto`` picks this kernel (for inputs it can take): no attention
+    dropout, a head size where it beats SDPA, and it builds here."""
+    return not dropout_p and head_size in AUTO_HEAD_SIZES and kernels.available()
 
 
 def _launch(views, lse: torch.Tensor, heads: int, d: int, backward: bool) -> None:
@@ -95,4 +95,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     why = applicable(q, k, v, heads)
     if why:
         raise ValueError(f"the small-head attention kernel cannot take these inputs: {why}")
+    return apply(q, k, v, heads)
+
+
+def apply(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """``attention`` for inputs already found ``applicable`` (as MultiheadAttention does)."""
     return _SmallHeadAttention.apply(q, k, v, heads)

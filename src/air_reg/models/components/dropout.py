@@ -93,25 +93,21 @@ def _int16_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 def uses_kernel(x: torch.Tensor) -> bool:
     """Whether ``FastDropout`` runs csrc/dropout.cpp on ``x`` (CPU float32, eager, built)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not torch.compiler.is_compiling()
-        and kernels.available()
-    )
+    return kernels.why_not(x) is None and kernels.available()
 
 
 class FastDropout(nn.Dropout):
     """Inverted dropout with cheap masks (module docstring); ``relu=True`` applies a ReLU first."""
 
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        if self.training and 0 < self.p < 1 and uses_kernel(x):
+            return _KernelDropout.apply(x, self.p, relu)
+        x = F.relu(x) if relu else x
         if not self.training or self.p == 0 or x.device.type != "cpu":
-            return F.dropout(F.relu(x) if relu else x, self.p, self.training)
+            return F.dropout(x, self.p, self.training)
         if self.p == 1:
             return x * 0
-        if uses_kernel(x):
-            return _KernelDropout.apply(x, self.p, relu)
-        return _int16_dropout(F.relu(x) if relu else x, self.p)
+        return _int16_dropout(x, self.p)
 
 
 def make_dropout(p: float, fast: bool) -> nn.Dropout:

@@ -147,6 +147,18 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+def why_not(*tensors: torch.Tensor) -> str | None:
+    """Why the kernels cannot take these tensors (None when they can): they run on CPU
+    float32 tensors, in eager mode (``torch.compile`` traces the torch ops instead)."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return "it runs on CPU tensors only"
+    if any(t.dtype != torch.float32 for t in tensors):
+        return "it takes float32 only"
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the torch ops instead"
+    return None
+
+
 _failure: list[str] = []  # why the kernels cannot be built or loaded here, once it failed
 
 
