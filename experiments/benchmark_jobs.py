@@ -124,12 +124,9 @@ def describe(spec: dict) -> dict:
     if spec["arch"] == "DIRNet":
         return {"impl": "CNN", "ff": "-", "dropout": "-", "attn dropout": "-"}
     naive = spec.get("impl") == "torch"
-    kernel = (  # what attn_kernel=auto picks on these CPU float32 inputs (MultiheadAttention)
-        spec.get("attn_kernel", "auto") != "sdpa"
-        and not spec.get("attn_dropout")
-        and spec["dim"] // spec["heads"] in cpu_attention.AUTO_HEAD_SIZES
-        and kernels.available()
-    )
+    kernel = spec.get("attn_kernel", "auto") != "sdpa" and cpu_attention.auto_uses_kernel(
+        spec["dim"] // spec["heads"], spec.get("attn_dropout", 0.0)
+    )  # what attn_kernel=auto picks on these CPU float32 inputs (MultiheadAttention)
     return {
         "impl": "nn.Transformer" if naive else "ours, air-reg kernel" if kernel else "ours, SDPA",
         "ff": spec.get("ff_dim") or 4 * spec["dim"],
@@ -163,14 +160,21 @@ def with_threads(n: int, fn: Callable) -> Callable:
     return run
 
 
-def train_job(net: nn.Module, batch: int, *, bf16: bool = False) -> Callable[[], None]:
-    """One full step: forward, warp, MSE, backward, Adam."""
-    fixed, moving = image_pairs(batch, net.field.upsample.out_size[0])
+def _pairs_for(net: nn.Module, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    size = net.field.upsample.out_size[0]
+    return tuple(t.to(device) for t in image_pairs(batch, size))
+
+
+def train_job(
+    net: nn.Module, batch: int, *, bf16: bool = False, device: str = "cpu"
+) -> Callable[[], None]:
+    """One full step: forward, warp, MSE, backward, Adam (``net`` already on ``device``)."""
+    fixed, moving = _pairs_for(net, batch, device)
     opt = torch.optim.Adam(net.parameters(), lr=5e-4)
     net.train()
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = F.mse_loss(warp(moving, net(fixed, moving)), fixed)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -179,10 +183,19 @@ def train_job(net: nn.Module, batch: int, *, bf16: bool = False) -> Callable[[],
     return step
 
 
-def infer_job(net: nn.Module, batch: int) -> Callable[[], torch.Tensor]:
-    fixed, moving = image_pairs(batch, net.field.upsample.out_size[0])
+def infer_job(
+    net: nn.Module, batch: int, *, bf16: bool = False, device: str = "cpu"
+) -> Callable[[], torch.Tensor]:
+    """One batched inference call: flow + warp without gradients."""
+    fixed, moving = _pairs_for(net, batch, device)
     net.eval()
-    return torch.no_grad()(lambda: warp(moving, net(fixed, moving)))
+
+    @torch.no_grad()
+    def step() -> torch.Tensor:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            return warp(moving, net(fixed, moving))
+
+    return step
 
 
 def interleave(jobs: dict[str, Callable], repeats: int, warmup: int) -> dict[str, list[float]]:

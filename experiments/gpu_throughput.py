@@ -22,11 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from benchmark_jobs import VARIANTS, air, build, image_pairs, interleave, mapt, timing_row
-from torch import nn
+from benchmark_jobs import VARIANTS, air, build, infer_job, interleave, mapt, timing_row, train_job
 
-from air_reg import warp
 from air_reg.utils import write_text
 
 log = logging.getLogger("gpu_throughput")
@@ -40,37 +37,6 @@ ROWS = {  # label -> (spec, bf16 autocast)
     "MAPT [2,4,7], bf16 autocast": (mapt(**OURS), True),
     "DIRNet": ({"arch": "DIRNet", "image_size": 28}, False),
 }
-
-
-def pairs_on(device: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(t.to(device) for t in image_pairs(batch, 28))
-
-
-def train_step(net: nn.Module, batch: int, device: str, bf16: bool) -> Callable[[], None]:
-    fixed, moving = pairs_on(device, batch)
-    opt = torch.optim.Adam(net.parameters(), lr=5e-4)
-    net.train()
-
-    def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.mse_loss(warp(moving, net(fixed, moving)), fixed)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def infer_step(net: nn.Module, batch: int, device: str, bf16: bool) -> Callable[[], None]:
-    fixed, moving = pairs_on(device, batch)
-    net.eval()
-
-    @torch.inference_mode()
-    def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            warp(moving, net(fixed, moving))
-
-    return step
 
 
 def synced(step: Callable[[], None], steps: int, device: str) -> Callable[[], None]:
@@ -101,10 +67,10 @@ def measure(args) -> tuple[list[str], list[list[str]]]:
     for label, (spec, bf16) in ROWS.items():
         train_net, infer_net = build(spec).to(args.device), build(spec).to(args.device)
         for b in args.batches:
-            step = train_step(train_net, b, args.device, bf16)
+            step = train_job(train_net, b, bf16=bf16, device=args.device)
             jobs[label, f"train b{b}"], pairs[label, f"train b{b}"] = step, b
         for b in args.infer_batches:
-            step = infer_step(infer_net, b, args.device, bf16)
+            step = infer_job(infer_net, b, bf16=bf16, device=args.device)
             jobs[label, f"infer b{b}"], pairs[label, f"infer b{b}"] = step, b
     timed = {k: synced(step, args.steps, args.device) for k, step in jobs.items()}
     start = time.perf_counter()
