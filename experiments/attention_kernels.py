@@ -3,7 +3,7 @@
     python experiments/attention_kernels.py      # ~1 minute on 2 cores
 
 Forward + backward of one attention call at AiR-single's shape (batch 64, 196 tokens), for
-SDPA's fused kernel, air-reg's CPU kernel (``attn_kernel=cpu``, cpu_attention.py) and
+SDPA's fused kernel, air-reg's CPU kernel (``speed.attention=kernel``, speed/attention.py) and
 attention written by hand (``softmax(QK^T / sqrt(d)) V``, the materialised path), at several
 (heads, head size) splits. Writes experiments/results/benchmark/attention_kernels.md.
 """
@@ -21,7 +21,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 
-from air_reg.models.components import cpu_attention, kernels  # noqa: E402
+from air_reg.speed import attention as cpu_attention  # noqa: E402
+from air_reg.speed import kernels  # noqa: E402
 from air_reg.utils import write_text  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "experiments/results/benchmark/attention_kernels.md"
@@ -87,7 +88,7 @@ def main() -> None:
         f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}; medians of "
         f"{REPEATS} interleaved rounds of {CALLS} calls. The paper's config is 4 heads x 4. "
         "air-reg's kernel reads (B, N, heads x size) projections (the layout "
-        "MultiheadAttention has); `nan`: it could not be built here. `attn_kernel=auto` uses "
+        "MultiheadAttention has); `nan`: it could not be built here. `speed.attention=auto` uses "
         "it for head sizes up to 8. "
         "\n\n" + "\n".join(rows) + "\n"
     )

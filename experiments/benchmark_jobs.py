@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from air_reg import warp
-from air_reg.models.components import cpu_attention, kernels
+from air_reg import speed, warp
 from air_reg.models.components.air import AiR
+from air_reg.models.components.attention import use_reference
 from air_reg.models.components.dirnet import DIRNet
 from air_reg.models.components.mapt import MAPT
+from air_reg.speed.attention import auto_uses_kernel
 
 SCRIPT = Path(__file__).with_name("benchmark.py")  # children run its --child entry
 log = logging.getLogger("benchmark")
@@ -85,14 +86,18 @@ MAX_MB, MAX_STEP_S = 8000, 60  # skip a scaling point whose extrapolated cost ex
 
 # The paper's Transformer (Sec. 4.1); ff_dim None means 4 * dim ("matched widths").
 PAPER = {"dim": 16, "heads": 4, "depth": 1, "dropout": 0.5, "ff_dim": None}
-VARIANTS = {  # label -> overrides; the naive reference ties attention dropout to `dropout`
-    "ours": {"impl": "sdpa", "attn_dropout": 0.0},  # attn_kernel auto: air-reg's CPU kernel
-    "ours, fast_dropout": {"impl": "sdpa", "attn_dropout": 0.0, "fast_dropout": True},
-    "ours, SDPA attention": {"impl": "sdpa", "attn_dropout": 0.0, "attn_kernel": "sdpa"},
-    "ours, attn_dropout 0.5": {"impl": "sdpa", "attn_dropout": 0.5},
-    "naive, matched widths": {"impl": "torch"},
-    "naive, authors' build": {"impl": "torch", "ff_dim": 2048},
+# label -> overrides. `attention`/`dropout` are the speed settings (air_reg.speed.accelerate);
+# `reference`: nn.Transformer instead of ours (use_reference), which ties attention dropout
+# to `dropout`.
+VARIANTS = {
+    "ours": {"attn_dropout": 0.0},  # speed.attention=auto: air-reg's CPU kernel
+    "ours, fast dropout": {"attn_dropout": 0.0, "dropout_masks": "fast"},
+    "ours, SDPA attention": {"attn_dropout": 0.0, "attention": "sdpa"},
+    "ours, attn_dropout 0.5": {"attn_dropout": 0.5},
+    "naive, matched widths": {"reference": True},
+    "naive, authors' build": {"reference": True, "ff_dim": 2048},
 }
+SETTINGS = ("attention", "dropout_masks", "reference")  # spec keys that are not the net's
 ARCHS = {"AiR-single": AiR, "MAPT": MAPT, "DIRNet": DIRNet}
 
 
@@ -116,24 +121,31 @@ def model_specs(profile: Profile) -> dict[str, dict]:
 
 def build(spec: dict) -> nn.Module:
     torch.manual_seed(0)  # same weights for every variant of one architecture
-    return ARCHS[spec["arch"]](**{k: v for k, v in spec.items() if k != "arch"})
+    kw = {k: v for k, v in spec.items() if k != "arch" and k not in SETTINGS}
+    if spec.get("reference"):
+        kw.pop("attn_dropout", None)
+    net = ARCHS[spec["arch"]](**kw)
+    if spec.get("reference"):
+        return use_reference(net)
+    attention, dropout = spec.get("attention", "auto"), spec.get("dropout_masks", "torch")
+    return speed.accelerate(net, attention=attention, dropout=dropout)
 
 
 def describe(spec: dict) -> dict:
     """Table columns for a model spec."""
     if spec["arch"] == "DIRNet":
         return {"impl": "CNN", "ff": "-", "dropout": "-", "attn dropout": "-"}
-    naive = spec.get("impl") == "torch"
-    kernel = spec.get("attn_kernel", "auto") != "sdpa" and cpu_attention.auto_uses_kernel(
+    naive = bool(spec.get("reference"))
+    kernel = spec.get("attention", "auto") != "sdpa" and auto_uses_kernel(
         spec["dim"] // spec["heads"], spec.get("attn_dropout", 0.0)
-    )  # what attn_kernel=auto picks on these CPU float32 inputs (MultiheadAttention)
+    )  # what speed.attention=auto picks on these CPU float32 inputs (KernelAttention)
     return {
         "impl": "nn.Transformer" if naive else "ours, air-reg kernel" if kernel else "ours, SDPA",
         "ff": spec.get("ff_dim") or 4 * spec["dim"],
         "dropout": spec["dropout"],
         "attn dropout": spec["dropout"] if naive else spec["attn_dropout"],
-        "dropout mask": ("kernel" if kernels.available() else "int16")
-        if spec.get("fast_dropout")
+        "dropout mask": ("kernel" if speed.kernels.available() else "int16")
+        if spec.get("dropout_masks") == "fast"
         else "bernoulli",
     }
 

@@ -49,7 +49,7 @@ def targets(res: dict[str, list[dict]]) -> list[dict]:
     rows, train = [], {r["model"]: r for r in res["training"]}
     for arch in ("AiR-single p2", "MAPT [2,4,7]"):
         for variant, goal in (("naive, matched widths", 10), ("naive, authors' build", 25)):
-            for ours in ("ours", "ours fast_dropout"):
+            for ours in ("ours", "ours fast dropout"):
                 x = train.get(f"{arch} {variant}", {}).get(f"{ours} ÷ this (time)")
                 if x is not None:
                     target = f"training {arch}: {ours} >= {goal}x {variant}"
@@ -129,7 +129,7 @@ NOTES = {
     "`eval max |Δ|`: largest flow difference against the baseline in eval mode, same weights.",
     "profile": "`torch.profiler` over {profile_steps} training steps, batch {batch}, of "
     "AiR-single p2 as the paper configs run it (`bernoulli_` dropout masks) and of MAPT with "
-    "`fast_dropout`; top ops by self CPU time.",
+    "`fast dropout`; top ops by self CPU time.",
 }
 TITLES = {
     "training": "1. Training throughput",

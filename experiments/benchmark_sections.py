@@ -55,9 +55,9 @@ def train_section(profile: Profile, specs: dict[str, dict]) -> list[dict]:
         ref = reference_of(name)
         row = {"model": name, **describe(spec), **timing_row(times[name], profile.batch)}
         row["ours ÷ this (time)"] = speedup(times, name, ref) if ref in times else None
-        fast = f"{ref}, fast_dropout" if ref else None
+        fast = f"{ref}, fast dropout" if ref else None
         if " naive" in name and fast in times:
-            row["ours fast_dropout ÷ this (time)"] = speedup(times, name, fast)
+            row["ours fast dropout ÷ this (time)"] = speedup(times, name, fast)
         rows.append(row)
     return rows
 
@@ -217,8 +217,8 @@ def lever_section(profile: Profile, naive_speedup: float | None) -> list[dict]:
         "threads 1": Lever(ours, threads=1),
         "threads 2 (a control when the default is 2)": Lever(ours, threads=2),
         "bf16 autocast": Lever(ours, "yes: bf16 rounding", bf16=True),
-        "fast_dropout (counter-based masks in air-reg's kernel)": Lever(
-            lambda: build(air(**VARIANTS["ours, fast_dropout"])), "dropout RNG stream"
+        "fast dropout (counter-based masks in air-reg's kernel)": Lever(
+            lambda: build(air(**VARIANTS["ours, fast dropout"])), "dropout RNG stream"
         ),
     }
     diffs = {
@@ -289,10 +289,10 @@ def compile_row(profile: Profile, spec: dict) -> dict:
 
 def profile_section(profile: Profile) -> list[dict]:
     """Top ops by self CPU time over a few training steps: AiR-single p2 as the paper configs
-    run it (``bernoulli_`` masks) and MAPT with ``fast_dropout`` (the fastest MAPT)."""
+    run it (``bernoulli_`` masks) and MAPT with ``fast dropout`` (the fastest MAPT)."""
     runs = {
         "AiR-single p2 ours": air(**VARIANTS["ours"]),
-        "MAPT [2,4,7] ours, fast_dropout": mapt(**VARIANTS["ours, fast_dropout"]),
+        "MAPT [2,4,7] ours, fast dropout": mapt(**VARIANTS["ours, fast dropout"]),
     }
     rows, n = [], profile.profile_steps
     for name, spec in runs.items():

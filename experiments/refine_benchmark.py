@@ -25,11 +25,12 @@ from omegaconf import OmegaConf
 
 import air_reg
 from air_reg.classical import demons, has_simpleitk
-from air_reg.config import compose_config
+from air_reg.config import CONFIG_DIR, compose_config
 from air_reg.data.synthetic import make_flows
 from air_reg.evaluation import markdown_table, score, summarise
 from air_reg.models.components.spatial_transformer import integrate_velocity, warp
 from air_reg.refine import Refiner, cascade
+from air_reg.register import WEIGHTS_DIR
 from air_reg.utils import write_text, write_with
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def known_deformation_batches(batches: list[dict], magnitude: float, seed: int =
 
 def refine_preset() -> dict:
     """The diffeomorphic refinement settings eval and register use (one source of truth)."""
-    return dict(OmegaConf.load(REPO / "conf" / "refinement" / "diffeomorphic.yaml").refine)
+    return dict(OmegaConf.load(Path(CONFIG_DIR) / "refinement" / "diffeomorphic.yaml").refine)
 
 
 def methods_for(
@@ -103,7 +104,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion"])
-    parser.add_argument("--weights", default="mapt_tuned", help="weights/<name>_<data>.ckpt")
+    parser.add_argument(
+        "--weights", default="mapt_tuned", help="air_reg/weights/<name>_<data>.ckpt"
+    )
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--batch", type=int, default=200, help="pairs refined at once")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 35, 50, 100])
@@ -117,7 +120,7 @@ def main() -> None:
     preset = refine_preset()
     rows, report = [], [f"load average at start {load:.1f}; refinement preset {preset}\n"]
     for data in args.datasets:
-        model = air_reg.load_model(REPO / "weights" / f"{args.weights}_{data}.ckpt")
+        model = air_reg.load_model(WEIGHTS_DIR / f"{args.weights}_{data}.ckpt")
         methods = methods_for(model, args.steps, args.cascades, preset, use_demons)
         batches = test_pairs_batches(data, args.pairs, args.batch)
         for kind, bs in (

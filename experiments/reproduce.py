@@ -4,7 +4,7 @@
     python experiments/reproduce.py --profile full    # ~1 hour on 2 CPU cores (5 min a model)
 
 For each dataset, trains DIRNet, AiR-single, AiR-MAPT (the paper's configurations as written)
-and our tuned MAPT (conf/experiment/*.yaml) on same-class pairs (--train-pairing) for a
+and our tuned MAPT (src/air_reg/conf/experiment/*.yaml) on same-class pairs (--train-pairing) for a
 fixed wall-clock budget,
 then scores them, the identity ("Original") and SimpleITK's diffeomorphic Demons on the same
 fixed test pairs, drawn both at random and within a class. Writes to
@@ -37,6 +37,7 @@ from air_reg.evaluation import (
     summarise,
     write_per_pair_csv,
 )
+from air_reg.register import WEIGHTS_DIR
 from air_reg.train import train
 from air_reg.utils import write_with
 from air_reg.viz import method_figure
@@ -76,7 +77,7 @@ SHIPPED = {
     "AiR-single": "air",
     "AiR-MAPT": "mapt",
     "AiR-MAPT tuned": "mapt_tuned",
-}  # weights/<name>_<data>.ckpt
+}  # air_reg/weights/<name>_<data>.ckpt
 DATASETS = ("mnist", "fashion")
 PAIRINGS = ("random", "same_class")
 
@@ -161,7 +162,7 @@ def main() -> None:
     parser.add_argument(
         "--ship-weights",
         action="store_true",
-        help="copy the trained weights to weights/<model>_<data>.ckpt",
+        help="copy the trained weights to air_reg/weights/<model>_<data>.ckpt",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -192,7 +193,7 @@ def main() -> None:
             ckpt = train_method(METHODS[method], data, args.train_pairing, profile, run)
             models[method] = air_reg.load_model(ckpt)
             if args.ship_weights:
-                ship(ckpt, REPO / "weights" / f"{SHIPPED[method]}_{data}.ckpt")
+                ship(ckpt, WEIGHTS_DIR / f"{SHIPPED[method]}_{data}.ckpt")
         for pairing in PAIRINGS:
             batches = load_test_batches(data, pairing, profile["test_pairs"])
             methods = {"Original": identity_method, **models}

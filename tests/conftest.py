@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from air_reg import config as air_reg_config
-from air_reg.models.components import kernels
+from air_reg.speed import kernels
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(), reason="no C++ compiler here: air-reg's CPU kernels cannot be built"
@@ -19,7 +19,7 @@ needs_kernel = pytest.mark.skipif(
 
 
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose ``conf/<name>.yaml`` on the CPU with no progress bars, output in a temp dir."""
+    """Compose ``air_reg/conf/<name>.yaml`` on the CPU, no progress bars, output in a temp dir."""
     cfg = air_reg_config.compose_config(name, overrides, output_dir)
     with open_dict(cfg):
         if "trainer" in cfg:

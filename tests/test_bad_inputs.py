@@ -166,7 +166,7 @@ CASES = [
          "names 'os.system'", "so it was not loaded"),
     # -- data files ------------------------------------------------------------------------------
     case("data-missing", lambda t, c: load_dataset("mnist", root=t, download=False),
-         FileNotFoundError, "mnist data missing", "in {tmp}/MNIST/raw/", "set data.root"),
+         FileNotFoundError, "mnist data missing", "in {tmp}/MNIST/raw/", "set paths.data_dir"),
     case("idx-corrupt",
          lambda t, c: load_dataset("mnist", root=idx_root(t, os.urandom(512)), download=False),
          RuntimeError, "is corrupt or truncated", "replace it with the original"),

@@ -1,9 +1,11 @@
 """Shapes, parameter counts and invariants of the networks and the spatial-transformer stage."""
 
+import copy
+
 import pytest
 import torch
 
-from air_reg import warp
+from air_reg import speed, warp
 from air_reg.models.components.air import AiR
 from air_reg.models.components.dirnet import DIRNet
 from air_reg.models.components.mapt import MAPT
@@ -13,6 +15,7 @@ from air_reg.models.components.spatial_transformer import (
     integrate_velocity,
     interpolation_matrix,
 )
+from air_reg.speed.dropout import FastDropout
 
 
 def n_params(m):
@@ -112,7 +115,8 @@ def test_integration_of_zero_velocity_is_zero():
 def test_fast_dropout_changes_nothing_in_eval_mode():
     torch.manual_seed(0)
     plain = MAPT(image_size=28, dim=16)
-    fast = MAPT(image_size=28, dim=16, fast_dropout=True)
-    fast.load_state_dict(plain.state_dict())  # same parameters, same keys
+    fast = speed.accelerate(copy.deepcopy(plain), attention="sdpa", dropout="fast")
+    assert any(isinstance(m, FastDropout) for m in fast.modules())
+    assert plain.state_dict().keys() == fast.state_dict().keys()  # same keys: checkpoints load
     fixed, moving = torch.rand(2, 1, 28, 28), torch.rand(2, 1, 28, 28)
     assert torch.equal(plain.eval()(fixed, moving), fast.eval()(fixed, moving))

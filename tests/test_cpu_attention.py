@@ -8,10 +8,20 @@ import torch.nn.functional as F
 from conftest import needs_kernel
 from einops import rearrange
 
-from air_reg.models.components import cpu_attention, kernels
+from air_reg import speed
 from air_reg.models.components.air import AiR
 from air_reg.models.components.attention import MultiheadAttention
-from air_reg.models.components.dropout import FastDropout
+from air_reg.speed import attention as cpu_attention
+from air_reg.speed import kernels
+from air_reg.speed.dropout import FastDropout
+
+
+def layer(attention: str = "auto", **kw) -> MultiheadAttention:
+    """A MultiheadAttention through the speed door with ``speed.attention=attention``."""
+    return speed.accelerate(
+        MultiheadAttention(dim=kw.pop("dim", 16), heads=kw.pop("heads", 4), **kw),
+        attention=attention,
+    )
 
 
 def reference(q, k, v, heads):
@@ -106,14 +116,14 @@ def test_kernel_rejects_inputs_it_cannot_take_with_the_reason():
 
 
 def _pair(kernel: str, **kw) -> tuple[MultiheadAttention, MultiheadAttention]:
-    a = MultiheadAttention(dim=16, heads=4, attn_kernel=kernel, **kw)
-    b = MultiheadAttention(dim=16, heads=4, attn_kernel="sdpa", **kw)
+    a = layer(kernel, **kw)
+    b = MultiheadAttention(dim=16, heads=4, **kw)  # the plain model: SDPA
     b.load_state_dict(a.state_dict())
     return a, b
 
 
 @needs_kernel
-@pytest.mark.parametrize("kernel", ["cpu", "auto"])
+@pytest.mark.parametrize("kernel", ["kernel", "auto"])
 def test_attention_layer_with_kernel_matches_sdpa_forward_and_backward(kernel, monkeypatch):
     calls = []
     real = cpu_attention.apply
@@ -136,7 +146,7 @@ def test_auto_uses_sdpa_for_attention_dropout_and_when_the_kernel_is_unavailable
     calls = []
     monkeypatch.setattr(cpu_attention, "apply", lambda *a: calls.append(1))
     x = torch.randn(2, 10, 16)
-    MultiheadAttention(dim=16, heads=4, attn_dropout=0.5).train()(x)
+    layer(attn_dropout=0.5).train()(x)
     assert not calls  # dropout on attention probabilities: SDPA
 
     tries = []
@@ -148,8 +158,8 @@ def test_auto_uses_sdpa_for_attention_dropout_and_when_the_kernel_is_unavailable
     monkeypatch.setattr(kernels, "library", unavailable)
     monkeypatch.setattr(kernels, "_failure", [])
     with caplog.at_level(logging.WARNING):
-        out = MultiheadAttention(dim=16, heads=4)(x)
-        MultiheadAttention(dim=16, heads=4)(x)
+        out = layer()(x)
+        layer()(x)
     assert out.shape == x.shape
     assert not calls
     assert [r.getMessage() for r in caplog.records].count(
@@ -158,31 +168,31 @@ def test_auto_uses_sdpa_for_attention_dropout_and_when_the_kernel_is_unavailable
     ) == 1  # warned once
     assert len(tries) == 1  # and the compiler is not tried again for every call
     with pytest.raises(kernels.KernelUnavailable, match="no compiler"):
-        MultiheadAttention(dim=16, heads=4, attn_kernel="cpu")(x)
+        layer("kernel")(x)
 
 
 def test_auto_leaves_head_size_16_to_sdpa(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_attention, "apply", lambda *a: calls.append(1))
-    MultiheadAttention(dim=32, heads=2)(torch.randn(2, 10, 32))  # slower than SDPA there
+    layer(dim=32, heads=2)(torch.randn(2, 10, 32))  # slower than SDPA there
     assert not calls
 
 
-def test_attn_kernel_settings_that_cannot_work_fail_at_construction():
-    with pytest.raises(ValueError, match="attn_kernel must be one of"):
-        MultiheadAttention(dim=16, heads=4, attn_kernel="flash")
+def test_speed_settings_that_cannot_work_fail_when_applied():
+    with pytest.raises(ValueError, match="speed.attention must be one of"):
+        layer("flash")
+    with pytest.raises(ValueError, match="speed.dropout must be one of"):
+        speed.accelerate(AiR(), dropout="bernoulli")
     with pytest.raises(ValueError, match="no attention dropout"):
-        MultiheadAttention(dim=16, heads=4, attn_dropout=0.1, attn_kernel="cpu")
+        layer("kernel", attn_dropout=0.1)
     with pytest.raises(ValueError, match="head size"):
-        MultiheadAttention(dim=24, heads=2, attn_kernel="cpu")
-    with pytest.raises(ValueError, match="impl=sdpa"):
-        AiR(impl="torch", attn_kernel="cpu")
+        layer("kernel", dim=24, heads=2)
 
 
 @needs_kernel
 def test_air_with_kernel_gives_the_same_flow_and_gradients_as_with_sdpa():
     kw = {"image_size": 28, "patch_size": 2, "dropout": 0.0, "attn_dropout": 0.0}
-    ours, theirs = AiR(attn_kernel="cpu", **kw), AiR(attn_kernel="sdpa", **kw)
+    ours, theirs = speed.accelerate(AiR(**kw), attention="kernel"), AiR(**kw)
     theirs.load_state_dict(ours.state_dict())
     torch.nn.init.normal_(ours.branch.head.weight)
     theirs.branch.head.load_state_dict(ours.branch.head.state_dict())
@@ -200,6 +210,6 @@ def test_auto_does_not_build_the_kernels_for_inputs_they_cannot_take(monkeypatch
     monkeypatch.setattr(kernels, "library", lambda: tries.append(1))
     monkeypatch.setattr(kernels, "_failure", [])
     x = torch.randn(2, 10, 16, dtype=torch.float64)  # stands in for GPU or bf16 inputs
-    MultiheadAttention(dim=16, heads=4).double()(x)
+    layer().double()(x)
     FastDropout(0.5).train()(x)
     assert not tries

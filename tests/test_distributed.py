@@ -80,9 +80,11 @@ def test_multirun_sweep_of_four_tiny_jobs(tmp_path):
 def test_sweep_and_launcher_configs_compose(option, plugin):
     from hydra import compose, initialize_config_dir
 
+    from air_reg.config import CONFIG_DIR
+
     if plugin:
         pytest.importorskip(plugin)
-    with initialize_config_dir(config_dir=str(TESTS.parent / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[option], return_hydra_config=True)
     if option.startswith("hparams"):
         assert cfg.hydra.sweeper.params

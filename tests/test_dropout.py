@@ -1,12 +1,12 @@
-"""fast_dropout: air-reg's counter-based dropout kernel and the torch fallback beside it."""
+"""speed.dropout=fast: air-reg's counter-based dropout kernel and the torch fallback beside it."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import needs_kernel
 
-from air_reg.models.components import dropout, kernels
-from air_reg.models.components.dropout import FastDropout
+from air_reg.speed import dropout, kernels
+from air_reg.speed.dropout import FastDropout
 
 
 @pytest.fixture(params=["kernel", "torch"])
@@ -40,11 +40,11 @@ def test_fast_dropout_masks_are_fair_at_every_position_and_any_shape(masks):
 
 
 def test_fused_relu_dropout_is_the_relu_then_the_same_mask(masks):
-    drop = FastDropout(0.5).train()
+    drop, fused_drop = FastDropout(0.5).train(), FastDropout(0.5, relu=True).train()
     x = torch.randn(64, 49, 64)
     leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch.manual_seed(1)
-    fused = drop(leaf, relu=True)
+    fused = fused_drop(leaf)
     torch.manual_seed(1)
     ref = F.relu(drop(ref_leaf))  # relu(mask * x * s) = mask * relu(x) * s
     assert torch.equal(fused, ref)

@@ -166,8 +166,8 @@ SHORT += ["+trainer.limit_val_batches=1", "trainer.max_epochs=1", "test=false"]
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["model.net.fast_dropout=true"],  # FastDropout: torch's fused kernel on CUDA
-        ["model=mapt", "model.net.fast_dropout=true"],
+        ["speed.dropout=fast"],  # FastDropout: torch's fused kernel on CUDA
+        ["model=mapt", "speed.dropout=fast"],
         ["model.compile=true", "trainer.precision=bf16-mixed"],  # the README's GPU recipe
     ],
     ids=["air-fast_dropout", "mapt-fast_dropout", "air-compile-bf16"],

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import needs_kernel
 
-from air_reg.models.components import cpu_attention, dropout, kernels
+from air_reg.speed import attention as cpu_attention
+from air_reg.speed import dropout, kernels
 
 
 @pytest.fixture

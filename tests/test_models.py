@@ -1,11 +1,13 @@
 """Model-level checks: SDPA vs nn.Transformer, MAPT weights, diffeomorphic fields, overfitting."""
 
+import copy
+
 import pytest
 import torch
 
 from air_reg import metrics, warp
 from air_reg.models.components.air import AiR, AiRBranch
-from air_reg.models.components.attention import load_from_torch
+from air_reg.models.components.attention import TorchTransformer, load_from_torch, use_reference
 from air_reg.models.components.dirnet import DIRNet
 from air_reg.models.components.mapt import MAPT
 from air_reg.models.components.spatial_transformer import CoarseToDense, integrate_velocity
@@ -23,12 +25,18 @@ def test_sdpa_air_matches_nn_transformer_reference(query, patch, depth, ff_dim):
         "attn_dropout": 0.0,
         "query": query,
     }
-    ours, ref = AiRBranch(impl="sdpa", **kw), AiRBranch(impl="torch", **kw)
-    shared = {k: v for k, v in ref.state_dict().items() if not k.startswith("transformer.")}
-    ours.load_state_dict(shared, strict=False)
-    load_from_torch(ours.transformer, ref.transformer)
+    ours = AiRBranch(**kw)
     torch.nn.init.normal_(ours.head.weight)  # make the output large enough to compare
-    ref.head.load_state_dict(ours.head.state_dict())
+    ref = use_reference(copy.deepcopy(ours))  # nn.Transformer with our weights
+    assert isinstance(ref.transformer, TorchTransformer)
+    back = AiRBranch(**kw).transformer
+    load_from_torch(back, ref.transformer)  # and the way back gives our weights again
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            back.state_dict().values(), ours.transformer.state_dict().values(), strict=True
+        )
+    )
     fixed, moving = torch.rand(4, 1, 28, 28), torch.rand(4, 1, 28, 28)
     out, expected = ours.eval()(fixed, moving), ref.eval()(fixed, moving)
     assert out.abs().mean() > 0.1

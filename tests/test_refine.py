@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from air_reg import warp
+from air_reg.config import CONFIG_DIR
 from air_reg.data.synthetic import make_flows, make_pairs
 from air_reg.losses import MSE, Diffusion
 from air_reg.metrics import folding
@@ -94,7 +95,7 @@ def test_diffeomorphic_refinement_does_not_fold_a_large_field():
     # magnitude 5: displacements up to ~7 px on 28x28; the true flow itself folds
     fixed, moving, truth = synthetic_pairs(6, magnitude=5.0)
     assert folding(truth).max() > 0
-    preset = OmegaConf.load(REPO / "conf" / "refinement" / "diffeomorphic.yaml").refine
+    preset = OmegaConf.load(Path(CONFIG_DIR) / "refinement" / "diffeomorphic.yaml").refine
     flow = refine(fixed, moving, steps=50, **preset)
     assert folding(flow).max() == 0
     before = objective(fixed, moving, torch.zeros_like(flow), reg_weight=0)

@@ -8,6 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 import air_reg
+from air_reg import losses
 from air_reg.eval import evaluate
 from air_reg.train import train
 
@@ -27,12 +28,28 @@ def test_every_model_and_data_pairing_instantiates(make_cfg, model, data):
 
 
 @pytest.mark.parametrize(
-    "option", ["model/loss=ncc", "model/loss=lncc", "model/regularizer=bending", "trainer=cpu"]
+    ("option", "part", "expected"),
+    [
+        ("model/loss=ncc", "loss", losses.NCC),
+        ("model/loss=lncc", "loss", losses.LocalNCC),
+        ("model/regularizer=bending", "regularizer", losses.BendingEnergy),
+        ("model/regularizer=diffusion", "regularizer", losses.Diffusion),
+    ],
 )
-def test_group_options_compose(make_cfg, option):
-    cfg = make_cfg("train", [option])
-    instantiate(cfg.model)
-    instantiate(cfg.trainer)
+def test_group_options_compose_into_the_chosen_module(make_cfg, option, part, expected):
+    module = instantiate(make_cfg("train", [option, "model.reg_weight=0.1"]).model)
+    chosen = getattr(module, part)
+    assert type(chosen) is expected
+    a, b = torch.rand(2, 1, 28, 28), torch.rand(2, 1, 28, 28)
+    if part == "loss":  # a similarity: ~0 for identical images, more for different ones
+        assert chosen(a, a) < 0.01 < chosen(a, b)
+    else:  # a regulariser: 0 for a constant flow, more for a random one
+        assert chosen(torch.ones(2, 2, 28, 28)) == 0 < chosen(torch.randn(2, 2, 28, 28))
+
+
+def test_trainer_option_composes_a_cpu_trainer(make_cfg):
+    trainer = instantiate(make_cfg("train", ["trainer=cpu"]).trainer)
+    assert type(trainer.accelerator).__name__ == "CPUAccelerator"
 
 
 def test_fast_dev_run_trains_end_to_end(make_cfg):

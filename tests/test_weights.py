@@ -1,15 +1,14 @@
 """The shipped weights (weights/*.ckpt) load offline and register better than the identity."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 import air_reg
 from air_reg import metrics
 from air_reg.data import PairDataModule
+from air_reg.register import WEIGHTS_DIR
 
-WEIGHTS = sorted((Path(__file__).resolve().parents[1] / "weights").glob("*.ckpt"))
+WEIGHTS = sorted(WEIGHTS_DIR.glob("*.ckpt"))
 
 
 @pytest.mark.parametrize("path", WEIGHTS, ids=lambda p: p.stem)

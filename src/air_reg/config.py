@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data
 
 
 def compose_config(
@@ -17,7 +17,7 @@ def compose_config(
     output_dir: str | Path = "outputs",
     cpu: bool = True,
 ) -> DictConfig:
-    """``conf/<name>.yaml`` with ``overrides``, writing under ``output_dir``.
+    """``air_reg/conf/<name>.yaml`` with ``overrides``, writing under ``output_dir``.
 
     Outside a Hydra app there is no run folder, so ``paths.output_dir`` is set here;
     ``cpu=True`` also forces one CPU device and quiet trainers (tests, scripts).

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from air_reg.utils import write_with
@@ -168,3 +169,13 @@ def save_npy(path: str | Path, array) -> Path:
 
     write_with(path, _save)
     return Path(path)
+
+
+def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """(N, 1, h, w) float images to (N, 1, H, W), bilinear, antialiased when shrinking."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(images.shape[-2:]) == size:
+        return images
+    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    out = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    return out.clamp(0, 1)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from air_reg.metrics import jacobian_determinant
+from air_reg.metrics import jacobian_determinant, ncc
 
 
 class MSE(nn.Module):
@@ -28,10 +28,7 @@ class NCC(nn.Module):
         self.eps = eps
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        w = warped.flatten(1) - warped.flatten(1).mean(1, keepdim=True)
-        f = fixed.flatten(1) - fixed.flatten(1).mean(1, keepdim=True)
-        ncc = (w * f).sum(1) / ((w.square().sum(1) * f.square().sum(1)).sqrt() + self.eps)
-        return (1 - ncc).mean()
+        return (1 - ncc(warped, fixed, eps=self.eps)).mean()
 
 
 class LocalNCC(nn.Module):

@@ -6,7 +6,6 @@ Images are (B, 1, H, W) in [0, 1]; flows are (B, 2, H, W) in pixels (see the REA
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 SMOOTH = 1e-3  # the authors' smoothing constant for the soft ("smooth") Dice
 
@@ -42,6 +41,8 @@ def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Structural similarity (torchmetrics, Gaussian window 11, data range 1)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure  # slow import
+
     return structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
 
 

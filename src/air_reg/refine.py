@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from air_reg.losses import MSE, Diffusion, NegativeJacobian
+from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import (
     CoarseToDense,
     integrate_velocity,
@@ -180,12 +181,6 @@ def refine(
             return dense_flow().detach()
 
 
-def _integration_steps(net: nn.Module) -> int:
-    """The wrapped network's own integration steps (0 when it has none)."""
-    net = getattr(net, "net", net)  # a RegistrationModule holds its flow network as .net
-    return int(getattr(getattr(net, "field", None), "integration_steps", 0))
-
-
 class Refiner(nn.Module):
     """A network (or RegistrationModule) whose flow is refined per pair at inference.
 
@@ -210,7 +205,8 @@ class Refiner(nn.Module):
         super().__init__()
         self.net = net.eval()
         if integration_steps is None:
-            integration_steps = _integration_steps(net)
+            # a RegistrationModule or TrainedModel holds its network as .net
+            integration_steps = contract.integration_steps(getattr(net, "net", net))
         self.integration_steps, self.cascade = integration_steps, cascade
         self.similarity, self.regularizer = similarity, regularizer  # None: refine's defaults
         # Unknown names fail here, not at the first forward; the flows are forward's own.
@@ -223,7 +219,7 @@ class Refiner(nn.Module):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return self.net.image_size
+        return contract.image_size(getattr(self.net, "net", self.net))
 
     @property
     def build_config(self) -> dict | None:

@@ -21,33 +21,45 @@ from tqdm import tqdm
 
 from air_reg.checkpoint import load_configured
 from air_reg.config import CONFIG_DIR
-from air_reg.data.datamodule import resize
-from air_reg.io import IMAGE_SUFFIXES, ImageError, read_image, save_npy, write_image
+from air_reg.io import IMAGE_SUFFIXES, ImageError, read_image, resize, save_npy, write_image
 from air_reg.metrics import mse, smooth_dice
 from air_reg.models.components.spatial_transformer import warp
 from air_reg.utils import check_writable, run_cli, write_with
-from air_reg.viz import pair_figure
 
 log = logging.getLogger(__name__)
-WEIGHTS_DIR = Path(CONFIG_DIR).parent / "weights"  # small trained checkpoints, see README
-NET_NAMES = {"AiR": "air", "MAPT": "mapt", "DIRNet": "dirnet"}
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # shipped checkpoints (package data)
+DEFAULT_WEIGHTS = "mapt_tuned_{dataset}"  # the best shipped model (docs/results.md)
 METRICS = ("mse_before", "mse_after", "smooth_dice_before", "smooth_dice_after")
 FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS)  # summary.csv columns
 
 
+def weights_name(cfg: DictConfig) -> str:
+    """``weights`` when set; else ``mapt_tuned_<data>``; the deprecated ``model=<m>`` choice
+    still picks ``<m>_<data>`` (the network class's name in lower case)."""
+    if cfg.get("weights"):
+        return str(cfg.weights)
+    dataset = cfg.data.dataset if cfg.get("data") else "mnist"
+    if cfg.get("model"):
+        net = cfg.model.net._target_.rsplit(".", 1)[-1].lower()
+        log.warning(
+            "choosing shipped weights with model=/data= is deprecated; use weights=%s_%s",
+            net,
+            dataset,
+        )
+        return f"{net}_{dataset}"
+    return DEFAULT_WEIGHTS.format(dataset=dataset)
+
+
 def resolve_checkpoint(cfg: DictConfig) -> Path:
-    """``ckpt_path`` when given, else the shipped ``weights/<weights>.ckpt``, where
-    ``weights`` defaults to ``<model>_<data>`` of the chosen ``model=`` and ``data=``."""
+    """``ckpt_path`` when given, else the shipped ``air_reg/weights/<weights>.ckpt``."""
     if cfg.get("ckpt_path"):
         return Path(cfg.ckpt_path).expanduser()
-    net = cfg.model.net._target_.rsplit(".", 1)[-1]
-    name = f"{cfg.get('weights') or f'{NET_NAMES[net]}_{cfg.data.dataset}'}.ckpt"
+    name = f"{weights_name(cfg)}.ckpt"
     path = WEIGHTS_DIR / name
     if not path.is_file():
         shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("*.ckpt"))
         raise ValueError(
-            f"no shipped weights {name}: choose model=<m> data=<d> or weights=<name> among "
-            f"{shipped or 'none'} "
+            f"no shipped weights {name}: choose weights=<name> among {shipped or 'none'} "
             f"or pass ckpt_path=<run dir>/checkpoints/last.ckpt (from `python -m air_reg.train`)"
         )
     return path
@@ -165,6 +177,8 @@ def register(cfg: DictConfig) -> dict:
     pairs = find_pairs(fixed_in, moving_in)
     folders = fixed_in.is_dir()
     model = load_configured(resolve_checkpoint(cfg), cfg)
+    if cfg.figures:
+        from air_reg.viz import pair_figure  # matplotlib: only when figures are drawn
     batch_size = int(cfg.batch_size) if folders else 1
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}; e.g. batch_size=32")

@@ -9,7 +9,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from air_reg import __version__
+from air_reg import __version__, speed
 from air_reg.config import CONFIG_DIR
 from air_reg.utils import check_writable, run_cli, run_record, write_json
 
@@ -33,9 +33,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: L.LightningModule = instantiate(cfg.model)
+    settings = speed.settings_of(cfg)
+    speed.accelerate(model.net, **settings)
     model.build_config = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "speed": settings,
         "air_reg_version": __version__,
     }
     trainer: L.Trainer = instantiate(
@@ -43,8 +46,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks=_instantiate_all(cfg.get("callbacks")),
         logger=_instantiate_all(cfg.get("logger")) or False,
     )
+    record = run_record(cfg, {"data_checksums": datamodule.file_checksums()})
+    record["speed"] = speed.report(settings)
+    log.info("Speed: %s", {k: v for k, v in record["speed"].items() if k != "calls"})
     if trainer.is_global_zero:
-        record = run_record(cfg, {"data_checksums": datamodule.file_checksums()})
         write_json(output_dir / "run_record.json", record)
 
     metrics: dict[str, float] = {}
@@ -62,6 +67,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
+        record["speed"]["calls"] = speed.report(settings)["calls"]  # which path each op took
+        write_json(output_dir / "run_record.json", record)
         write_json(output_dir / "metrics.json", metrics)
         log.info("Run folder: %s", output_dir)
     return metrics

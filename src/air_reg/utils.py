@@ -95,6 +95,7 @@ def write_json(path: str | Path, obj) -> None:
 # Errors whose message already tells the user what went wrong and how to fix it: the entry
 # points print that message alone instead of a stack trace.
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    TypeError,  # ContractError: a network that lacks what the contract asks for
     FileNotFoundError,
     PermissionError,
     ValueError,

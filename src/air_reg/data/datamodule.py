@@ -6,23 +6,13 @@ import logging
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from air_reg.data.idx import checksums, load_dataset
 from air_reg.data.pairs import PAIRINGS, PairDataset, PairSampler, collate_batch, draw_pairs
+from air_reg.io import resize
 
 log = logging.getLogger(__name__)
-
-
-def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """(N, 1, h, w) float images to (N, 1, H, W), bilinear, antialiased when shrinking."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(images.shape[-2:]) == size:
-        return images
-    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
-    out = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-    return out.clamp(0, 1)
 
 
 class PairDataModule(L.LightningDataModule):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,16 @@ FILES = (
 DATASETS = {"mnist": "MNIST", "fashion": "FashionMNIST"}
 
 
+DATA_ENV = "AIR_REG_DATA"
+
+
 def default_data_root() -> Path:
-    """``<repo>/data`` for a source checkout, else ``./data``."""
+    """Where the idx files are when ``paths.data_dir`` is not set: ``$AIR_REG_DATA``, else
+    ``<repo>/data`` when air-reg runs from a source checkout, else ``./data``."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser().resolve()
     repo_data = Path(__file__).resolve().parents[3] / "data"
-    return repo_data if repo_data.is_dir() else Path("data").resolve()
+    return repo_data if (repo_data / "MNIST").is_dir() else Path("data").resolve()
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -77,7 +84,8 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Tru
     if missing:
         raise FileNotFoundError(
             f"{name} data missing: put {', '.join(missing)} (the original idx .gz files) "
-            f"in {raw}/ or set data.root to a folder holding {DATASETS[name]}/raw/"
+            f"in {raw}/, or set paths.data_dir=... (or the environment variable {DATA_ENV}) "
+            f"to a folder holding {DATASETS[name]}/raw/"
         )
     arrays = [read_idx(raw / f) for f in FILES]
     images = np.concatenate([arrays[0], arrays[2]])

@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from air_reg import metrics as M
+from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import warp
 
 STAGES = ("train", "val", "test")
@@ -42,6 +43,7 @@ class NonFiniteLossError(RuntimeError):
 class RegistrationModule(L.LightningModule):
     """Unsupervised registration: minimise ``loss(warp(moving, flow), fixed) + w * reg(flow)``.
 
+    ``net`` is any registration network (``air_reg.models.contract``), checked here.
     ``forward(fixed, moving)`` is inference only and returns the flow (B, 2, H, W) in pixels.
     """
 
@@ -58,6 +60,7 @@ class RegistrationModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        contract.check_network(net)
         self.save_hyperparameters(
             logger=False, ignore=["net", "loss", "regularizer", "optimizer", "scheduler"]
         )
@@ -73,16 +76,10 @@ class RegistrationModule(L.LightningModule):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return self.net.field.upsample.out_size
+        return contract.image_size(self.net)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         return self.net(fixed, moving)
-
-    @torch.no_grad()
-    def register(self, fixed: torch.Tensor, moving: torch.Tensor):
-        """(warped, flow) for a batch, without gradients."""
-        flow = self(fixed, moving)
-        return warp(moving, flow), flow
 
     def objective(self, fixed, moving, flow) -> dict[str, torch.Tensor]:
         warped = warp(moving, flow)

@@ -6,10 +6,9 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import nn
 
-from air_reg.models.components.attention import TorchTransformer, Transformer
+from air_reg.models.components.attention import Transformer
 from air_reg.models.components.spatial_transformer import FlowField, check_patch_sizes
 
-IMPLEMENTATIONS = {"sdpa": Transformer, "torch": TorchTransformer}
 QUERIES = ("moving", "fixed")
 
 
@@ -35,6 +34,7 @@ class AiRBranch(nn.Module):
     ``stem_channels > 0`` (not in the paper) puts a small conv stem before the patch
     embedding, so each token sees a neighbourhood wider than its patch: distinctive keys for
     the cross-attention to match. ``0`` is the paper's linear patch embedding.
+    ``attn_dropout`` (dropout on the attention probabilities) is not in the paper: 0.
     """
 
     def __init__(
@@ -47,20 +47,15 @@ class AiRBranch(nn.Module):
         heads: int = 4,
         ff_dim: int | None = None,
         dropout: float = 0.5,
-        attn_dropout: float = 0.5,
+        attn_dropout: float = 0.0,
         query: str = "moving",
-        impl: str = "sdpa",
         stem_channels: int = 0,
         stem_layers: int = 2,
-        fast_dropout: bool = False,
-        attn_kernel: str = "auto",
     ) -> None:
         super().__init__()
         check_patch_sizes(image_size, [patch_size])
         if query not in QUERIES:
             raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
-        if impl not in IMPLEMENTATIONS:
-            raise ValueError(f"impl must be one of {list(IMPLEMENTATIONS)}, got {impl!r}")
         self.grid = image_size // patch_size  # tokens per side
         self.query = query
         # One embedding and one position table for both images (as in the authors' code).
@@ -76,15 +71,13 @@ class AiRBranch(nn.Module):
                 nn.Linear(patch_size * patch_size, dim),
             )
         self.pos = nn.Parameter(torch.randn(1, self.grid**2, dim) * 0.02)
-        self.transformer = IMPLEMENTATIONS[impl](
+        self.transformer = Transformer(
             dim=dim,
             depth=depth,
             heads=heads,
             ff_dim=ff_dim or 4 * dim,
             dropout=dropout,
             attn_dropout=attn_dropout,
-            fast_dropout=fast_dropout,
-            attn_kernel=attn_kernel,
         )
         self.head = nn.Linear(dim, 2)  # per-token (dy, dx) in pixels
         nn.init.normal_(self.head.weight, std=1e-5)  # start near the identity
@@ -112,12 +105,17 @@ class AiR(nn.Module):
         super().__init__()
         self.branch = AiRBranch(image_size=image_size, patch_size=patch_size, **branch_kwargs)
         g = self.branch.grid
+        self.image_size = (image_size, image_size)  # the contract (models/contract.py)
         self.field = FlowField(
             coarse_size=(g, g),
-            image_size=(image_size, image_size),
+            image_size=self.image_size,
             interpolation=interpolation,
             integration_steps=integration_steps,
         )
+
+    @property
+    def integration_steps(self) -> int:
+        return self.field.integration_steps
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         return self.field(self.branch(fixed, moving))

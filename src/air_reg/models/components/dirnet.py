@@ -46,12 +46,17 @@ class DIRNet(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         grid = image_size // spacing
+        self.image_size = (image_size, image_size)  # the contract (models/contract.py)
         self.field = FlowField(
             coarse_size=(grid, grid),
-            image_size=(image_size, image_size),
+            image_size=self.image_size,
             interpolation=interpolation,
             integration_steps=integration_steps,
         )
+
+    @property
+    def integration_steps(self) -> int:
+        return self.field.integration_steps
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         x = torch.cat([fixed, moving], dim=1)  # (B, 2, H, W)

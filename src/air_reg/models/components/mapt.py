@@ -60,12 +60,17 @@ class MAPT(nn.Module):
             self.weight_logits = nn.Parameter(w.log())
         else:
             self.register_buffer("fixed_weights", w / w.sum())
+        self.image_size = (image_size, image_size)  # the contract (models/contract.py)
         self.field = FlowField(
             coarse_size=(grid, grid),
-            image_size=(image_size, image_size),
+            image_size=self.image_size,
             interpolation=interpolation,
             integration_steps=integration_steps,
         )
+
+    @property
+    def integration_steps(self) -> int:
+        return self.field.integration_steps
 
     @property
     def weights(self) -> torch.Tensor:

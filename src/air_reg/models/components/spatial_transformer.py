@@ -143,11 +143,3 @@ def check_patch_sizes(image_size: int, patch_sizes) -> None:
             f"valid patch sizes for {image_size}x{image_size} are {valid} "
             f"(set model.net.patch_size(s) or data.image_size)"
         )
-
-
-def to_pair(size) -> tuple[int, int]:
-    """An int or a (H, W) pair as a tuple of two ints."""
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))

@@ -1,13 +1,15 @@
-"""air-reg's C++ CPU kernels: built on first use, cached, loaded with ``ctypes``.
+"""air-reg's C++ CPU kernels: built once per machine, cached, loaded with ``ctypes``.
 
-``csrc/small_head_attention.cpp`` (attention for heads of size 1-16, ``cpu_attention``) and
-``csrc/dropout.cpp`` (counter-based dropout, ``dropout``) are compiled together into one
+``csrc/small_head_attention.cpp`` (attention for heads of size 1-16, ``speed.attention``) and
+``csrc/dropout.cpp`` (counter-based dropout, ``speed.dropout``) are compiled together into one
 library with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``;
 ``-O3 -march=native -fopenmp``, a few seconds) into ``$AIR_REG_CACHE`` (default
 ``~/.cache/air_reg``), keyed by sources, compiler and CPU. Their threads are the OpenMP threads
 torch already runs (the library resolves to torch's libgomp); without OpenMP, Python threads
-(ctypes releases the GIL). Without a compiler the callers fall back to torch ops
-(``available()`` warns once).
+(ctypes releases the GIL). The build is explicit with ``python -m air_reg.speed build``, else
+it happens on first use (logged). Without a compiler, or off Linux (the sources use GCC vector
+extensions, which MSVC lacks, and Apple clang has no OpenMP), the callers fall back to torch
+ops: ``available()`` says why once. ``calls()`` counts which path each op took.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +32,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "small_head_attention.cpp", CSRC / "dropout.cpp")
 FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared"]
 # Tried in this order until one builds: without -march=native the build is portable (slower);
@@ -54,7 +58,7 @@ def _compiler() -> str:
     if not cxx:
         raise KernelUnavailable(
             "no C++ compiler found: install g++ or clang++ (or set CXX), "
-            "or set model.net.attn_kernel=sdpa"
+            "or set speed.attention=sdpa"
         )
     return cxx
 
@@ -119,6 +123,11 @@ class View(ctypes.Structure):
 @functools.cache
 def library() -> ctypes.CDLL:
     """The compiled kernels, built on the first call here (raises ``KernelUnavailable``)."""
+    if sys.platform != "linux" and not os.environ.get("AIR_REG_KERNELS_ANY_OS"):
+        raise KernelUnavailable(
+            f"air-reg's CPU kernels are built on Linux only (this is {sys.platform}); "
+            "set AIR_REG_KERNELS_ANY_OS=1 to try anyway"
+        )
     missing = [s for s in SOURCES if not s.is_file()]
     if missing:
         raise KernelUnavailable(f"kernel source missing: {missing[0]} (reinstall air-reg)")
@@ -178,6 +187,26 @@ def available() -> bool:
         )
         return False
     return True
+
+
+def failure() -> str | None:
+    """Why the kernels are unavailable here, once ``available()`` found out (else None)."""
+    return _failure[0] if _failure else None
+
+
+_calls: Counter = Counter()  # (op, path) -> calls in this process, for the run record
+
+
+def count(op: str, path: str) -> None:
+    _calls[op, path] += 1
+
+
+def calls() -> dict[str, dict[str, int]]:
+    """How often each op ran on each path in this process: {"attention": {"kernel": n}}."""
+    out: dict[str, dict[str, int]] = {}
+    for (op, path), n in sorted(_calls.items()):
+        out.setdefault(op, {})[path] = n
+    return out
 
 
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool): no-OpenMP builds

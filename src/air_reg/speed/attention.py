@@ -1,13 +1,14 @@
-"""air-reg's CPU attention kernel for small heads (``attn_kernel`` = ``auto`` or ``cpu``).
+"""air-reg's CPU attention kernel for small heads (``speed.attention`` = ``auto`` or ``kernel``).
 
 The paper's AiR has 4 heads of size 4. PyTorch's fused CPU attention is tuned for heads of
 64-128; at size 4 a training step spends most of its time there. ``csrc/small_head_attention.cpp``
 computes the same exact softmax attention (no approximation; its float32 error against a
 float64 reference is no larger than SDPA's) with the head size as a compile-time constant
 and SIMD lanes over queries or keys, forward and backward, in O(N) memory, reading the q/k/v
-projections in place. It is built on first use with the machine's C++ compiler (see
-``kernels``); without one, ``auto`` falls back to ``F.scaled_dot_product_attention`` with
-one warning.
+projections in place. It is built with the machine's C++ compiler (see ``kernels``); without
+one, ``auto`` falls back to ``F.scaled_dot_product_attention`` with one warning.
+``KernelAttention`` is what ``air_reg.speed.accelerate`` puts in place of the models' plain
+``ScaledDotProductAttention``: the same maths, the path chosen per call.
 
 Scope: CPU float32 tensors, head size 1/2/4/8/16, as many keys as queries, no mask, no
 attention dropout, eager mode (under ``torch.compile`` SDPA is used).
@@ -18,12 +19,13 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from air_reg.models.components import kernels
+from air_reg.models.components.attention import ScaledDotProductAttention
+from air_reg.speed import kernels
 
-HEAD_SIZES = (1, 2, 4, 8, 16)  # what the kernel takes (attn_kernel=cpu)
+HEAD_SIZES = (1, 2, 4, 8, 16)  # what the kernel takes (speed.attention=kernel)
 AUTO_HEAD_SIZES = (1, 2, 4, 8)  # where attn_kernel=auto uses it: faster than SDPA there
 # (experiments/attention_kernels.py; at 16 its accumulators no longer fit in registers)
-KERNELS = ("auto", "cpu", "sdpa")  # the ``attn_kernel`` choices
+MODES = ("auto", "kernel", "sdpa")  # the ``speed.attention`` choices
 
 
 def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> str | None:
@@ -37,7 +39,7 @@ def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) ->
 
 
 def auto_uses_kernel(head_size: int, dropout_p: float) -> bool:
-    """Whether ``attn_kernel=auto`` picks this kernel (for inputs it can take): no attention
+    """Whether ``speed.attention=auto`` picks this kernel (for inputs it can take): no attention
     dropout, a head size where it beats SDPA, and it builds here."""
     return not dropout_p and head_size in AUTO_HEAD_SIZES and kernels.available()
 
@@ -99,5 +101,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
 
 
 def apply(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """``attention`` for inputs already found ``applicable`` (as MultiheadAttention does)."""
+    """``attention`` for inputs already found ``applicable`` (as KernelAttention does)."""
     return _SmallHeadAttention.apply(q, k, v, heads)
+
+
+class KernelAttention(ScaledDotProductAttention):
+    """``ScaledDotProductAttention`` that runs air-reg's kernel where it applies.
+
+    ``mode``: ``auto`` (the kernel for CPU float32 inputs, head size up to 8, no attention
+    dropout, eager mode, when it builds here; else SDPA), ``kernel`` (insists: an error where
+    it cannot run) or ``sdpa`` (always SDPA). Each call is counted in ``kernels.calls()``.
+    """
+
+    def __init__(self, *, dim: int, heads: int, dropout: float = 0.0, mode: str = "auto"):
+        super().__init__(dim=dim, heads=heads, dropout=dropout)
+        if mode not in MODES:
+            raise ValueError(f"speed.attention must be one of {MODES}, got {mode!r}")
+        if mode == "kernel" and dropout:
+            raise ValueError(
+                "speed.attention=kernel has no attention dropout: set "
+                "model.net.attn_dropout=0 or speed.attention=auto"
+            )
+        if mode == "kernel" and dim // heads not in HEAD_SIZES:
+            raise ValueError(
+                f"speed.attention=kernel needs a head size (dim / heads = {dim // heads}) in "
+                f"{HEAD_SIZES}; use speed.attention=auto or sdpa"
+            )
+        self.mode = mode
+
+    @classmethod
+    def replacing(cls, plain: ScaledDotProductAttention, mode: str) -> KernelAttention:
+        return cls(dim=plain.dim, heads=plain.heads, dropout=plain.dropout, mode=mode)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        if self._use_kernel(q, k, v, p):
+            kernels.count("attention", "kernel")
+            return apply(q, k, v, self.heads)
+        kernels.count("attention", "sdpa")
+        return super().forward(q, k, v)
+
+    def _use_kernel(self, q, k, v, dropout_p: float) -> bool:
+        if self.mode == "sdpa" or dropout_p:
+            return False
+        if self.mode == "kernel":
+            why = applicable(q, k, v, self.heads)
+            if why:
+                raise ValueError(f"speed.attention=kernel cannot run here: {why}; use auto")
+            kernels.library()  # raises KernelUnavailable with the compiler's message
+            return True
+        if applicable(q, k, v, self.heads):  # first: never build for GPU inputs
+            return False
+        return auto_uses_kernel(q.shape[-1] // self.heads, dropout_p)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mode={self.mode!r}"

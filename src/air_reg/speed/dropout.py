@@ -1,4 +1,4 @@
-"""``FastDropout`` (``fast_dropout=True``): the paper's dropout, cheaper to draw on CPU.
+"""``FastDropout`` (``speed.dropout=fast``): the paper's dropout, cheaper to draw on CPU.
 
 Each element is kept with probability 1 - p' and scaled by 1 / (1 - p), where p' is p rounded
 to a multiple of 2^-16 (exact for the paper's 0.5; 0.1 -> 0.1000061): the distribution of
@@ -16,6 +16,10 @@ sizes that is about 40 % of an AiR training step (``experiments/benchmark.py``, 
   16-bit random integers, one 64-bit draw per four elements (another stream again).
 - CUDA and other devices: PyTorch's dropout (fused on CUDA).
 
+``air_reg.speed.accelerate`` puts ``FastDropout`` in place of the models' ``nn.Dropout``; where
+a model has ``nn.ReLU`` then ``nn.Dropout`` in an ``nn.Sequential`` (the feed-forward), the
+pair becomes ``nn.Identity`` then ``FastDropout(relu=True)``: the same function.
+
 Earlier versions drew the CPU masks with ``rand_like``, then from the 16-bit integers alone:
 the same distribution, other streams.
 """
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from air_reg.models.components import kernels
+from air_reg.speed import kernels
 
 _MIN_SHARE = 1 << 15  # elements per thread below which more threads cost more than they save
 
@@ -99,16 +103,23 @@ def uses_kernel(x: torch.Tensor) -> bool:
 class FastDropout(nn.Dropout):
     """Inverted dropout with cheap masks (module docstring); ``relu=True`` applies a ReLU first."""
 
-    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    def __init__(self, p: float = 0.5, *, relu: bool = False) -> None:
+        super().__init__(p)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and 0 < self.p < 1 and uses_kernel(x):
-            return _KernelDropout.apply(x, self.p, relu)
-        x = F.relu(x) if relu else x
+            kernels.count("dropout", "kernel")
+            return _KernelDropout.apply(x, self.p, self.relu)
+        x = F.relu(x) if self.relu else x
         if not self.training or self.p == 0 or x.device.type != "cpu":
+            if self.training and self.p:
+                kernels.count("dropout", "torch")
             return F.dropout(x, self.p, self.training)
+        kernels.count("dropout", "int16 masks")
         if self.p == 1:
             return x * 0
         return _int16_dropout(x, self.p)
 
-
-def make_dropout(p: float, fast: bool) -> nn.Dropout:
-    return FastDropout(p) if fast else nn.Dropout(p)
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, relu={self.relu}"
