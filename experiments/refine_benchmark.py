@@ -24,13 +24,13 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 import air_reg
+from air_reg.checkpoint import WEIGHTS_DIR
 from air_reg.classical import demons, has_simpleitk
 from air_reg.config import CONFIG_DIR, compose_config
 from air_reg.data.synthetic import make_flows
 from air_reg.evaluation import markdown_table, score, summarise
 from air_reg.models.components.spatial_transformer import integrate_velocity, warp
 from air_reg.refine import Refiner, cascade
-from air_reg.register import WEIGHTS_DIR
 from air_reg.utils import write_text, write_with
 
 REPO = Path(__file__).resolve().parents[1]

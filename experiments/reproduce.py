@@ -28,6 +28,7 @@ import torch
 from hydra.utils import instantiate
 
 import air_reg
+from air_reg.checkpoint import WEIGHTS_DIR
 from air_reg.classical import demons, has_simpleitk
 from air_reg.config import compose_config
 from air_reg.evaluation import (
@@ -37,7 +38,6 @@ from air_reg.evaluation import (
     summarise,
     write_per_pair_csv,
 )
-from air_reg.register import WEIGHTS_DIR
 from air_reg.train import train
 from air_reg.utils import write_with
 from air_reg.viz import method_figure

@@ -145,7 +145,7 @@ CASES = [
          lambda t, c: reg(t, f"out_dir={raw_bytes(t / 'file.txt', b'x') / 'sub'}"),
          PermissionError, "file.txt/sub is not writable", "paths.output_dir="),
     # -- checkpoints ---------------------------------------------------------------------------
-    case("no-such-shipped-weights", lambda t, c: reg(t, "weights=nope"), ValueError,
+    case("no-such-shipped-weights", lambda t, c: reg(t, "weights=nope"), CheckpointError,
          "no shipped weights nope.ckpt", "pass ckpt_path="),
     case("ckpt-missing", lambda t, c: reg(t, ckpt=t / "none.ckpt"), CheckpointError,
          "none.ckpt does not exist", "written by `python -m air_reg.train`"),

@@ -134,7 +134,9 @@ def test_a_users_own_network_trains_evaluates_and_registers(tmp_path, monkeypatc
     assert type(model.net).__name__ == "TinyNet"
     assert model.image_size == (28, 28)
 
-    summary = evaluate(compose_config("eval", [f"ckpt_path={ckpt}", "num_pairs=8"], tmp_path / "e"))
+    summary = evaluate(
+        compose_config("eval", [f"ckpt_path={ckpt}", "num_pairs=8"], tmp_path / "e")
+    )
     assert summary["model"]["mse"]["mean"] <= summary["identity"]["mse"]["mean"] + 1e-6
 
     images = torch.rand(2, 1, 1, 28, 28)

@@ -5,8 +5,8 @@ import torch
 
 import air_reg
 from air_reg import metrics
+from air_reg.checkpoint import WEIGHTS_DIR
 from air_reg.data import PairDataModule
-from air_reg.register import WEIGHTS_DIR
 
 WEIGHTS = sorted(WEIGHTS_DIR.glob("*.ckpt"))
 

@@ -17,6 +17,7 @@ from air_reg.models import contract
 # checkpoint never runs code from elsewhere (tensors are read with ``weights_only=True`` too).
 SAFE_TARGETS = ("air_reg.", "torch.optim.", "torch.nn.")
 TRUST_ENV = "AIR_REG_TRUST"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # shipped checkpoints (package data)
 # Speed settings that older checkpoints stored in the network's config (now ``speed.*``).
 LEGACY_NET_KEYS = ("impl", "fast_dropout", "attn_kernel")
 
@@ -93,6 +94,18 @@ def network_config(record: dict) -> tuple[dict, dict]:
         "dropout": "fast" if legacy.get("fast_dropout") else "torch",
     }
     return net_cfg, speed
+
+
+def shipped_weights(name: str) -> Path:
+    """``air_reg/weights/<name>.ckpt``; the error lists what is shipped."""
+    path = WEIGHTS_DIR / f"{name}.ckpt"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("*.ckpt"))
+        raise CheckpointError(
+            f"no shipped weights {path.name}: choose weights=<name> among {shipped or 'none'} "
+            f"or pass ckpt_path=<run dir>/checkpoints/last.ckpt (from `python -m air_reg.train`)"
+        )
+    return path
 
 
 def read_checkpoint(path: str | Path) -> dict:

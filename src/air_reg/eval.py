@@ -1,4 +1,5 @@
-"""Score a trained checkpoint on its test pairs: ``python -m air_reg.eval ckpt_path=...``."""
+"""Score a trained checkpoint on its test pairs: ``python -m air_reg.eval ckpt_path=...``
+(or ``weights=<name>`` for a shipped one)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from air_reg.checkpoint import load_configured
+from air_reg.checkpoint import CheckpointError, load_configured, shipped_weights
 from air_reg.config import CONFIG_DIR
 from air_reg.evaluation import (
     identity_method,
@@ -33,7 +34,12 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict:
     """Score the checkpoint and the identity on the same test pairs; write the summary."""
     output_dir = check_writable(cfg.paths.output_dir)
-    model = load_configured(cfg.ckpt_path, cfg)
+    if not cfg.get("ckpt_path") and not cfg.get("weights"):
+        raise CheckpointError(
+            "nothing to evaluate: pass ckpt_path=<run dir>/checkpoints/last.ckpt or "
+            "weights=<name> of a shipped model (e.g. weights=mapt_tuned_mnist)"
+        )
+    model = load_configured(cfg.ckpt_path or shipped_weights(cfg.weights), cfg)
     data_cfg = cfg.get("data") or OmegaConf.create(model.build_config["data"])
     data_cfg.num_test_pairs = cfg.get("num_pairs")  # null = one pair per test image
     if cfg.get("batch_size"):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from air_reg.checkpoint import load_configured
+from air_reg.checkpoint import load_configured, shipped_weights
 from air_reg.config import CONFIG_DIR
 from air_reg.io import IMAGE_SUFFIXES, ImageError, read_image, resize, save_npy, write_image
 from air_reg.metrics import mse, smooth_dice
@@ -27,7 +27,6 @@ from air_reg.models.components.spatial_transformer import warp
 from air_reg.utils import check_writable, run_cli, write_with
 
 log = logging.getLogger(__name__)
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # shipped checkpoints (package data)
 DEFAULT_WEIGHTS = "mapt_tuned_{dataset}"  # the best shipped model (docs/results.md)
 METRICS = ("mse_before", "mse_after", "smooth_dice_before", "smooth_dice_after")
 FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS)  # summary.csv columns
@@ -54,15 +53,7 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
     """``ckpt_path`` when given, else the shipped ``air_reg/weights/<weights>.ckpt``."""
     if cfg.get("ckpt_path"):
         return Path(cfg.ckpt_path).expanduser()
-    name = f"{weights_name(cfg)}.ckpt"
-    path = WEIGHTS_DIR / name
-    if not path.is_file():
-        shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("*.ckpt"))
-        raise ValueError(
-            f"no shipped weights {name}: choose weights=<name> among {shipped or 'none'} "
-            f"or pass ckpt_path=<run dir>/checkpoints/last.ckpt (from `python -m air_reg.train`)"
-        )
-    return path
+    return shipped_weights(weights_name(cfg))
 
 
 def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
