@@ -1,10 +1,10 @@
-"""README tables and the quality-bar check from a reproduction run's CSVs.
+"""Compact results tables (docs/results.md) and the quality-bar check from reproduce.py CSVs.
 
     python experiments/readme_tables.py                       # experiments/results/full
     python experiments/readme_tables.py experiments/results/quick
 
 Reads table_<data>_<pairing>.csv (written by reproduce.py) and prints, in markdown, the compact
-tables the README shows and the tuned MAPT's gains over "Original" against the paper's MAPT
+tables docs/results.md shows and the tuned MAPT's gains over "Original" against the paper's MAPT
 gains (Table 1: MSE 0.0647 -> 0.027, PSNR 12.941 -> 17.311 dB, smooth Dice 0.756 -> 0.827).
 """
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import compose_config
 
-from air_reg.checkpoint import CheckpointError, shipped_weights
+from air_reg.checkpoint import CheckpointError, network_config, shipped_weights
 from air_reg.data import idx
 from air_reg.eval import evaluate
 from air_reg.register import weights_name
@@ -61,3 +61,13 @@ def test_register_starts_without_lightning_torchmetrics_or_matplotlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_older_records_migrate_and_the_reference_transformer_is_refused():
+    net = {"_target_": "air_reg.models.components.air.AiR", "patch_size": 2}
+    old = {"model": {"net": {**net, "impl": "sdpa", "fast_dropout": True, "attn_kernel": "cpu"}}}
+    assert network_config(old) == (net, {"attention": "kernel", "dropout": "fast"})
+    new = {"model": {"net": net}, "speed": {"attention": "sdpa", "dropout": "torch"}}
+    assert network_config(new) == (net, new["speed"])
+    with pytest.raises(CheckpointError, match="reference nn.Transformer"):
+        network_config({"model": {"net": {**net, "impl": "torch"}}})

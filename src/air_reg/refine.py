@@ -6,7 +6,7 @@ the fixed grid, ``warped(p) = moving(p + flow(p))``.
 Defaults, chosen on 128 synthetic and 128 MNIST same-class pairs starting from the zero
 flow: Adam (elementwise, so pairs stay independent; L-BFGS got stuck in worse minima on
 MNIST), lr 0.5 px, 50 steps, MSE + 0.05 * Diffusion. For a diffeomorphic result use the preset of
-``conf/refinement/diffeomorphic.yaml`` (``integration_steps=4, grid=7, lr=1.0,
+``air_reg/conf/refinement/diffeomorphic.yaml`` (``integration_steps=4, grid=7, lr=1.0,
 fold_weight=20``): a smooth B-spline velocity integrated by scaling and squaring, whereas a
 full-resolution velocity still folds on ~1 % of MNIST pixels (discrete Jacobian). Even the
 B-spline velocity folded a few pixels on 2 of 200 Fashion-MNIST pairs whose optimum is an

@@ -23,7 +23,7 @@ from air_reg.models.components.attention import ScaledDotProductAttention
 from air_reg.speed import kernels
 
 HEAD_SIZES = (1, 2, 4, 8, 16)  # what the kernel takes (speed.attention=kernel)
-AUTO_HEAD_SIZES = (1, 2, 4, 8)  # where attn_kernel=auto uses it: faster than SDPA there
+AUTO_HEAD_SIZES = (1, 2, 4, 8)  # where speed.attention=auto uses it: faster than SDPA
 # (experiments/attention_kernels.py; at 16 its accumulators no longer fit in registers)
 MODES = ("auto", "kernel", "sdpa")  # the ``speed.attention`` choices
 

@@ -5,7 +5,7 @@ to a multiple of 2^-16 (exact for the paper's 0.5; 0.1 -> 0.1000061): the distri
 ``nn.Dropout`` up to that rounding, the same eval output, another random stream (so seeded
 runs change). On CPU ``bernoulli_`` draws and converts one random number per element,
 serially, and the mask is then converted and multiplied in further passes: at the paper's
-sizes that is about 40 % of an AiR training step (``experiments/benchmark.py``, profile).
+sizes ``bernoulli_`` alone is 30 % of an AiR training step (``experiments/benchmark.py``, profile).
 
 - With air-reg's CPU kernels (``csrc/dropout.cpp``, float32, eager mode): one pass per call,
   the mask a pure function of (seed, element index) (SplitMix64), the seed one draw from
