@@ -72,9 +72,9 @@ def test_no_image_is_paired_with_itself(pairing):
 
 def test_batches_are_dicts_of_batched_tensors(mnist):
     batch = next(iter(mnist.train_dataloader()))
-    assert set(batch) == {"fixed", "moving", "fixed_label", "moving_label"}
+    assert set(batch) == {"fixed", "moving", "fixed_class", "moving_class"}
     assert batch["fixed"].shape == (64, 1, 28, 28)
-    assert batch["moving_label"].shape == (64,)
+    assert batch["moving_class"].shape == (64,)
 
 
 def test_resize_to_64():

@@ -19,6 +19,7 @@ from air_reg.evaluation import (
     summarise,
     write_per_pair_csv,
 )
+from air_reg.models.contract import as_size
 from air_reg.utils import (
     check_writable,
     run_cli,
@@ -45,10 +46,11 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.get("batch_size"):
         data_cfg.eval_batch_size = cfg.batch_size
     datamodule = instantiate(data_cfg)
-    if datamodule.image_size != model.image_size[0]:
+    if as_size(datamodule.image_size) != tuple(model.image_size):
+        h, w = model.image_size
         raise ValueError(
-            f"the model was trained on {model.image_size} images but data.image_size is "
-            f"{datamodule.image_size}; set data.image_size={model.image_size[0]}"
+            f"the model was trained on {h}x{w} images but the data are "
+            f"{'x'.join(map(str, as_size(datamodule.image_size)))}; set data.image_size=[{h},{w}]"
         )
     datamodule.setup("test")
     device = torch.device(cfg.device)

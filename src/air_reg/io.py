@@ -63,6 +63,13 @@ def _load_npy(path: Path) -> np.ndarray:
 def _load_pil(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:  # never read the first frame of a stack silently
+                raise ImageError(
+                    f"{path} holds {frames} frames (a multi-page TIFF or an animation); save "
+                    f"the one to register as its own file, e.g. in Python: im = "
+                    f"PIL.Image.open(path); im.seek(k); im.save('frame_k.png')"
+                )
             img.load()  # decode now: truncated files fail here, not later
             return _pil_to_array(img, path)
     except UnidentifiedImageError as err:

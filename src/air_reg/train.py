@@ -7,7 +7,7 @@ import logging
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from air_reg import __version__, speed
 from air_reg.config import CONFIG_DIR
@@ -32,6 +32,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
+    if cfg.data.get("image_size") is None:  # data=folder: the images' own size, once read
+        with open_dict(cfg):
+            cfg.data.image_size = list(datamodule.image_size)
     model: L.LightningModule = instantiate(cfg.model)
     settings = speed.settings_of(cfg)
     speed.accelerate(model.net, **settings)

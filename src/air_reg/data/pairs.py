@@ -15,14 +15,20 @@ class PairDataset(Dataset):
     """All images in one (N, 1, H, W) float tensor; an item is a (fixed, moving) index pair.
 
     ``__getitems__`` gathers a whole batch with one indexing call per field, so the
-    DataLoader does no per-item work. ``flows`` (N, 2, H, W), when given, is the
-    ground-truth flow that registers ``moving`` onto fixed image ``i`` (synthetic data).
+    DataLoader does no per-item work. ``labels`` (N,) are class or group ids (pairing);
+    ``flows`` (N, 2, H, W), when given, is the ground-truth flow that registers ``moving`` onto
+    fixed image ``i`` (synthetic data); ``segs`` (N, 1, H, W), when given, are integer label
+    maps (as floats) that travel with the images as ``fixed_labels`` / ``moving_labels``.
     """
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, flows: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        flows: torch.Tensor | None = None,
+        segs: torch.Tensor | None = None,
     ) -> None:
-        self.images, self.labels, self.flows = images, labels, flows
+        self.images, self.labels, self.flows, self.segs = images, labels, flows, segs
 
     def __len__(self) -> int:
         return len(self.images)
@@ -33,11 +39,13 @@ class PairDataset(Dataset):
         batch = {
             "fixed": self.images[f],
             "moving": self.images[m],
-            "fixed_label": self.labels[f],
-            "moving_label": self.labels[m],
+            "fixed_class": self.labels[f],
+            "moving_class": self.labels[m],
         }
         if self.flows is not None:
             batch["flow"] = self.flows[f]
+        if self.segs is not None:
+            batch["fixed_labels"], batch["moving_labels"] = self.segs[f], self.segs[m]
         return batch
 
     def __getitem__(self, pair: tuple[int, int]) -> dict[str, torch.Tensor]:
