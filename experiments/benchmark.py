@@ -38,6 +38,7 @@ from benchmark_sections import (
     memory_section,
     profile_section,
     scaling_section,
+    size_section,
     train_section,
 )
 
@@ -53,6 +54,7 @@ def run_sections(profile: Profile) -> tuple[dict, dict, dict]:
         "training": lambda: train_section(profile, specs),
         "inference": lambda: inference_section(profile, specs),
         "memory": lambda: memory_section(profile, specs),
+        "sizes": lambda: size_section(profile),
         "scaling": lambda: scaling_section(profile),
         "levers": lambda: lever_section(profile, naive_speedup(res["training"])),
         "profile": lambda: profile_section(profile),

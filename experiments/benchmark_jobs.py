@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from air_reg import speed, warp
+from air_reg.models import contract
 from air_reg.models.components.air import AiR
 from air_reg.models.components.attention import use_reference
 from air_reg.models.components.dirnet import DIRNet
@@ -48,6 +49,16 @@ class Profile:
     policy_rounds: int = 2  # OMP_WAIT_POLICY lever: alternations of two child processes
     compile: bool = True
     profile_steps: int = 3
+    # section 3b, training at larger images: (side, AiR-single patch, MAPT patches, batch).
+    # Patches grow with the side, so AiR-single keeps 196-256 tokens and the rows compare
+    # per-pixel costs; the last point (1,024 tokens at 128) shows what finer patches cost.
+    sizes: tuple[tuple[int, int, tuple[int, ...], int], ...] = (
+        (28, 2, (2, 4, 7), 64),
+        (128, 8, (8, 16, 32), 64),
+        (256, 16, (16, 32, 64), 64),
+        (128, 4, (4, 8, 16), 16),
+    )
+    size_models: tuple[str, ...] = ("AiR-single", "MAPT")
 
 
 AIR_ROWS = ("AiR-single p2 ours", "AiR-single p2 naive, matched widths")
@@ -63,6 +74,7 @@ PROFILES = {
         memory_models=AIR_ROWS,
         policy_rounds=1,
         compile=False,
+        sizes=((28, 2, (2, 4, 7), 16), (128, 8, (8, 16, 32), 16), (256, 16, (16, 32, 64), 16)),
     ),
     # For tests/test_benchmark.py: every code path in seconds, numbers meaningless.
     "smoke": Profile(
@@ -80,6 +92,8 @@ PROFILES = {
         policy_rounds=0,
         compile=False,
         profile_steps=1,
+        sizes=((28, 7, (7,), 2),),  # one tiny point
+        size_models=("AiR-single",),
     ),
 }
 MAX_MB, MAX_STEP_S = 8000, 60  # skip a scaling point whose extrapolated cost exceeds either
@@ -153,10 +167,12 @@ def describe(spec: dict) -> dict:
 # --- jobs: closures that run one training step or one batched inference ---------------------
 
 
-def image_pairs(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smooth random (fixed, moving) images in [0, 1], the same in every run."""
+def image_pairs(batch: int, size: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth random (fixed, moving) images in [0, 1] of side ``size`` or (H, W), the same in
+    every run."""
+    h, w = (size, size) if isinstance(size, int) else size
     g = torch.Generator().manual_seed(0)
-    x = F.avg_pool2d(torch.rand(2 * batch, 1, size, size, generator=g), 5, 1, 2)
+    x = F.avg_pool2d(torch.rand(2 * batch, 1, h, w, generator=g), 5, 1, 2)
     return x[:batch].contiguous(), x[batch:].contiguous()
 
 
@@ -173,8 +189,7 @@ def with_threads(n: int, fn: Callable) -> Callable:
 
 
 def _pairs_for(net: nn.Module, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    size = net.field.upsample.out_size[0]
-    return tuple(t.to(device) for t in image_pairs(batch, size))
+    return tuple(t.to(device) for t in image_pairs(batch, contract.image_size(net)))
 
 
 def train_job(

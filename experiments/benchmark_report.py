@@ -117,6 +117,15 @@ NOTES = {
     "memory": "Growth of the peak RSS (VmHWM, reset once imports, model and data exist) over one "
     "training step (batch {batch}) in a fresh process: activations, gradients, Adam state, "
     "library workspaces. 0 = below resolution (served from memory already resident).",
+    "sizes": "Training throughput (a full step as in section 1; ours, attn_dropout 0) and peak "
+    "memory (as in section 3, a fresh process per row) at larger images beside the first "
+    "side's rows, interleaved in the same rounds, each at its own batch (chosen far below 8 GB "
+    "and a few seconds a step). Patch sizes (in the names) grow with the image, so AiR-single "
+    "keeps 196-256 tokens and the rows compare per-pixel costs (embedding, coarse-to-dense, "
+    "warp); `tokens` sums MAPT's branches, and finer patches at 128, where the profile has "
+    "them, show what 4x the tokens cost. `ms/pair ÷`: median over rounds of this row's ms/pair "
+    "over the same model's first row. `batch in 8 GB (est.)`: 8 GB / (peak MB / batch), "
+    "conservative (the peak's fixed part is counted per pair).",
     "scaling": "AiR-single (dim 16, 4 heads, 1 block, dropout 0.5) training step, batch "
     "{scaling_batch}; ours with attn_dropout 0 (air-reg's kernel), naive with attention "
     "dropout 0.5. "
@@ -135,6 +144,7 @@ TITLES = {
     "training": "1. Training throughput",
     "inference": "2. Batched inference and Demons",
     "memory": "3. Peak memory of a training step",
+    "sizes": "3b. Larger images: 28, 128 and 256 pixels a side",
     "scaling": "4. Token-count scaling",
     "exponents": "4b. Growth exponents",
     "levers": "5. Levers",

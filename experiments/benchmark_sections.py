@@ -98,6 +98,44 @@ def memory_section(profile: Profile, specs: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def size_specs(profile: Profile) -> dict[tuple[str, int], tuple[dict, int]]:
+    """Section 3b's rows: (model, side) -> (spec, batch), every point and model of the profile."""
+    out = {}
+    for side, patch, patches, batch in profile.sizes:
+        made = {
+            "AiR-single": (f"p{patch}", air(image_size=side, patch_size=patch)),
+            "MAPT": (str(list(patches)), mapt(image_size=side, patch_sizes=list(patches))),
+        }
+        for arch in profile.size_models:
+            label, spec = made[arch]
+            out[f"{arch} {label}", side] = spec | VARIANTS["ours"], batch
+    return out
+
+
+def size_section(profile: Profile) -> list[dict]:
+    """Training throughput and peak memory at larger images beside 28 x 28, interleaved."""
+    specs = size_specs(profile)
+    kws = [{"spec": spec, "batch": b} for spec, b in specs.values()]
+    mem = dict(zip(specs, in_children("memory", 300, kws), strict=True))  # before timing
+    jobs = {name: train_job(build(spec), b) for name, (spec, b) in specs.items()}
+    times = interleave(jobs, profile.repeats, profile.warmup)
+    first = {}  # arch -> its first row (the profile's first side), the reference of `÷`
+    rows = []
+    for (model, side), (spec, b) in specs.items():
+        name, patches = (model, side), spec.get("patch_sizes") or [spec["patch_size"]]
+        ref, ref_b = first.setdefault(spec["arch"], (name, b))
+        tokens = sum((side // p) ** 2 for p in patches)  # attention runs per branch
+        row = {"model": model, "image": f"{side}x{side}", "tokens": tokens, "batch": b}
+        row |= timing_row(times[name], b)
+        per_pair = ((t / b) / (r / ref_b) for t, r in zip(times[name], times[ref], strict=True))
+        row[f"ms/pair ÷ {ref[1]}x{ref[1]}"] = statistics.median(per_pair)
+        mb = mem[name].get("peak_mb")
+        row |= {"peak MB": mb, "MB/pair": None if mb is None else mb / b}
+        row["batch in 8 GB (est.)"] = int(MAX_MB * b / mb) if mb else None
+        rows.append(row | {"note": mem[name].get("error")})
+    return rows
+
+
 def too_costly(prev: dict | None, tokens: int) -> str | None:
     """Why a scaling point is skipped, extrapolating the last one as O(tokens^2), else None."""
     if not prev:

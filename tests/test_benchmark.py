@@ -46,7 +46,7 @@ def test_smoke_run_writes_tables_csvs_and_plot(bench, tmp_path):
     text = (tmp_path / "benchmark.md").read_text()
     for title in bench.reporting.TITLES.values():
         assert f"## {title}" in text, title
-    for name in ("training", "inference", "scaling", "levers", "profile"):
+    for name in ("training", "inference", "sizes", "scaling", "levers", "profile"):
         rows = list(csv.DictReader((tmp_path / f"{name}.csv").open()))
         assert rows, f"{name}.csv is empty"
     training = {r["model"]: r for r in csv.DictReader((tmp_path / "training.csv").open())}

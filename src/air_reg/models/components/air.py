@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from einops.layers.torch import Rearrange
 from torch import nn
 
 from air_reg.models.components.attention import Transformer
 from air_reg.models.components.spatial_transformer import FlowField, check_patch_sizes
+from air_reg.models.contract import as_size
 
 QUERIES = ("moving", "fixed")
 
@@ -40,7 +43,7 @@ class AiRBranch(nn.Module):
     def __init__(
         self,
         *,
-        image_size: int = 28,
+        image_size: int | Sequence[int] = 28,
         patch_size: int = 2,
         dim: int = 16,
         depth: int = 1,
@@ -53,10 +56,10 @@ class AiRBranch(nn.Module):
         stem_layers: int = 2,
     ) -> None:
         super().__init__()
-        check_patch_sizes(image_size, [patch_size])
+        h, w = check_patch_sizes(image_size, [patch_size])  # an int is square
         if query not in QUERIES:
             raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
-        self.grid = image_size // patch_size  # tokens per side
+        self.grid = (h // patch_size, w // patch_size)  # token grid (rows, columns)
         self.query = query
         # One embedding and one position table for both images (as in the authors' code).
         if stem_channels:
@@ -70,7 +73,7 @@ class AiRBranch(nn.Module):
                 Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size),
                 nn.Linear(patch_size * patch_size, dim),
             )
-        self.pos = nn.Parameter(torch.randn(1, self.grid**2, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1], dim) * 0.02)
         self.transformer = Transformer(
             dim=dim,
             depth=depth,
@@ -82,21 +85,24 @@ class AiRBranch(nn.Module):
         self.head = nn.Linear(dim, 2)  # per-token (dy, dx) in pixels
         nn.init.normal_(self.head.weight, std=1e-5)  # start near the identity
         nn.init.zeros_(self.head.bias)
-        self.to_grid = Rearrange("b (h w) c -> b c h w", h=self.grid)
+        self.to_grid = Rearrange("b (h w) c -> b c h w", h=self.grid[0])
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         f, m = self.embed(fixed) + self.pos, self.embed(moving) + self.pos  # (B, N, D)
         src, tgt = (f, m) if self.query == "moving" else (m, f)
-        return self.to_grid(self.head(self.transformer(src, tgt)))  # (B, 2, h, w)
+        return self.to_grid(self.head(self.transformer(src, tgt)))  # (B, 2, H/p, W/p)
 
 
 class AiR(nn.Module):
-    """Single-scale AiR: ``forward(fixed, moving) -> flow`` (B, 2, H, W) in pixels."""
+    """Single-scale AiR: ``forward(fixed, moving) -> flow`` (B, 2, H, W) in pixels.
+
+    ``image_size`` is an int (square) or (H, W); ``patch_size`` must divide both sides.
+    """
 
     def __init__(
         self,
         *,
-        image_size: int = 28,
+        image_size: int | Sequence[int] = 28,
         patch_size: int = 2,
         interpolation: str = "bicubic",
         integration_steps: int = 0,
@@ -104,10 +110,9 @@ class AiR(nn.Module):
     ) -> None:
         super().__init__()
         self.branch = AiRBranch(image_size=image_size, patch_size=patch_size, **branch_kwargs)
-        g = self.branch.grid
-        self.image_size = (image_size, image_size)  # the contract (models/contract.py)
+        self.image_size = as_size(image_size)  # (H, W): the contract (models/contract.py)
         self.field = FlowField(
-            coarse_size=(g, g),
+            coarse_size=self.branch.grid,
             image_size=self.image_size,
             interpolation=interpolation,
             integration_steps=integration_steps,

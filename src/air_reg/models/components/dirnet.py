@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -14,13 +16,14 @@ class DIRNet(nn.Module):
     ``num_pools`` 2x2 average poolings bring the image to a control grid of spacing
     ``2**num_pools``; a zero-initialised 1x1 head gives control-point displacements in
     pixels, made dense by the shared ``FlowField`` (cubic B-spline as in de Vos et al. by
-    default; ``bicubic`` as in the ports the AiR paper used).
+    default; ``bicubic`` as in the ports the AiR paper used). ``image_size``: an int
+    (square) or (H, W), both sides divisible by the spacing.
     """
 
     def __init__(
         self,
         *,
-        image_size: int = 28,
+        image_size: int | Sequence[int] = 28,
         channels: int = 64,
         num_convs: int = 4,
         num_pools: int = 2,
@@ -30,7 +33,13 @@ class DIRNet(nn.Module):
     ) -> None:
         super().__init__()
         spacing = 2**num_pools
-        check_patch_sizes(image_size, [spacing])
+        h, w = check_patch_sizes(  # an int is square
+            image_size,
+            [spacing],
+            what="control-point spacing",
+            knob="model.net.num_pools (spacing 2**num_pools)",
+            powers_of_two=True,
+        )
         if num_convs < num_pools:
             raise ValueError(f"num_convs ({num_convs}) must be >= num_pools ({num_pools})")
         layers, c_in = [], 2
@@ -45,10 +54,9 @@ class DIRNet(nn.Module):
         self.head = nn.Conv2d(channels, 2, 1)  # control-point (dy, dx) in pixels
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        grid = image_size // spacing
-        self.image_size = (image_size, image_size)  # the contract (models/contract.py)
+        self.image_size = (h, w)  # the contract (models/contract.py)
         self.field = FlowField(
-            coarse_size=(grid, grid),
+            coarse_size=(h // spacing, w // spacing),  # the control grid
             image_size=self.image_size,
             interpolation=interpolation,
             integration_steps=integration_steps,

@@ -21,12 +21,13 @@ class MAPT(nn.Module):
 
     ``weights`` sets the initial (``learn_weights=True``, softmax-normalised so they stay
     positive and sum to 1) or fixed (normalised once) mixing weights; default uniform.
+    ``image_size`` is an int (square) or (H, W); every patch size must divide both sides.
     """
 
     def __init__(
         self,
         *,
-        image_size: int = 28,
+        image_size: int | Sequence[int] = 28,
         patch_sizes: Sequence[int] = (2, 4, 7),
         weights: Sequence[float] | None = None,
         learn_weights: bool = True,
@@ -37,7 +38,7 @@ class MAPT(nn.Module):
     ) -> None:
         super().__init__()
         patch_sizes = [int(p) for p in patch_sizes]
-        check_patch_sizes(image_size, patch_sizes)
+        size = check_patch_sizes(image_size, patch_sizes)  # (H, W); an int is square
         if weights is None:
             weights = [1.0] * len(patch_sizes)
         if len(weights) != len(patch_sizes) or min(weights) <= 0:
@@ -48,11 +49,9 @@ class MAPT(nn.Module):
         self.branches = nn.ModuleList(
             AiRBranch(image_size=image_size, patch_size=p, **branch_kwargs) for p in patch_sizes
         )
-        grid = image_size // min(patch_sizes)  # common size: the finest branch grid
+        grid = tuple(n // min(patch_sizes) for n in size)  # the finest branch grid
         self.resample = nn.ModuleList(
-            CoarseToDense(
-                in_size=(b.grid, b.grid), out_size=(grid, grid), mode=branch_interpolation
-            )
+            CoarseToDense(in_size=b.grid, out_size=grid, mode=branch_interpolation)
             for b in self.branches
         )
         w = torch.tensor(weights, dtype=torch.float32)
@@ -60,9 +59,9 @@ class MAPT(nn.Module):
             self.weight_logits = nn.Parameter(w.log())
         else:
             self.register_buffer("fixed_weights", w / w.sum())
-        self.image_size = (image_size, image_size)  # the contract (models/contract.py)
+        self.image_size = size  # the contract (models/contract.py)
         self.field = FlowField(
-            coarse_size=(grid, grid),
+            coarse_size=grid,
             image_size=self.image_size,
             interpolation=interpolation,
             integration_steps=integration_steps,
@@ -82,7 +81,7 @@ class MAPT(nn.Module):
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         w = self.weights
         coarse = sum(
-            w[i] * up(branch(fixed, moving))  # (B, 2, G, G)
+            w[i] * up(branch(fixed, moving))  # (B, 2, H/pmin, W/pmin)
             for i, (branch, up) in enumerate(zip(self.branches, self.resample, strict=True))
         )
         return self.field(coarse)

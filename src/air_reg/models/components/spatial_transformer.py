@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from air_reg.models.contract import as_size
+
 INTERPOLATIONS = ("bilinear", "bicubic", "bspline")
 
 
@@ -133,13 +135,28 @@ class FlowField(nn.Module):
         return dense
 
 
-def check_patch_sizes(image_size: int, patch_sizes) -> None:
-    """Reject patch sizes that do not divide the image size, listing the valid ones."""
-    bad = [p for p in patch_sizes if int(p) <= 0 or image_size % int(p)]
+def common_divisors(size) -> list[int]:
+    """The sizes that divide both sides of an int (square) or (H, W) image size."""
+    h, w = as_size(size)
+    return [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
+
+
+def check_patch_sizes(
+    image_size,
+    patch_sizes,
+    *,
+    what: str = "patch size",
+    knob: str = "model.net.patch_size(s)",
+    powers_of_two: bool = False,
+) -> tuple[int, int]:
+    """The (H, W) of ``image_size`` (int: square); raise if a patch size does not divide
+    both sides, listing the valid ones (``what``/``knob``/``powers_of_two``: for DIRNet)."""
+    h, w = as_size(image_size)
+    bad = [p for p in patch_sizes if int(p) <= 0 or h % int(p) or w % int(p)]
     if bad:
-        valid = [d for d in range(1, image_size + 1) if image_size % d == 0]
+        valid = [d for d in common_divisors((h, w)) if not powers_of_two or d & (d - 1) == 0]
         raise ValueError(
-            f"patch size(s) {bad} do not divide image size {image_size}; "
-            f"valid patch sizes for {image_size}x{image_size} are {valid} "
-            f"(set model.net.patch_size(s) or data.image_size)"
+            f"{what}(s) {bad} do not divide image size {h}x{w}; valid {what}s for {h}x{w} "
+            f"are {valid} (set {knob} or resize/pad the images: data.image_size / data.pad_to)"
         )
+    return h, w
