@@ -1,4 +1,7 @@
-"""Score registration methods on the same pairs: per-pair metrics, then mean +- std."""
+"""Score registration methods on the same pairs: per-pair metrics, then mean +- std.
+
+Batches with "fixed_labels"/"moving_labels" also get label Dice, HD95 and the dataset's DSC30.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,10 @@ from air_reg.models.components.spatial_transformer import warp
 
 # A method maps (fixed, moving) batches to a flow (B, 2, H, W) in pixels.
 Method = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# NaN = no label shared by the pair (docs/metrics.md): such pairs are left out of the summary.
+NAN_SKIPPED = ("dice_labels", "hd95")
+DATASET_LEVEL = {"dsc30": ("dice_labels", M.dsc30)}  # name: (per-pair metric, reduction)
 
 
 def identity_method(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -40,38 +47,57 @@ def score(
             flow = method(fixed, moving)
             seconds[name] += time.perf_counter() - start
             warped = warp(moving, flow)
-            for k, v in M.pair_metrics(fixed, warped, flow, batch.get("flow")).items():
+            labels = {k: batch.get(k) for k in ("fixed_labels", "moving_labels")}
+            for k, v in M.pair_metrics(fixed, warped, flow, batch.get("flow"), **labels).items():
                 values[name].setdefault(k, []).append(v.cpu())
     per_pair = {n: {k: torch.cat(v) for k, v in d.items()} for n, d in values.items()}
     ms = {n: 1000 * s / max(pairs, 1) for n, s in seconds.items()}
     return per_pair, ms
 
 
+def _mean_std(k: str, v: torch.Tensor) -> dict:
+    v = v.double()
+    if k in NAN_SKIPPED:
+        v = v[~v.isnan()]
+    return {"mean": v.mean().item(), "std": v.std().item(), "n": len(v)}
+
+
 def summarise(per_pair: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, dict]]:
-    """``{method: {metric: {"mean", "std", "n"}}}`` (std over pairs, unbiased)."""
-    return {
-        name: {
-            k: {"mean": v.double().mean().item(), "std": v.double().std().item(), "n": len(v)}
-            for k, v in metrics.items()
-        }
-        for name, metrics in per_pair.items()
-    }
+    """``{method: {metric: {"mean", "std", "n"}}}`` (std over pairs, unbiased).
+
+    Dataset-level numbers (``dsc30``) have the value as "mean" and ``std: None``.
+    """
+    summary = {}
+    for name, metrics in per_pair.items():
+        summary[name] = {k: _mean_std(k, v) for k, v in metrics.items()}
+        for key, (source, reduce) in DATASET_LEVEL.items():
+            if source in metrics:
+                v = metrics[source]
+                n = int((~v.isnan()).sum())
+                summary[name][key] = {"mean": reduce(v).item(), "std": None, "n": n}
+    return summary
 
 
 def markdown_table(summary: dict, ms_per_pair: dict[str, float] | None = None) -> str:
-    """Methods as columns, metrics as rows, ``mean ± std`` cells (Table 1's layout)."""
+    """Methods as columns, metrics as rows, ``mean ± std`` cells (Table 1's layout).
+
+    Dataset-level rows (``dsc30``) show their one value.
+    """
     names = list(summary)
     keys = list(dict.fromkeys(k for s in summary.values() for k in s))
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in keys:
-        cells = [
-            f"{summary[n][k]['mean']:.4f} ± {summary[n][k]['std']:.4f}" if k in summary[n] else ""
-            for n in names
-        ]
+        cells = [_cell(summary[n][k]) if k in summary[n] else "" for n in names]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     if ms_per_pair:
         lines.append("| ms/pair | " + " | ".join(f"{ms_per_pair[n]:.3f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(entry: dict) -> str:
+    if entry["std"] is None:  # a dataset-level number
+        return f"{entry['mean']:.4f}"
+    return f"{entry['mean']:.4f} ± {entry['std']:.4f}"
 
 
 def write_per_pair_csv(path, per_pair: dict[str, dict[str, torch.Tensor]]) -> None:

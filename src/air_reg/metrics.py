@@ -1,11 +1,21 @@
-"""Evaluation metrics, one value per pair: each returns a (B,) tensor.
+"""Evaluation metrics, one value per pair: each returns a (B,) tensor ((B, K) per label).
 
-Images are (B, 1, H, W) in [0, 1]; flows are (B, 2, H, W) in pixels (see the README).
+Images are (B, 1, H, W) in [0, 1]; flows are (B, 2, H, W) in pixels (see the README);
+label maps are (B, 1, H, W) integer values 0..K in float tensors, 0 = background.
+Definitions, empty cases and their Learn2Reg sources: docs/metrics.md.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from air_reg.models.components.spatial_transformer import warp
+
+HD_PERCENT = 95.0  # Learn2Reg's robust Hausdorff percentile
+DSC_QUANTILE = 0.3  # Learn2Reg's DSC30: the 30 % quantile over pairs
+JAC_CLIP = (1e-9, 1e9)  # Learn2Reg's clip of the Jacobian determinant before the log
 
 SMOOTH = 1e-3  # the authors' smoothing constant for the soft ("smooth") Dice
 
@@ -58,14 +68,122 @@ def folding(flow: torch.Tensor) -> torch.Tensor:
     return 100 * (jacobian_determinant(flow) <= 0).float().flatten(1).mean(1)
 
 
-def sd_log_jacobian(flow: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
-    """Standard deviation of log|J| (clamped away from 0), a smoothness measure."""
-    return jacobian_determinant(flow).abs().clamp(min=eps).log().flatten(1).std(1)
+def sd_log_jacobian(flow: torch.Tensor, clip: tuple[float, float] = JAC_CLIP) -> torch.Tensor:
+    """Std (unbiased) over pixels of log J, J clipped to ``clip`` (Learn2Reg): folds give -20.7."""
+    return jacobian_determinant(flow).clamp(*clip).log().flatten(1).std(1)
 
 
 def epe(flow: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean end-point error in pixels against a ground-truth flow."""
     return (flow - target).square().sum(1).sqrt().flatten(1).mean(1)
+
+
+def _label_ints(labels: torch.Tensor, name: str) -> torch.Tensor:
+    """(B, 1, H, W) float label map -> (B, H, W) int64, refusing non-integer values."""
+    if labels.ndim != 4 or labels.shape[1] != 1:
+        raise ValueError(f"{name} must be (B, 1, H, W), got {tuple(labels.shape)}")
+    ints = labels.round()
+    if not torch.equal(ints, labels) or (ints < 0).any() or not ints.isfinite().all():
+        raise ValueError(
+            f"{name} must hold integer labels >= 0 (0 = background); warp label maps with "
+            f"air_reg.warp(labels, flow, mode='nearest'), never bilinear"
+        )
+    return ints[:, 0].long()
+
+
+def _num_labels(*maps) -> int:
+    """The largest label in (B, H, W) torch or numpy maps (0 for empty maps)."""
+    return max(int(x.max()) if len(x.reshape(-1)) else 0 for x in maps)
+
+
+def _per_label_counts(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, H, W) int64 labels -> (B, K + 1) pixel counts; labels above K count as background."""
+    labels = torch.where(labels > k, 0, labels).flatten(1)  # (B, N)
+    offsets = (k + 1) * torch.arange(labels.shape[0], device=labels.device)[:, None]
+    counts = torch.bincount((labels + offsets).flatten(), minlength=labels.shape[0] * (k + 1))
+    return counts.view(-1, k + 1)
+
+
+def label_dice(
+    fixed_labels: torch.Tensor,
+    warped_labels: torch.Tensor,
+    moving_labels: torch.Tensor | None = None,
+    num_labels: int | None = None,
+) -> torch.Tensor:
+    """(B, K) Dice of labels 1..K; NaN where a label is absent from fixed or moving (Learn2Reg).
+
+    ``moving_labels`` (before warping) decides which labels count; without it, the warped map.
+    ``num_labels`` defaults to the largest label in the maps.
+    """
+    f = _label_ints(fixed_labels, "fixed_labels")  # (B, H, W)
+    w = _label_ints(warped_labels, "warped_labels")
+    m = w if moving_labels is None else _label_ints(moving_labels, "moving_labels")
+    k = _num_labels(f, m) if num_labels is None else int(num_labels)
+    cf, cw, cm = (_per_label_counts(x, k) for x in (f, w, m))  # (B, K + 1)
+    inter = _per_label_counts(torch.where(f == w, f, 0), k)  # pixels labelled alike
+    dsc = 2 * inter / (cf + cw).clamp(min=1)
+    valid = (cf > 0) & (cm > 0)
+    out = torch.where(valid, dsc, torch.nan)[:, 1:]  # (B, K): background dropped
+    return out.to(fixed_labels.dtype) if fixed_labels.is_floating_point() else out
+
+
+def _boundary(mask):
+    """Pixels of a (H, W) bool mask with a 4-neighbour outside it (or outside the image)."""
+    from scipy import ndimage  # lazy: keeps `import air_reg.metrics` light
+
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def _robust_hausdorff(a, b, percent: float) -> float:
+    """max of the two directed ``percent``-th percentiles of boundary distances (px)."""
+    import numpy as np
+    from scipy import ndimage
+
+    rows, cols = np.nonzero(a | b)  # crop to the union's box: distances stay the same
+    box = np.s_[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    ba, bb = _boundary(a[box]), _boundary(b[box])
+    a_to_b = ndimage.distance_transform_edt(~bb)[ba]  # each a-boundary pixel to b's boundary
+    b_to_a = ndimage.distance_transform_edt(~ba)[bb]
+    # surface-distance's percentile (equal weights): the smallest d with P(dist <= d) >= p
+    return max(float(np.percentile(d, percent, method="inverted_cdf")) for d in (a_to_b, b_to_a))
+
+
+def label_hd95(
+    fixed_labels: torch.Tensor,
+    warped_labels: torch.Tensor,
+    moving_labels: torch.Tensor | None = None,
+    num_labels: int | None = None,
+    percent: float = HD_PERCENT,
+) -> torch.Tensor:
+    """(B, K) 95 % Hausdorff distance in pixels per label (scipy, on the CPU).
+
+    NaN where a label is absent from fixed or moving (Learn2Reg); the image diagonal
+    sqrt((H-1)^2 + (W-1)^2) where the warped map lost it (surface-distance: inf).
+    """
+    f = _label_ints(fixed_labels, "fixed_labels").cpu().numpy()  # (B, H, W)
+    w = _label_ints(warped_labels, "warped_labels").cpu().numpy()
+    m = w if moving_labels is None else _label_ints(moving_labels, "moving_labels").cpu().numpy()
+    k = _num_labels(f, m) if num_labels is None else int(num_labels)
+    out = torch.full((f.shape[0], k), math.nan, dtype=torch.float64)
+    diagonal = math.hypot(f.shape[1] - 1, f.shape[2] - 1)
+    for i in range(f.shape[0]):
+        for label in range(1, k + 1):
+            fi, wi = f[i] == label, w[i] == label
+            if not fi.any() or not (m[i] == label).any():
+                continue  # no registration can match it: excluded, as in Learn2Reg
+            out[i, label - 1] = _robust_hausdorff(fi, wi, percent) if wi.any() else diagonal
+    dtype = fixed_labels.dtype if fixed_labels.is_floating_point() else torch.float32
+    return out.to(device=fixed_labels.device, dtype=dtype)
+
+
+def mean_over_labels(per_label: torch.Tensor) -> torch.Tensor:
+    """(B, K) -> (B,) mean over the scored (non-NaN) labels; NaN when none is scored."""
+    return per_label.nanmean(1)
+
+
+def dsc30(mean_dice: torch.Tensor) -> torch.Tensor:
+    """Dataset-level DSC30: the 30 % quantile (linear) of (N,) per-pair mean Dice, NaN skipped."""
+    return torch.nanquantile(mean_dice.double().flatten(), DSC_QUANTILE)
 
 
 def pair_metrics(
@@ -74,8 +192,15 @@ def pair_metrics(
     flow: torch.Tensor | None = None,
     target_flow: torch.Tensor | None = None,
     full: bool = True,
+    *,
+    fixed_labels: torch.Tensor | None = None,
+    moving_labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every per-pair metric for a batch; ``full=False`` keeps the cheap ones (validation)."""
+    """Every per-pair metric for a batch; ``full=False`` keeps the cheap ones (validation).
+
+    With label maps: "dice_labels" (mean label Dice), and with ``full`` "hd95" (pixels);
+    the moving labels are warped by ``flow`` with nearest-neighbour sampling.
+    """
     out = {
         "mse": mse(warped, fixed),
         "psnr": psnr(warped, fixed),
@@ -93,4 +218,16 @@ def pair_metrics(
             out["sdlogj"] = sd_log_jacobian(flow)
     if flow is not None and target_flow is not None:
         out["epe"] = epe(flow, target_flow)
+    if fixed_labels is not None or moving_labels is not None:
+        if fixed_labels is None or moving_labels is None or flow is None:
+            raise ValueError(
+                "label metrics need fixed_labels, moving_labels and the flow that warps them; "
+                "pass all three (or neither)"
+            )
+        # nearest-neighbour: integer values stay integer (exact in float32 up to 2**24)
+        warped_labels = warp(moving_labels.to(flow.dtype), flow, mode="nearest")
+        args = (fixed_labels, warped_labels, moving_labels)
+        out["dice_labels"] = mean_over_labels(label_dice(*args))
+        if full:
+            out["hd95"] = mean_over_labels(label_hd95(*args))
     return out

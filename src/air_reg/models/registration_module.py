@@ -15,7 +15,11 @@ from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import warp
 
 STAGES = ("train", "val", "test")
+# Label metrics come last: logged only for batches with "fixed_labels"/"moving_labels",
+# hd95 at test only (scipy, CPU); NaN (a pair sharing no label) is skipped (docs/metrics.md).
+LABEL_METRICS = ("dice_labels", "hd95")
 METRICS = ("mse", "psnr", "smooth_dice", "folding", "dice", "ncc", "ssim", "sdlogj", "epe")
+METRICS += LABEL_METRICS
 
 
 def cosine_schedule(
@@ -67,8 +71,12 @@ class RegistrationModule(L.LightningModule):
         self.net, self.loss, self.regularizer = net, loss, regularizer
         self.reg_weight, self.check_finite = reg_weight, check_finite
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        nan = {k: "ignore" if k in LABEL_METRICS else "warn" for k in METRICS}
         self.metrics = nn.ModuleDict(
-            {s: nn.ModuleDict({k: MeanMetric() for k in METRICS}) for s in ("val", "test")}
+            {
+                s: nn.ModuleDict({k: MeanMetric(nan_strategy=nan[k]) for k in METRICS})
+                for s in ("val", "test")
+            }
         )
         self.build_config: dict | None = None  # set by train.py; stored in checkpoints
         if compile:  # compile the network's forward only: state-dict keys stay the same
@@ -107,8 +115,9 @@ class RegistrationModule(L.LightningModule):
                 sync_dist=not on_step,
             )
         if stage != "train":
+            labels = {k: batch.get(k) for k in ("fixed_labels", "moving_labels")}
             values = M.pair_metrics(
-                fixed, out["warped"], flow, batch.get("flow"), full=stage == "test"
+                fixed, out["warped"], flow, batch.get("flow"), full=stage == "test", **labels
             )
             for k, v in values.items():
                 metric = self.metrics[stage][k]
