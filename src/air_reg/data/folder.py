@@ -90,10 +90,14 @@ class FolderDataModule(PairDataModule):
             raise ValueError("data.pairing=csv needs data.pairs=<CSV with fixed,moving columns>")
         if not 0 < train_fraction < 1 or not 0 <= val_fraction < 1:
             raise ValueError("data.train_fraction must be in (0, 1), data.val_fraction in [0, 1)")
-        if image_size is not None:
-            as_size(image_size)
-        if slice_range is not None and len(slice_range) != 2:
-            raise ValueError(f"data.slice_range is [first, last), got {slice_range}")
+        # Plain Python values (not OmegaConf lists): they are saved in checkpoints, which are
+        # read back with weights_only=True.
+        image_size = list(as_size(image_size)) if image_size is not None else None
+        percentiles = [float(p) for p in percentiles]
+        if slice_range is not None:
+            slice_range = [int(i) for i in slice_range]
+            if len(slice_range) != 2:
+                raise ValueError(f"data.slice_range is [first, last), got {slice_range}")
         if pad_to is not None and pad_to < 1:
             raise ValueError(f"data.pad_to must be a positive integer, got {pad_to}")
         self.save_hyperparameters(logger=False)
