@@ -34,7 +34,9 @@ def test_a_folder_of_non_square_pngs_with_labels_trains_evaluates_and_registers(
 
     summary = evaluate(compose_config("eval", [f"ckpt_path={ckpt}"], tmp_path / "eval"))
     for method in ("identity", "model"):
-        assert {"dice_labels", "hd95", "dsc30"} <= set(summary[method])
+        assert {"dice_labels", "hd95", "dsc30", "dice_label_1", "dice_label_2"} <= set(
+            summary[method]
+        )
     assert 0 < summary["identity"]["dice_labels"]["mean"] < 1
     per_pair = (tmp_path / "eval" / "per_pair.csv").read_text().splitlines()[0]
     assert "dice_labels" in per_pair

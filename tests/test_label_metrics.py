@@ -179,7 +179,14 @@ def test_score_and_summary_carry_label_metrics(tmp_path):
     assert "| dsc30 | 0.8300 | 0.9300 |" in table
     evaluation.write_per_pair_csv(tmp_path / "p.csv", per_pair)
     header = (tmp_path / "p.csv").read_text().splitlines()[0]
-    assert header.endswith("dice_labels,hd95")
+    assert header.endswith("dice_labels,hd95,dice_label_1,dice_label_2")
+    per_label = per_pair["identity"]["dice_label_1"]  # label 1: pairs 1 and 3; 2: none scored
+    assert per_label[0].item() == pytest.approx(0.8)
+    assert per_label[1].isnan()
+    assert per_label[2].item() == pytest.approx(0.9)
+    assert per_pair["identity"]["dice_label_2"].isnan().all()
+    assert summary["identity"]["dice_label_1"]["mean"] == pytest.approx(0.85)
+    assert summary["identity"]["dice_label_1"]["n"] == 2
     json.dumps(summary)  # None and NaN serialise
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from air_reg import metrics as M
@@ -21,6 +22,7 @@ Method = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # NaN = no label shared by the pair (docs/metrics.md): such pairs are left out of the summary.
 NAN_SKIPPED = ("dice_labels", "hd95")
 DATASET_LEVEL = {"dsc30": ("dice_labels", M.dsc30)}  # name: (per-pair metric, reduction)
+PER_LABEL = "_dice_per_label"  # collected (B, K), reported as dice_label_1 .. dice_label_K
 
 
 def identity_method(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -50,14 +52,30 @@ def score(
             labels = {k: batch.get(k) for k in ("fixed_labels", "moving_labels")}
             for k, v in M.pair_metrics(fixed, warped, flow, batch.get("flow"), **labels).items():
                 values[name].setdefault(k, []).append(v.cpu())
-    per_pair = {n: {k: torch.cat(v) for k, v in d.items()} for n, d in values.items()}
+            if labels["fixed_labels"] is not None:  # Dice of each label, (B, K)
+                moved = warp(labels["moving_labels"], flow, mode="nearest")
+                dice = M.label_dice(labels["fixed_labels"], moved, labels["moving_labels"])
+                values[name].setdefault(PER_LABEL, []).append(dice.cpu())
+    per_pair = {n: _columns(d) for n, d in values.items()}
     ms = {n: 1000 * s / max(pairs, 1) for n, s in seconds.items()}
     return per_pair, ms
 
 
+def _columns(values: dict[str, list]) -> dict[str, torch.Tensor]:
+    """Concatenated per-pair metrics; the (B, K) per-label Dice as columns dice_label_<k>
+    (batches with fewer labels padded with NaN: absent)."""
+    out = {k: torch.cat(v) for k, v in values.items() if k != PER_LABEL}
+    if PER_LABEL in values:
+        k_max = max(t.shape[1] for t in values[PER_LABEL])
+        pad = [F.pad(t, (0, k_max - t.shape[1]), value=float("nan")) for t in values[PER_LABEL]]
+        for k, column in enumerate(torch.cat(pad).unbind(1), start=1):
+            out[f"dice_label_{k}"] = column
+    return out
+
+
 def _mean_std(k: str, v: torch.Tensor) -> dict:
     v = v.double()
-    if k in NAN_SKIPPED:
+    if k in NAN_SKIPPED or k.startswith("dice_label_"):
         v = v[~v.isnan()]
     return {"mean": v.mean().item(), "std": v.std().item(), "n": len(v)}
 
