@@ -26,8 +26,8 @@ PYTEST = $(PYTHON) -m pytest -q $(1); rc=$$?; \
 test: $(STAMP) ## Run the default suite: fast tests plus the bounded slow ones (not `heavy`)
 	@$(call PYTEST,-m "not heavy")
 
-test-all: $(STAMP) ## Run every test, heavy ones (DDP, sweeps, kill/resume) included
-	@$(call PYTEST,)
+test-all: $(STAMP) ## Run every test: heavy ones (DDP, sweeps, kill/resume), 20x the fuzzing
+	@AIR_REG_FUZZ=long $(call PYTEST,)
 
 lint: $(STAMP) ## Check style with ruff
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .

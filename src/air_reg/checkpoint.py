@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import pydoc
+from contextlib import nullcontext
+from itertools import chain
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from air_reg import speed
+from air_reg.errors import UserError
 from air_reg.models import contract
 
 # A checkpoint's stored config may only name classes from these packages, and from the
@@ -20,9 +25,15 @@ TRUST_ENV = "AIR_REG_TRUST"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # shipped checkpoints (package data)
 # Speed settings that older checkpoints stored in the network's config (now ``speed.*``).
 LEGACY_NET_KEYS = ("impl", "fast_dropout", "attn_kernel")
+TRAINED = "use a .ckpt written by `python -m air_reg.train`"
+MAX_DEPTH = 64  # how deep a stored config may nest (a corrupt one may nest forever or loop)
+# Building a stored network config may make 8x its weights' values plus MAX_EXTRA; one with
+# an int beyond SMALL_INT is first built on the meta device (shapes, no memory) and must fit
+# its weights, plus at most MAX_EXTRA values of other buffers.
+SMALL_INT, MAX_EXTRA = 1024, 2**26
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable, or not an air-reg model."""
 
 
@@ -33,21 +44,63 @@ def trusted_prefixes() -> tuple[str, ...]:
 
 
 def _check_targets(node, where: str) -> None:
-    if isinstance(node, dict):
-        target = node.get("_target_")
-        trusted = trusted_prefixes()
-        if target is not None and not str(target).startswith(trusted):
-            module = str(target).rpartition(".")[0] or str(target)
+    todo = [(node, where, 0)]  # a stack, not recursion: a corrupt config may nest or loop
+    while todo:
+        node, where, depth = todo.pop()
+        if depth > MAX_DEPTH:
             raise CheckpointError(
-                f"checkpoint config names {target!r} at {where}, outside the trusted "
-                f"{', '.join(trusted)}, so it was not loaded. If you trust that code, name its "
-                f"module in {TRUST_ENV} (e.g. export {TRUST_ENV}={module}.)"
+                f"the checkpoint's stored config nests deeper than {MAX_DEPTH} levels at "
+                f"{where[:80]}... (corrupt, or a reference loop); {TRAINED}"
             )
+        if isinstance(node, dict):
+            _check_target(node.get("_target_"), where)
+            todo += [(value, f"{where}.{key}", depth + 1) for key, value in node.items()]
+        elif isinstance(node, list | tuple):
+            todo += [(value, f"{where}[{i}]", depth + 1) for i, value in enumerate(node)]
+
+
+def _check_target(target, where: str) -> None:
+    if target is None:
+        return
+    if not isinstance(target, str):
+        raise CheckpointError(
+            f"the checkpoint's stored config is corrupt: its _target_ at {where} is of type "
+            f"{type(target).__name__}, not a class name; {TRAINED}"
+        )
+    trusted = trusted_prefixes()
+    if not target.startswith(trusted):
+        module = target.rpartition(".")[0] or target
+        raise CheckpointError(
+            f"checkpoint config names {target!r} at {where}, outside the trusted "
+            f"{', '.join(trusted)}, so it was not loaded. If you trust that code, name its "
+            f"module in {TRUST_ENV} (e.g. export {TRUST_ENV}={module}.)"
+        )
+
+
+def _check_classes(node, where: str = "model.net") -> None:
+    """Every ``_target_`` in the network config names an ``nn.Module`` class (or is a
+    ``_partial_``): loading never calls a function, even one inside the trusted packages."""
+    if isinstance(node, dict):
+        if "_target_" in node and node.get("_partial_") is not True:
+            try:
+                obj = pydoc.locate(node["_target_"])  # imports its module, calls nothing
+            except Exception:  # pydoc.ErrorDuringImport
+                obj = None
+            if obj is None:
+                raise CheckpointError(
+                    f"checkpoint config names {node['_target_']!r} at {where}, which cannot be "
+                    f"imported here; {TRAINED} with this air-reg version"
+                )
+            if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+                raise CheckpointError(
+                    f"checkpoint config names {node['_target_']!r} at {where}, which is not a "
+                    f"torch.nn.Module class, so it was not called; {TRAINED}"
+                )
         for key, value in node.items():
-            _check_targets(value, f"{where}.{key}")
-    elif isinstance(node, list):
+            _check_classes(value, f"{where}.{key}")
+    elif isinstance(node, list | tuple):
         for i, value in enumerate(node):
-            _check_targets(value, f"{where}[{i}]")
+            _check_classes(value, f"{where}[{i}]")
 
 
 class TrainedModel(nn.Module):
@@ -76,7 +129,8 @@ class TrainedModel(nn.Module):
 def network_config(record: dict) -> tuple[dict, dict]:
     """The network's config from a checkpoint record, and the speed settings it trained with
     (older records kept ``impl``/``fast_dropout``/``attn_kernel`` in the network's config)."""
-    net_cfg = record.get("model", {}).get("net")
+    model = record.get("model")
+    net_cfg = model.get("net") if isinstance(model, dict) else None
     if not isinstance(net_cfg, dict) or "_target_" not in net_cfg:
         raise CheckpointError(
             "the checkpoint's record has no network config (model.net); use a .ckpt written "
@@ -84,15 +138,22 @@ def network_config(record: dict) -> tuple[dict, dict]:
         )
     net_cfg = dict(net_cfg)
     legacy = {k: net_cfg.pop(k) for k in LEGACY_NET_KEYS if k in net_cfg}
+    if not all(v is None or isinstance(v, str | bool) for v in legacy.values()):
+        raise CheckpointError(
+            f"the checkpoint's stored network config is corrupt: {', '.join(legacy)} must be "
+            f"strings or booleans; {TRAINED}"
+        )
     if legacy.get("impl", "sdpa") != "sdpa":
         raise CheckpointError(
             f"this checkpoint was trained with the reference nn.Transformer (impl="
             f"{legacy['impl']!r}), which air-reg no longer builds; retrain it"
         )
-    speed = record.get("speed") or {
-        "attention": {"cpu": "kernel"}.get(legacy.get("attn_kernel"), "auto"),
-        "dropout": "fast" if legacy.get("fast_dropout") else "torch",
-    }
+    speed = record.get("speed")
+    if not isinstance(speed, dict) or not speed:
+        speed = {
+            "attention": {"cpu": "kernel"}.get(legacy.get("attn_kernel"), "auto"),
+            "dropout": "fast" if legacy.get("fast_dropout") else "torch",
+        }
     return net_cfg, speed
 
 
@@ -129,6 +190,14 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path} is not an air-reg checkpoint (no model record); use a .ckpt written "
             f"by `python -m air_reg.train`"
         )
+    state, record = ckpt["state_dict"], ckpt["air_reg"]
+    if not (isinstance(state, dict) and isinstance(record, dict)) or not all(
+        isinstance(key, str) for key in state
+    ):
+        raise CheckpointError(
+            f"{path} is corrupt: its state_dict or model record is not a dict of named "
+            f"entries; retrain or re-download it"
+        )
     return ckpt
 
 
@@ -152,19 +221,14 @@ def load_model(
     """
     ckpt = read_checkpoint(path)
     record = ckpt["air_reg"]
-    _check_targets(record.get("model"), "model")  # before anything in it is read
-    net_cfg, _ = network_config(record)
-    net = instantiate(net_cfg)
-    weights = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     try:
-        net.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:400]
-        raise CheckpointError(
-            f"{path}: the weights do not fit the model its config describes (edited, or from "
-            f"another model or version): {detail}; use the checkpoint written with that config "
-            f"or retrain"
-        ) from err
+        _check_targets(record.get("model"), "model")  # before anything in it is read
+        net_cfg, _ = network_config(record)
+        _check_classes(net_cfg)
+    except CheckpointError as err:  # one line, even for keys or targets with newlines in them
+        raise CheckpointError(f"{path}: {' '.join(str(err).split())}") from None
+    weights = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    net = _build(net_cfg, weights, Path(path))
     speed.accelerate(net, attention=attention)
     module = TrainedModel(net, record).eval().to(device)
     if refine_steps or cascade > 1:
@@ -184,3 +248,102 @@ def load_configured(path: str | Path, cfg):
         cascade=cfg.cascade,
         **cfg.refine,
     )
+
+
+def _build(net_cfg: dict, weights: dict, path: Path) -> nn.Module:
+    """The network ``net_cfg`` describes, holding ``weights``; a corrupt config is refused
+    before it builds for ever or allocates much more than its weights."""
+    if _has_large_int(net_cfg):  # check its shapes on the meta device first: no memory
+        _check_fit(_instantiate(net_cfg, weights, path, meta=True), weights, path)
+    net = _instantiate(net_cfg, weights, path)
+    try:
+        net.load_state_dict(weights, strict=True)
+    except Exception as err:
+        raise _misfit(path, str(err)) from err
+    return net
+
+
+class _TooLarge(BaseException):  # not an Exception: hydra and constructors must not wrap it
+    pass
+
+
+class _Budget(TorchFunctionMode):
+    """Raises ``_TooLarge`` past ``calls`` torch calls or ``values`` tensor elements made."""
+
+    def __init__(self, calls: int, values: int) -> None:
+        super().__init__()
+        self.calls, self.values = calls, values
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls -= 1
+        if self.calls < 0:
+            raise _TooLarge
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else (out,):
+            self.values -= tensor.numel() if isinstance(tensor, torch.Tensor) else 0
+        if self.values < 0:  # after torch.empty, before the init that would touch it
+            raise _TooLarge
+        return out
+
+
+def _instantiate(net_cfg: dict, weights: dict, path: Path, meta: bool = False) -> nn.Module:
+    """``instantiate(net_cfg)`` within a budget of torch calls and tensor values set by
+    ``weights``: a corrupt depth or width would build for ever or fill the memory."""
+    numel = sum(v.numel() for v in weights.values() if torch.is_tensor(v))
+    budget = _Budget(calls=20 * len(weights) + 2000, values=8 * numel + MAX_EXTRA)
+    try:
+        with torch.device("meta") if meta else nullcontext(), budget:
+            net = instantiate(net_cfg)
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"it builds a {type(net).__name__}, not a torch.nn.Module")
+    except _TooLarge:
+        raise CheckpointError(
+            f"{path}: the checkpoint's stored network config describes a network far larger "
+            f"than its weights (corrupt or edited); {TRAINED}"
+        ) from None
+    except Exception as err:  # hydra's InstantiationException, TypeError, our ContractError...
+        raise CheckpointError(
+            f"{path}: the checkpoint's stored network config is invalid or corrupt "
+            f"({_root_cause(err)}); {TRAINED}"
+        ) from err
+    return net
+
+
+def _check_fit(probe: nn.Module, weights: dict, path: Path) -> None:
+    """Refuse ``weights`` unless they are ``probe``'s tensors, plus at most ``MAX_EXTRA``
+    values of other buffers (shapes only: ``probe`` may live on the meta device)."""
+    want = {k: tuple(v.shape) for k, v in probe.state_dict().items() if torch.is_tensor(v)}
+    have = {k: tuple(v.shape) for k, v in weights.items() if torch.is_tensor(v)}
+    if want != have:
+        wrong = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+        shown = ", ".join(f"{k}: model {want.get(k)}, checkpoint {have.get(k)}" for k in wrong[:3])
+        raise _misfit(path, f"{len(wrong)} tensor(s) differ ({shown})")
+    total = sum(t.numel() for t in chain(probe.parameters(), probe.buffers()))
+    if total - sum(weights[k].numel() for k in have) > MAX_EXTRA:
+        raise CheckpointError(
+            f"{path}: the checkpoint's stored network config describes buffers far larger "
+            f"than its weights (corrupt or edited); {TRAINED}"
+        )
+
+
+def _misfit(path: Path, detail: str) -> CheckpointError:
+    detail = " ".join(detail.split())[:400]
+    return CheckpointError(
+        f"{path}: the weights do not fit the model its config describes (edited, or from "
+        f"another model or version): {detail}; use the checkpoint written with that config "
+        f"or retrain"
+    )
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:  # hydra wraps the constructor's own error
+        err = err.__cause__
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+
+
+def _has_large_int(node) -> bool:
+    if isinstance(node, dict):
+        return any(_has_large_int(value) for value in node.values())
+    if isinstance(node, list | tuple):
+        return any(_has_large_int(value) for value in node)
+    return isinstance(node, int) and not isinstance(node, bool) and abs(node) > SMALL_INT

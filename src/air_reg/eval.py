@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from air_reg.checkpoint import CheckpointError, load_configured, shipped_weights
 from air_reg.config import CONFIG_DIR
+from air_reg.errors import ConfigError
 from air_reg.evaluation import (
     identity_method,
     markdown_table,
@@ -48,7 +49,7 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = instantiate(data_cfg)
     if as_size(datamodule.image_size) != tuple(model.image_size):
         h, w = model.image_size
-        raise ValueError(
+        raise ConfigError(
             f"the model was trained on {h}x{w} images but the data are "
             f"{'x'.join(map(str, as_size(datamodule.image_size)))}; set data.image_size=[{h},{w}]"
         )

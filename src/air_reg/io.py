@@ -7,6 +7,7 @@ Images come back as (1, 1, H, W) float32 tensors in [0, 1]; every failure is one
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from air_reg.errors import UserError
 from air_reg.utils import write_with
 
 log = logging.getLogger(__name__)
@@ -21,9 +23,13 @@ log = logging.getLogger(__name__)
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 IMAGE_SUFFIXES = (*PIL_SUFFIXES, ".npy")
 COLOUR_MODES = ("RGB", "RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+# Values (pixels or voxels) one file may hold (16384^2 images, 645^3 volumes): a corrupt
+# header that claims more is refused before anything is allocated. PIL itself refuses
+# images above 2 * Image.MAX_IMAGE_PIXELS (179 M pixels) as decompression bombs.
+MAX_PIXELS = 2**28
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file that is missing, unreadable, or not a 2-D grayscale image in [0, 1]."""
 
 
@@ -48,21 +54,29 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError, OSError) as err:
+    try:  # memory-mapped: a header claiming a huge shape costs nothing before the size check
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as err:  # numpy raises ValueError, EOFError, OSError, TokenError, ...
         raise ImageError(
             f"{path} could not be read as a .npy array (truncated, corrupt or not written "
-            f"by np.save: {str(err).splitlines()[0]}); re-save it with np.save"
+            f"by np.save: {_reason(err)}); re-save it with np.save"
         ) from err
     if not isinstance(array, np.ndarray):  # np.load gives an NpzFile for .npz content
+        array.close()
         raise ImageError(f"{path} is an .npz archive, not one array; save one with np.save")
-    return array
+    _check_size(path, array.shape)
+    try:
+        return np.array(array)  # read the mapped pixels now, into memory
+    except Exception as err:
+        raise ImageError(
+            f"{path} could not be read as a .npy array ({_reason(err)}); re-save it with np.save"
+        ) from err
 
 
 def _load_pil(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
+            _check_size(path, img.size)
             frames = getattr(img, "n_frames", 1)
             if frames > 1:  # never read the first frame of a stack silently
                 raise ImageError(
@@ -70,25 +84,53 @@ def _load_pil(path: Path) -> np.ndarray:
                     f"the one to register as its own file, e.g. in Python: im = "
                     f"PIL.Image.open(path); im.seek(k); im.save('frame_k.png')"
                 )
+            if img.format == "TIFF":  # a corrupt header may claim far more than its strips
+                covered = sum((x1 - x0) * (y1 - y0) for _, (x0, y0, x1, y1), *_ in img.tile)
+                if covered < img.width * img.height:
+                    raise ImageError(
+                        f"{path} is truncated or corrupt: its data cover {covered} of its "
+                        f"{img.width} x {img.height} pixels; re-export or re-copy the file"
+                    )
             img.load()  # decode now: truncated files fail here, not later
             return _pil_to_array(img, path)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError(
+            f"{path} is too large to read ({_reason(err)}); crop or downsample it, or check "
+            f"that it is not corrupt"
+        ) from err
     except UnidentifiedImageError as err:
         raise ImageError(
             f"{path} is not an image PIL can read (wrong extension or not an image at all); "
             f"export it as PNG, JPEG or TIFF, or save the pixels with np.save"
         ) from err
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's "truncated"/decoder errors
-        if isinstance(err, ImageError):
-            raise
+    except Exception as err:  # PIL's plugins raise OSError, SyntaxError, struct.error, ...
         raise ImageError(
-            f"{path} is truncated or corrupt ({str(err).splitlines()[0]}); "
-            f"re-export or re-copy the file"
+            f"{path} is truncated or corrupt ({_reason(err)}); re-export or re-copy the file"
         ) from err
+
+
+def _reason(err: BaseException) -> str:
+    """``err`` as one short line: its type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+
+
+def _check_size(path: Path, shape) -> None:
+    """Refuse a file whose header claims more than ``MAX_PIXELS`` values, before reading."""
+    count = math.prod(int(n) for n in shape)
+    if count > MAX_PIXELS:
+        raise ImageError(
+            f"{path} is too large: its header claims {' x '.join(map(str, shape))} = {count} "
+            f"values, more than air-reg reads ({MAX_PIXELS}); crop or downsample it, or check "
+            f"that it is not corrupt"
+        )
 
 
 def _pil_to_array(img: Image.Image, path: Path) -> np.ndarray:
     """A 2-D numpy array of the image's gray values, converting colour and 16-bit modes."""
-    if img.mode in COLOUR_MODES:
+    if img.mode in COLOUR_MODES or len(img.getbands()) > 1:  # also TIFF's RGBX, La, ...
         log.warning(
             "%s: converted %s to grayscale (luminance%s)",
             path,
@@ -119,6 +161,8 @@ def _to_unit(array: np.ndarray, path: Path) -> np.ndarray:
         )
     if array.size == 0:
         raise ImageError(f"{path}: the image has no pixels (shape {array.shape}); re-export it")
+    if not array.dtype.isnative:  # big-endian .npy or TIFF: the same values, native order
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255
     if array.dtype == np.uint16:

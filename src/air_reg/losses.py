@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from air_reg.errors import ConfigError
 from air_reg.metrics import jacobian_determinant, ncc
 
 
@@ -37,7 +38,7 @@ class LocalNCC(nn.Module):
     def __init__(self, window: int = 9, eps: float = 1e-5) -> None:
         super().__init__()
         if window < 1 or window % 2 == 0:
-            raise ValueError(f"window must be a positive odd integer, got {window}")
+            raise ConfigError(f"window must be a positive odd integer, got {window}")
         self.window, self.eps = window, eps
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import nn
 
+from air_reg.errors import ConfigError
 from air_reg.losses import MSE, Diffusion, NegativeJacobian
 from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import (
@@ -37,6 +38,10 @@ OPTIMIZERS = ("adam", "lbfgs")
 DEFAULT_LR = {"adam": 0.5, "lbfgs": 1.0}  # Adam: pixels per step; L-BFGS: first line-search step
 
 
+class RefineSettingsError(ConfigError, TypeError):
+    """A refinement setting that ``refine`` does not take (a TypeError, as before)."""
+
+
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Flow of warping by ``first`` and then warping the result by ``second``."""
     # m1(q) = moving(q + f1(q)); warped(p) = m1(p + f2(p)) = moving(p + f2(p) + f1(p + f2(p))).
@@ -49,7 +54,7 @@ def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def cascade(net: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, k: int) -> torch.Tensor:
     """Apply ``net`` ``k`` times to the progressively warped moving image; composed flow."""
     if k < 1:
-        raise ValueError(f"cascade needs k >= 1, got {k}")
+        raise ConfigError(f"cascade needs k >= 1, got {k}")
     total = net(fixed, moving)  # (B, 2, H, W)
     for _ in range(k - 1):
         # Resample the ORIGINAL moving image with the composed field: one interpolation, so
@@ -82,9 +87,9 @@ def _fit_coarse(dense: torch.Tensor, up: CoarseToDense) -> torch.Tensor:
 
 def _check(steps: int, integration_steps: int, optimizer: str) -> None:
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if steps < 0 or integration_steps < 0:
-        raise ValueError(
+        raise ConfigError(
             f"steps, integration_steps must be >= 0, got {steps}, {integration_steps}"
         )
 
@@ -210,9 +215,19 @@ class Refiner(nn.Module):
         self.integration_steps, self.cascade = integration_steps, cascade
         self.similarity, self.regularizer = similarity, regularizer  # None: refine's defaults
         # Unknown names fail here, not at the first forward; the flows are forward's own.
-        bound = inspect.signature(refine).bind_partial(**settings)
+        try:
+            bound = inspect.signature(refine).bind_partial(**settings)
+        except TypeError as err:
+            params = inspect.signature(refine).parameters.values()
+            known = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+            known = [n for n in known if n not in ("similarity", "regularizer", "init_velocity")]
+            raise RefineSettingsError(f"refine.*: {err}; the settings are {known}") from None
         if {"fixed", "moving", "init_flow", "init_velocity"} & bound.arguments.keys():
-            raise TypeError(f"Refiner takes refine's settings, not its inputs: {sorted(settings)}")
+            raise RefineSettingsError(
+                f"Refiner takes refine's settings, not its inputs: {sorted(settings)}"
+            )
+        if cascade < 1:
+            raise ConfigError(f"cascade needs k >= 1, got {cascade}")
         self.settings = settings
         bound.apply_defaults()  # refine's own defaults for what is not set
         _check(bound.arguments["steps"], integration_steps, bound.arguments["optimizer"])

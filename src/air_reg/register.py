@@ -8,7 +8,6 @@ size, so the ORIGINAL moving image is warped. Writes the warped PNG, the flow ``
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from pathlib import Path
@@ -21,15 +20,18 @@ from tqdm import tqdm
 
 from air_reg.checkpoint import load_configured, shipped_weights
 from air_reg.config import CONFIG_DIR
+from air_reg.errors import ConfigError, UserError
 from air_reg.io import IMAGE_SUFFIXES, ImageError, read_image, resize, save_npy, write_image
 from air_reg.metrics import mse, smooth_dice
 from air_reg.models.components.spatial_transformer import warp
-from air_reg.utils import check_writable, run_cli, write_with
+from air_reg.pairlog import PairLog
+from air_reg.utils import check_writable, run_cli
 
 log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = "mapt_tuned_{dataset}"  # the best shipped model (docs/results.md)
 METRICS = ("mse_before", "mse_after", "smooth_dice_before", "smooth_dice_after")
-FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS)  # summary.csv columns
+FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS, "worse")  # summary.csv
+WORSE_TOL = 1e-6  # MSE rise (absolute, on [0, 1] images) below which a pair is not "worse"
 
 
 def weights_name(cfg: DictConfig) -> str:
@@ -152,89 +154,156 @@ def _outputs(out_dir: Path, name: str, folders: bool) -> dict[str, Path]:
     }
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+ON_ERROR = ("skip", "stop")
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def register(cfg: DictConfig) -> dict:
-    """Register every pair, write the outputs; returns mean metrics, time and per-pair rows."""
+    """Register every pair, write the outputs; returns mean metrics, time and per-pair rows.
+
+    Folders: a pair that cannot be read is recorded and skipped (``on_error=skip``, the
+    default for folders) or stops the run (``stop``, the default for two files); either way
+    ``summary.csv`` lists every pair, with an ``error`` column. ``resume=true`` skips the pairs
+    a previous run into the same ``out_dir`` finished (``air_reg.pairlog``).
+    """
     log.info("Composed config:\n%s", OmegaConf.to_yaml(cfg))
     start = time.perf_counter()
     out_dir = check_writable(cfg.out_dir)
     fixed_in, moving_in = Path(cfg.fixed).expanduser(), Path(cfg.moving).expanduser()
     pairs = find_pairs(fixed_in, moving_in)
     folders = fixed_in.is_dir()
-    model = load_configured(resolve_checkpoint(cfg), cfg)
-    if cfg.figures:
-        from air_reg.viz import pair_figure  # matplotlib: only when figures are drawn
+    on_error = cfg.get("on_error") or ("skip" if folders else "stop")
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     batch_size = int(cfg.batch_size) if folders else 1
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}; e.g. batch_size=32")
-    rows, compute_s = [], 0.0
-    with tqdm(total=len(pairs), unit="pair", desc="register", disable=not folders) as bar:
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i : i + batch_size]
-            images = [read_pair(f, m) for _, f, m in chunk]
-            fixed, moving = [im[0] for im in images], [im[1] for im in images]
-            tic = time.perf_counter()
-            results = register_batch(model, fixed, moving)
-            compute_s += time.perf_counter() - tic
-            for (name, f_path, m_path), fix, mov, (warped, flow) in zip(
-                chunk, fixed, moving, results, strict=True
-            ):
-                paths = _outputs(out_dir, name, folders)
-                save_npy(paths["flow"], flow[0])  # (2, H, W) pixels, channel 0 rows
-                write_image(paths["warped"], warped)
-                if cfg.figures:
-                    pair_figure(fix, mov, warped, flow, paths["figure"], titles=[name])
-                row = {
-                    "name": name,
-                    "fixed": str(f_path),
-                    "moving": str(m_path),
-                    "height": fix.shape[-2],
-                    "width": fix.shape[-1],
-                    "mse_before": mse(mov, fix).item(),
-                    "mse_after": mse(warped, fix).item(),
-                    "smooth_dice_before": smooth_dice(mov, fix).item(),
-                    "smooth_dice_after": smooth_dice(warped, fix).item(),
-                }
-                rows.append(row)
-                log.debug("%s: %s", name, row)
-            bar.update(len(chunk))
-    write_with(out_dir / "summary.csv", lambda p: _write_csv(p, rows))
-    means = {k: sum(r[k] for r in rows) / len(rows) for k in METRICS}
-    total_s = time.perf_counter() - start
-    log.info(
-        "%d pair(s): MSE %.5f -> %.5f, smooth Dice %.4f -> %.4f (before -> after)",
-        len(rows),
-        means["mse_before"],
-        means["mse_after"],
-        means["smooth_dice_before"],
-        means["smooth_dice_after"],
-    )
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}; e.g. batch_size=32")
+    model = load_configured(resolve_checkpoint(cfg), cfg)
+    draw = None
+    if cfg.figures:
+        from air_reg.viz import pair_figure as draw  # matplotlib: only when figures are drawn
+    pairlog = PairLog(out_dir, FIELDS, resume=bool(cfg.get("resume")), persist=folders)
+    todo = [p for p in pairs if not pairlog.done(p[0])]
+    compute_s, stopped = 0.0, None
+    bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), unit="pair", desc="register",
+               disable=not folders)  # fmt: skip
+    try:
+        for i in range(0, len(todo), batch_size):
+            chunk = _read_chunk(todo[i : i + batch_size], pairlog, on_error)
+            if chunk:
+                tic = time.perf_counter()
+                results = register_batch(model, [c[3] for c in chunk], [c[4] for c in chunk])
+                compute_s += time.perf_counter() - tic
+                for (name, f_path, m_path, fix, mov), (warped, flow) in zip(
+                    chunk, results, strict=True
+                ):
+                    paths = _outputs(out_dir, name, folders)
+                    save_npy(paths["flow"], flow[0])  # (2, H, W) pixels, channel 0 rows
+                    write_image(paths["warped"], warped)
+                    if draw is not None:
+                        draw(fix, mov, warped, flow, paths["figure"], titles=[name])
+                    pairlog.add(_row(name, f_path, m_path, fix, mov, warped))
+            bar.update(min(batch_size, len(todo) - i))
+    except BaseException as err:
+        stopped = err
+        raise
+    finally:
+        bar.close()
+        if stopped is not None and folders:  # the summary still lists every pair
+            why = f"not registered: the run stopped ({_one_line(stopped)[:200]})"
+            for name, f_path, m_path in pairs:
+                if not pairlog.done(name):
+                    pairlog.rows[name] = {"name": name, "fixed": str(f_path),
+                                          "moving": str(m_path), "error": why}  # fmt: skip
+        pairlog.close(write=folders or stopped is None)  # two files: all or nothing
+    return _report(pairlog, compute_s, time.perf_counter() - start, out_dir)
+
+
+def _read_chunk(chunk, pairlog: PairLog, on_error: str) -> list[tuple]:
+    """(name, fixed path, moving path, fixed, moving) of the pairs that read; failures logged."""
+    out = []
+    for name, f_path, m_path in chunk:
+        try:
+            out.append((name, f_path, m_path, *read_pair(f_path, m_path)))
+        except UserError as err:
+            if on_error == "stop":
+                raise
+            log.warning("skipped %s: %s", name, _one_line(err))
+            pairlog.add({"name": name, "fixed": str(f_path), "moving": str(m_path),
+                         "error": _one_line(err)})  # fmt: skip
+    return out
+
+
+def _row(name, f_path, m_path, fix, mov, warped) -> dict:
+    return {
+        "name": name,
+        "fixed": str(f_path),
+        "moving": str(m_path),
+        "height": fix.shape[-2],
+        "width": fix.shape[-1],
+        "mse_before": mse(mov, fix).item(),
+        "mse_after": mse(warped, fix).item(),
+        "smooth_dice_before": smooth_dice(mov, fix).item(),
+        "smooth_dice_after": smooth_dice(warped, fix).item(),
+        "worse": int(mse(warped, fix).item() > mse(mov, fix).item() + WORSE_TOL),
+    }
+
+
+def _report(pairlog: PairLog, compute_s: float, total_s: float, out_dir: Path) -> dict:
+    ok = [r for r in pairlog.rows.values() if not r["error"]]
+    means = {k: sum(float(r[k]) for r in ok) / len(ok) if ok else float("nan") for k in METRICS}
+    failed = len(pairlog.rows) - len(ok)
+    worse = sorted(r["name"] for r in ok if int(r.get("worse") or 0))
+    if worse:  # never silently worse than doing nothing
+        log.warning(
+            "%d of %d pair(s) are less similar after registration than before (MSE up; "
+            "summary.csv column worse=1), e.g. %s: try refine_steps=50 or another model",
+            len(worse),
+            len(ok),
+            ", ".join(worse[:5]),
+        )
+    if ok:
+        log.info(
+            "%d pair(s): MSE %.5f -> %.5f, smooth Dice %.4f -> %.4f (before -> after)",
+            len(ok),
+            means["mse_before"],
+            means["mse_after"],
+            means["smooth_dice_before"],
+            means["smooth_dice_after"],
+        )
     log.info(
         "Registration took %.3f s (%.1f ms per pair), %.2f s in all with I/O; wrote %s",
         compute_s,
-        1000 * compute_s / len(rows),
+        1000 * compute_s / max(len(ok), 1),
         total_s,
         out_dir,
     )
     return {
-        "num_pairs": len(rows),
+        "num_pairs": len(ok),
+        "failed": failed,
+        "worse": len(worse),
         **means,
         "seconds": compute_s,
         "total_seconds": total_s,
         "output_dir": str(out_dir),
-        "pairs": rows,
+        "pairs": sorted(pairlog.rows.values(), key=lambda r: r["name"]),
     }
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="register")
 def main(cfg: DictConfig) -> None:
-    run_cli(register, cfg)
+    result = run_cli(register, cfg)
+    if result["failed"]:
+        log.error(
+            "%d of %d pair(s) failed, the others are registered: see %s/failures.csv",
+            result["failed"],
+            result["failed"] + result["num_pairs"],
+            result["output_dir"],
+        )
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

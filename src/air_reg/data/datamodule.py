@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from air_reg.data.idx import checksums, load_dataset
 from air_reg.data.pairs import PAIRINGS, PairDataset, PairSampler, collate_batch, draw_pairs
+from air_reg.errors import ConfigError
 from air_reg.io import resize
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,11 @@ class PairDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if pairing not in PAIRINGS:
-            raise ValueError(f"data.pairing must be one of {PAIRINGS}, got {pairing!r}")
+            raise ConfigError(f"data.pairing must be one of {PAIRINGS}, got {pairing!r}")
         if not 0 < train_fraction < 1 or not 0 <= val_fraction < 1:
-            raise ValueError("data.train_fraction must be in (0, 1), data.val_fraction in [0, 1)")
+            raise ConfigError("data.train_fraction must be in (0, 1), data.val_fraction in [0, 1)")
         if image_size < 4:
-            raise ValueError(f"data.image_size must be >= 4, got {image_size}")
+            raise ConfigError(f"data.image_size must be >= 4, got {image_size}")
         self.save_hyperparameters(logger=False)
         self.dataset: PairDataset | None = None
         self.partner: torch.Tensor | None = None  # preset moving partner (synthetic data)

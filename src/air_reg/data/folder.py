@@ -41,6 +41,7 @@ from air_reg.data.readers import (
     stem_of,
     suffix_of,
 )
+from air_reg.errors import ConfigError
 from air_reg.io import ImageError, resize
 from air_reg.models.contract import as_size
 
@@ -83,13 +84,13 @@ class FolderDataModule(PairDataModule):
         # super() call also lets save_hyperparameters find this constructor's arguments.
         super(PairDataModule, self).__init__()
         if pairing not in PAIRINGS:
-            raise ValueError(f"data.pairing must be one of {PAIRINGS} for data=folder")
+            raise ConfigError(f"data.pairing must be one of {PAIRINGS} for data=folder")
         if pairing == "atlas" and not atlas:
-            raise ValueError("data.pairing=atlas needs data.atlas=<file name of the template>")
+            raise ConfigError("data.pairing=atlas needs data.atlas=<file name of the template>")
         if pairing == "csv" and not pairs:
-            raise ValueError("data.pairing=csv needs data.pairs=<CSV with fixed,moving columns>")
+            raise ConfigError("data.pairing=csv needs data.pairs=<CSV with fixed,moving columns>")
         if not 0 < train_fraction < 1 or not 0 <= val_fraction < 1:
-            raise ValueError("data.train_fraction must be in (0, 1), data.val_fraction in [0, 1)")
+            raise ConfigError("data.train_fraction must be in (0, 1), data.val_fraction in [0, 1)")
         # Plain Python values (not OmegaConf lists): they are saved in checkpoints, which are
         # read back with weights_only=True.
         image_size = list(as_size(image_size)) if image_size is not None else None
@@ -97,9 +98,9 @@ class FolderDataModule(PairDataModule):
         if slice_range is not None:
             slice_range = [int(i) for i in slice_range]
             if len(slice_range) != 2:
-                raise ValueError(f"data.slice_range is [first, last), got {slice_range}")
+                raise ConfigError(f"data.slice_range is [first, last), got {slice_range}")
         if pad_to is not None and pad_to < 1:
-            raise ValueError(f"data.pad_to must be a positive integer, got {pad_to}")
+            raise ConfigError(f"data.pad_to must be a positive integer, got {pad_to}")
         self.save_hyperparameters(logger=False)
         self.hparams.dataset = f"folder {path}"
         self.root = Path(path).expanduser()

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from air_reg.errors import ConfigError, DataError
+
 log = logging.getLogger(__name__)
 
 FILES = (
@@ -24,6 +26,11 @@ DATASETS = {"mnist": "MNIST", "fashion": "FashionMNIST"}
 
 
 DATA_ENV = "AIR_REG_DATA"
+
+
+class IdxFileError(DataError, RuntimeError):
+    """An idx file that is corrupt, truncated or does not fit its partner (a RuntimeError, as
+    before this type existed)."""
 
 
 def default_data_root() -> Path:
@@ -41,17 +48,17 @@ def read_idx(path: Path) -> np.ndarray:
         with gzip.open(path, "rb") as fh:
             raw = fh.read()
     except (OSError, EOFError) as err:
-        raise RuntimeError(
+        raise IdxFileError(
             f"{path} is corrupt or truncated ({err}); replace it with the original "
             f"{path.name} (the repository ships a copy under data/)"
         ) from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
-        raise RuntimeError(f"{path} is not an idx file of unsigned bytes; replace it")
+        raise IdxFileError(f"{path} is not an idx file of unsigned bytes; replace it")
     ndim = raw[3]
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
     expected = 4 + 4 * ndim + int(np.prod(dims))
     if len(raw) != expected:
-        raise RuntimeError(
+        raise IdxFileError(
             f"{path} holds {len(raw)} bytes where its header promises {expected}; "
             f"the file is truncated or corrupt: replace it"
         )
@@ -75,14 +82,14 @@ def _try_download(name: str, root: Path) -> bool:
 def load_dataset(name: str, root: str | Path | None = None, download: bool = True):
     """All 70,000 images of ``name`` as uint8 (N, 28, 28) and labels (N,), train then test."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     root = Path(root) if root else default_data_root()
     raw = root / DATASETS[name] / "raw"
     missing = [f for f in FILES if not (raw / f).is_file()]
     if missing and download and _try_download(name, root):
         missing = [f for f in FILES if not (raw / f).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise DataError(
             f"{name} data missing: put {', '.join(missing)} (the original idx .gz files) "
             f"in {raw}/, or set paths.data_dir=... (or the environment variable {DATA_ENV}) "
             f"to a folder holding {DATASETS[name]}/raw/"
@@ -91,7 +98,7 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Tru
     images = np.concatenate([arrays[0], arrays[2]])
     labels = np.concatenate([arrays[1], arrays[3]])
     if images.ndim != 3 or len(images) != len(labels):
-        raise RuntimeError(f"{raw}: images {images.shape} and labels {labels.shape} disagree")
+        raise IdxFileError(f"{raw}: images {images.shape} and labels {labels.shape} disagree")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
+from air_reg.errors import ConfigError
+
 PAIRINGS = ("random", "same_class", "given")
 
 
@@ -74,13 +76,13 @@ def draw_pairs(
     the fixed image are redrawn, leaving every other pair as drawn.
     """
     if pairing not in PAIRINGS:
-        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        raise ConfigError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     passes = -(-num_pairs // len(pool))
     order = torch.cat([torch.randperm(len(pool), generator=generator) for _ in range(passes)])
     fixed = pool[order[:num_pairs]]
     if pairing == "given":
         if partner is None:
-            raise ValueError("pairing='given' needs a dataset with preset partners")
+            raise ConfigError("pairing='given' needs a dataset with preset partners")
         moving = partner[fixed]
     else:
         moving = _draw_moving(pool, labels, fixed, pairing, generator)

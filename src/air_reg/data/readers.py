@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from air_reg.io import PIL_SUFFIXES, ImageError, _load_npy, _load_pil
+from air_reg.io import PIL_SUFFIXES, ImageError, _check_size, _load_npy, _load_pil, _reason
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 FOLDER_SUFFIXES = (*PIL_SUFFIXES, ".npy", *NIFTI_SUFFIXES)
@@ -49,14 +49,21 @@ def read_array(path: Path) -> np.ndarray:
             f"{path}: expected a 2-D image or a 3-D volume, got shape {array.shape}; "
             f"save one image (or one volume) per file"
         )
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise ImageError(
+            f"{path}: complex pixels ({array.dtype}); save their magnitude, np.abs(a)"
+        )
     if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
-        raise ImageError(f"{path}: unsupported pixel type {array.dtype}")
-    array = array.astype(np.float32)
+        raise ImageError(
+            f"{path}: unsupported pixel type {array.dtype}; save uint8, uint16 or float pixels"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):  # out of float32's range: inf, below
+        array = array.astype(np.float32)
     bad = ~np.isfinite(array)
     if bad.any():
         raise ImageError(
-            f"{path}: {int(bad.sum())} pixel(s) are NaN or inf; replace them, e.g. with "
-            f"np.nan_to_num"
+            f"{path}: {int(bad.sum())} pixel(s) are NaN or inf (or beyond float32); replace "
+            f"them, e.g. with np.nan_to_num"
         )
     return array
 
@@ -69,11 +76,19 @@ def _load_nifti(path: Path) -> np.ndarray:
             f"{path}: reading NIfTI needs nibabel: pip install 'air-reg[nifti]' (or nibabel)"
         ) from err
     try:
-        return np.asanyarray(nibabel.load(path).dataobj)
+        image = nibabel.load(path)  # the header only: the voxels are read below
+        shape = tuple(int(n) for n in image.shape)
     except Exception as err:  # nibabel raises many types for corrupt files
         raise ImageError(
-            f"{path} could not be read as NIfTI ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); re-export it"
+            f"{path} could not be read as NIfTI ({_reason(err)}); re-export it"
+        ) from err
+    _check_size(path, shape)  # a corrupt header may claim terabytes
+    try:
+        return np.asanyarray(image.dataobj)
+    except Exception as err:
+        raise ImageError(
+            f"{path} could not be read as NIfTI: the header describes {shape} voxels but the "
+            f"data do not match ({_reason(err)}); re-export it"
         ) from err
 
 

@@ -21,8 +21,10 @@ import inspect
 import torch
 from torch import nn
 
+from air_reg.errors import UserError
 
-class ContractError(TypeError):
+
+class ContractError(UserError, TypeError):
     """A network that does not provide what the contract asks for."""
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from air_reg import metrics as M
+from air_reg.errors import UserError
 from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import warp
 
@@ -40,8 +41,8 @@ def cosine_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The training loss became NaN or infinite (the message names the settings to change)."""
 
 
 class RegistrationModule(L.LightningModule):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from air_reg.errors import ConfigError
 from air_reg.speed import kernels
 
 ATTENTION = ("auto", "kernel", "sdpa")
@@ -37,9 +38,9 @@ def accelerate(net: nn.Module, *, attention: str = "auto", dropout: str = "torch
     from air_reg.speed.dropout import FastDropout
 
     if attention not in ATTENTION:
-        raise ValueError(f"speed.attention must be one of {ATTENTION}, got {attention!r}")
+        raise ConfigError(f"speed.attention must be one of {ATTENTION}, got {attention!r}")
     if dropout not in DROPOUT:
-        raise ValueError(f"speed.dropout must be one of {DROPOUT}, got {dropout!r}")
+        raise ConfigError(f"speed.dropout must be one of {DROPOUT}, got {dropout!r}")
     for parent in list(net.modules()):
         children = list(parent.named_children())
         for i, (name, child) in enumerate(children):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from air_reg.errors import ConfigError
 from air_reg.models.components.attention import ScaledDotProductAttention
 from air_reg.speed import kernels
 
@@ -116,14 +117,14 @@ class KernelAttention(ScaledDotProductAttention):
     def __init__(self, *, dim: int, heads: int, dropout: float = 0.0, mode: str = "auto"):
         super().__init__(dim=dim, heads=heads, dropout=dropout)
         if mode not in MODES:
-            raise ValueError(f"speed.attention must be one of {MODES}, got {mode!r}")
+            raise ConfigError(f"speed.attention must be one of {MODES}, got {mode!r}")
         if mode == "kernel" and dropout:
-            raise ValueError(
+            raise ConfigError(
                 "speed.attention=kernel has no attention dropout: set "
                 "model.net.attn_dropout=0 or speed.attention=auto"
             )
         if mode == "kernel" and dim // heads not in HEAD_SIZES:
-            raise ValueError(
+            raise ConfigError(
                 f"speed.attention=kernel needs a head size (dim / heads = {dim // heads}) in "
                 f"{HEAD_SIZES}; use speed.attention=auto or sdpa"
             )
@@ -147,7 +148,7 @@ class KernelAttention(ScaledDotProductAttention):
         if self.mode == "kernel":
             why = applicable(q, k, v, self.heads)
             if why:
-                raise ValueError(f"speed.attention=kernel cannot run here: {why}; use auto")
+                raise ConfigError(f"speed.attention=kernel cannot run here: {why}; use auto")
             kernels.library()  # raises KernelUnavailable with the compiler's message
             return True
         if applicable(q, k, v, self.heads):  # first: never build for GPU inputs

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from air_reg.errors import UserError
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -40,7 +42,7 @@ FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared"]
 OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 
 
-class KernelUnavailable(RuntimeError):
+class KernelUnavailable(UserError, RuntimeError):
     """The kernels could not be built or loaded here (no compiler, or it failed)."""
 
 

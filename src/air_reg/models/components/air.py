@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from einops.layers.torch import Rearrange
 from torch import nn
 
+from air_reg.errors import ConfigError
 from air_reg.models.components.attention import Transformer
 from air_reg.models.components.spatial_transformer import FlowField, check_patch_sizes
 from air_reg.models.contract import as_size
@@ -18,7 +20,7 @@ QUERIES = ("moving", "fixed")
 def conv_stem(channels: int, layers: int) -> nn.Sequential:
     """3x3 conv + GELU layers at full resolution: (B, 1, H, W) -> (B, channels, H, W)."""
     if channels < 1 or layers < 1:
-        raise ValueError(f"stem needs channels >= 1 and layers >= 1, got {channels}, {layers}")
+        raise ConfigError(f"stem needs channels >= 1 and layers >= 1, got {channels}, {layers}")
     mods, c_in = [], 1
     for _ in range(layers):
         mods += [nn.Conv2d(c_in, channels, 3, padding=1), nn.GELU()]
@@ -58,7 +60,7 @@ class AiRBranch(nn.Module):
         super().__init__()
         h, w = check_patch_sizes(image_size, [patch_size])  # an int is square
         if query not in QUERIES:
-            raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
+            raise ConfigError(f"query must be one of {QUERIES}, got {query!r}")
         self.grid = (h // patch_size, w // patch_size)  # token grid (rows, columns)
         self.query = query
         # One embedding and one position table for both images (as in the authors' code).
@@ -93,6 +95,20 @@ class AiRBranch(nn.Module):
         return self.to_grid(self.head(self.transformer(src, tgt)))  # (B, 2, H/p, W/p)
 
 
+def check_branch_kwargs(owner: type, kwargs: dict, fixed: Sequence[str] = ()) -> None:
+    """Refuse settings that neither ``owner`` nor ``AiRBranch`` takes (``fixed``: branch
+    arguments that ``owner`` sets itself), naming the ones they do."""
+    branch = [n for n in inspect.signature(AiRBranch).parameters if n not in fixed]
+    unknown = sorted(set(kwargs) - set(branch))
+    if unknown:
+        params = inspect.signature(owner).parameters.values()
+        own = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+        raise ConfigError(
+            f"{owner.__name__} has no setting(s) {unknown} (model.net.*); its settings are "
+            f"{sorted({*own, *branch})}"
+        )
+
+
 class AiR(nn.Module):
     """Single-scale AiR: ``forward(fixed, moving) -> flow`` (B, 2, H, W) in pixels.
 
@@ -109,6 +125,7 @@ class AiR(nn.Module):
         **branch_kwargs,
     ) -> None:
         super().__init__()
+        check_branch_kwargs(AiR, branch_kwargs)
         self.branch = AiRBranch(image_size=image_size, patch_size=patch_size, **branch_kwargs)
         self.image_size = as_size(image_size)  # (H, W): the contract (models/contract.py)
         self.field = FlowField(

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from air_reg.errors import ConfigError
+
 
 class ScaledDotProductAttention(nn.Module):
     """Multi-head ``softmax(q k^T / sqrt(d)) v`` of (B, N, heads * d) projections -> (B, N, D),
@@ -26,7 +28,7 @@ class ScaledDotProductAttention(nn.Module):
     def __init__(self, *, dim: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+            raise ConfigError(f"dim {dim} must be divisible by heads {heads}")
         self.dim, self.heads, self.dropout = dim, heads, dropout
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

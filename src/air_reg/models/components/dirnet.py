@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from air_reg.errors import ConfigError
 from air_reg.models.components.spatial_transformer import FlowField, check_patch_sizes
 
 
@@ -41,7 +42,7 @@ class DIRNet(nn.Module):
             powers_of_two=True,
         )
         if num_convs < num_pools:
-            raise ValueError(f"num_convs ({num_convs}) must be >= num_pools ({num_pools})")
+            raise ConfigError(f"num_convs ({num_convs}) must be >= num_pools ({num_pools})")
         layers, c_in = [], 2
         for i in range(num_convs):
             layers += [nn.Conv2d(c_in, channels, 3, padding=1, bias=not batch_norm)]

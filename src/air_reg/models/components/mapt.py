@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from air_reg.models.components.air import AiRBranch
+from air_reg.errors import ConfigError
+from air_reg.models.components.air import AiRBranch, check_branch_kwargs
 from air_reg.models.components.spatial_transformer import (
     CoarseToDense,
     FlowField,
@@ -37,12 +38,13 @@ class MAPT(nn.Module):
         **branch_kwargs,
     ) -> None:
         super().__init__()
+        check_branch_kwargs(MAPT, branch_kwargs, fixed=("patch_size",))
         patch_sizes = [int(p) for p in patch_sizes]
         size = check_patch_sizes(image_size, patch_sizes)  # (H, W); an int is square
         if weights is None:
             weights = [1.0] * len(patch_sizes)
         if len(weights) != len(patch_sizes) or min(weights) <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"weights {list(weights)} must be positive, one per patch size {patch_sizes}"
             )
         self.patch_sizes = patch_sizes

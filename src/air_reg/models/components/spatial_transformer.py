@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from air_reg.errors import ConfigError
 from air_reg.models.contract import as_size
 
 INTERPOLATIONS = ("bilinear", "bicubic", "bspline")
@@ -70,7 +71,7 @@ def interpolation_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
     B-spline control points (smoothest, does not interpolate them exactly).
     """
     if mode not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {mode!r}; choose one of {INTERPOLATIONS}")
+        raise ConfigError(f"unknown interpolation {mode!r}; choose one of {INTERPOLATIONS}")
     if mode == "bspline":
         step = n_in / n_out  # control-point units per pixel
         centres = (torch.arange(n_out, dtype=torch.float64) + 0.5) * step - 0.5
@@ -124,7 +125,7 @@ class FlowField(nn.Module):
     ) -> None:
         super().__init__()
         if integration_steps < 0:
-            raise ValueError(f"integration_steps must be >= 0, got {integration_steps}")
+            raise ConfigError(f"integration_steps must be >= 0, got {integration_steps}")
         self.upsample = CoarseToDense(in_size=coarse_size, out_size=image_size, mode=interpolation)
         self.integration_steps = integration_steps
 
@@ -155,7 +156,7 @@ def check_patch_sizes(
     bad = [p for p in patch_sizes if int(p) <= 0 or h % int(p) or w % int(p)]
     if bad:
         valid = [d for d in common_divisors((h, w)) if not powers_of_two or d & (d - 1) == 0]
-        raise ValueError(
+        raise ConfigError(
             f"{what}(s) {bad} do not divide image size {h}x{w}; valid {what}s for {h}x{w} "
             f"are {valid} (set {knob} or resize/pad the images: data.image_size / data.pad_to)"
         )
