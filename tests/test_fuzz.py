@@ -507,6 +507,7 @@ WRONG = {
     "dim-huge": _net(dim=10**9),
     "depth-huge": _net(depth=10**9),
     "image-size-huge": _net(image_size=10**6),
+    "image-size-70765201": _net(image_size=70765201),  # patch 2 fails: divisors listed
     "dim-and-depth-1000": _net(dim=1000, depth=1000),  # small ints, ~28 G values
     "heads-zero": _net(heads=0),
     "unknown-argument": _net(colour="red"),

@@ -29,8 +29,9 @@ TRAINED = "use a .ckpt written by `python -m air_reg.train`"
 MAX_DEPTH = 64  # how deep a stored config may nest (a corrupt one may nest forever or loop)
 # Building a stored network config may make 8x its weights' values plus MAX_EXTRA; one with
 # an int beyond SMALL_INT is first built on the meta device (shapes, no memory) and must fit
-# its weights, plus at most MAX_EXTRA values of other buffers.
-SMALL_INT, MAX_EXTRA = 1024, 2**26
+# its weights, plus at most MAX_EXTRA values of other buffers; one beyond MAX_INT (no
+# network's setting: a corrupt one, which constructors may loop over) is refused unbuilt.
+SMALL_INT, MAX_EXTRA, MAX_INT = 1024, 2**26, 2**20
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -253,7 +254,13 @@ def load_configured(path: str | Path, cfg):
 def _build(net_cfg: dict, weights: dict, path: Path) -> nn.Module:
     """The network ``net_cfg`` describes, holding ``weights``; a corrupt config is refused
     before it builds for ever or allocates much more than its weights."""
-    if _has_large_int(net_cfg):  # check its shapes on the meta device first: no memory
+    largest = _largest_int(net_cfg)
+    if largest > MAX_INT:
+        raise CheckpointError(
+            f"{path}: the checkpoint's stored network config holds the integer {largest}, "
+            f"beyond any network setting (corrupt or edited); {TRAINED}"
+        )
+    if largest > SMALL_INT:  # check its shapes on the meta device first: no memory
         _check_fit(_instantiate(net_cfg, weights, path, meta=True), weights, path)
     net = _instantiate(net_cfg, weights, path)
     try:
@@ -341,9 +348,10 @@ def _root_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
-def _has_large_int(node) -> bool:
+def _largest_int(node) -> int:
+    """The largest magnitude of the ints (not bools) in a config, 0 if none."""
     if isinstance(node, dict):
-        return any(_has_large_int(value) for value in node.values())
+        return max(map(_largest_int, node.values()), default=0)
     if isinstance(node, list | tuple):
-        return any(_has_large_int(value) for value in node)
-    return isinstance(node, int) and not isinstance(node, bool) and abs(node) > SMALL_INT
+        return max(map(_largest_int, node), default=0)
+    return abs(node) if isinstance(node, int) and not isinstance(node, bool) else 0
