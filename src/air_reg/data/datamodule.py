@@ -16,6 +16,17 @@ from air_reg.io import resize
 log = logging.getLogger(__name__)
 
 
+def seeded_split(
+    items: torch.Tensor, train_fraction: float, val_fraction: float, seed: int, min_train: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(val, train, test) rows of ``items`` shuffled with ``seed``: ``train_fraction`` of them
+    (at least ``min_train``) for training, ``val_fraction`` of that part for validation."""
+    perm = items[torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))]
+    n_train = max(min_train, round(train_fraction * len(items)))
+    n_val = round(val_fraction * n_train)
+    return perm[:n_val], perm[n_val:n_train], perm[n_train:]
+
+
 class PairDataModule(L.LightningDataModule):
     """Fixed/moving pairs over one image collection.
 
@@ -75,13 +86,8 @@ class PairDataModule(L.LightningDataModule):
         images, labels, flows, n_pool = self.load()
         # Ground-truth flows only describe the preset pairs.
         self.dataset = PairDataset(images, labels, flows if hp.pairing == "given" else None)
-        perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(hp.split_seed))
-        n_train = round(hp.train_fraction * n_pool)
-        n_val = round(hp.val_fraction * n_train)
-        self.val_pool, self.train_pool, self.test_pool = (
-            perm[:n_val],
-            perm[n_val:n_train],
-            perm[n_train:],
+        self.val_pool, self.train_pool, self.test_pool = seeded_split(
+            torch.arange(n_pool), hp.train_fraction, hp.val_fraction, hp.split_seed
         )
         g = torch.Generator().manual_seed(hp.pair_seed + 1)
         self.val_pairs = self._draw(self.val_pool, hp.num_val_pairs, g)

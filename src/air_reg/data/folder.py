@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from air_reg.data.datamodule import PairDataModule
+from air_reg.data.datamodule import PairDataModule, seeded_split
 from air_reg.data.pairs import PairDataset, draw_pairs
 from air_reg.data.readers import (
     FOLDER_SUFFIXES,
@@ -270,15 +270,8 @@ class FolderDataModule(PairDataModule):
                 )
             self.atlas = index[hp.atlas]
             pool = pool[pool != self.atlas]
-        perm = pool[
-            torch.randperm(len(pool), generator=torch.Generator().manual_seed(hp.split_seed))
-        ]
-        n_train = max(1, round(hp.train_fraction * len(perm)))
-        n_val = round(hp.val_fraction * n_train)
-        self.val_pool, self.train_pool, self.test_pool = (
-            perm[:n_val],
-            perm[n_val:n_train],
-            perm[n_train:],
+        self.val_pool, self.train_pool, self.test_pool = seeded_split(
+            pool, hp.train_fraction, hp.val_fraction, hp.split_seed, min_train=1
         )
         g = torch.Generator().manual_seed(hp.pair_seed + 1)
         self.val_pairs = self._draw(self.val_pool, hp.num_val_pairs, g)
@@ -335,16 +328,8 @@ class FolderDataModule(PairDataModule):
                 for s in ("train", "val", "test")
             }
         else:
-            perm = torch.randperm(
-                len(pairs), generator=torch.Generator().manual_seed(hp.split_seed)
-            )
-            n_train = max(1, round(hp.train_fraction * len(pairs)))
-            n_val = round(hp.val_fraction * n_train)
-            parts = {
-                "val": pairs[perm[:n_val]],
-                "train": pairs[perm[n_val:n_train]],
-                "test": pairs[perm[n_train:]],
-            }
+            cut = seeded_split(pairs, hp.train_fraction, hp.val_fraction, hp.split_seed, 1)
+            parts = dict(zip(("val", "train", "test"), cut, strict=True))
         self.csv_train, self.val_pairs, self.test_pairs = (
             parts["train"],
             parts["val"],
