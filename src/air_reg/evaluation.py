@@ -49,13 +49,13 @@ def score(
             flow = method(fixed, moving)
             seconds[name] += time.perf_counter() - start
             warped = warp(moving, flow)
-            labels = {k: batch.get(k) for k in ("fixed_labels", "moving_labels")}
-            for k, v in M.pair_metrics(fixed, warped, flow, batch.get("flow"), **labels).items():
+            metrics = M.pair_metrics(fixed, warped, flow, batch.get("flow"))
+            labels = [batch.get(k) for k in ("fixed_labels", "moving_labels")]
+            if any(x is not None for x in labels):  # + Dice of each label, (B, K)
+                per_label, label_means = M.label_metrics(*labels, flow)
+                metrics |= label_means | {PER_LABEL: per_label}
+            for k, v in metrics.items():
                 values[name].setdefault(k, []).append(v.cpu())
-            if labels["fixed_labels"] is not None:  # Dice of each label, (B, K)
-                moved = warp(labels["moving_labels"], flow, mode="nearest")
-                dice = M.label_dice(labels["fixed_labels"], moved, labels["moving_labels"])
-                values[name].setdefault(PER_LABEL, []).append(dice.cpu())
     per_pair = {n: _columns(d) for n, d in values.items()}
     ms = {n: 1000 * s / max(pairs, 1) for n, s in seconds.items()}
     return per_pair, ms

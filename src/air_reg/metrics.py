@@ -219,15 +219,28 @@ def pair_metrics(
     if flow is not None and target_flow is not None:
         out["epe"] = epe(flow, target_flow)
     if fixed_labels is not None or moving_labels is not None:
-        if fixed_labels is None or moving_labels is None or flow is None:
-            raise ValueError(
-                "label metrics need fixed_labels, moving_labels and the flow that warps them; "
-                "pass all three (or neither)"
-            )
-        # nearest-neighbour: integer values stay integer (exact in float32 up to 2**24)
-        warped_labels = warp(moving_labels.to(flow.dtype), flow, mode="nearest")
-        args = (fixed_labels, warped_labels, moving_labels)
-        out["dice_labels"] = mean_over_labels(label_dice(*args))
-        if full:
-            out["hd95"] = mean_over_labels(label_hd95(*args))
+        out |= label_metrics(fixed_labels, moving_labels, flow, full=full)[1]
     return out
+
+
+def label_metrics(
+    fixed_labels: torch.Tensor | None,
+    moving_labels: torch.Tensor | None,
+    flow: torch.Tensor | None,
+    full: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(B, K) Dice per label, and the per-pair means: "dice_labels" (and with ``full``
+    "hd95"); the moving labels are warped by ``flow`` with nearest-neighbour sampling."""
+    if fixed_labels is None or moving_labels is None or flow is None:
+        raise ValueError(
+            "label metrics need fixed_labels, moving_labels and the flow that warps them; "
+            "pass all three (or neither)"
+        )
+    # nearest-neighbour: integer values stay integer (exact in float32 up to 2**24)
+    warped_labels = warp(moving_labels.to(flow.dtype), flow, mode="nearest")
+    args = (fixed_labels, warped_labels, moving_labels)
+    per_label = label_dice(*args)
+    out = {"dice_labels": mean_over_labels(per_label)}
+    if full:
+        out["hd95"] = mean_over_labels(label_hd95(*args))
+    return per_label, out
