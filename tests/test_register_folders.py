@@ -137,7 +137,7 @@ def test_pairs_made_worse_than_the_input_are_flagged(tmp_path, monkeypatch, capl
 
     fixed, moving = folders(tmp_path, 4)
 
-    def inverted(model, fixed, moving):  # a "registration" that makes every pair worse
+    def inverted(model, fixed, moving, guard):  # a "registration" making every pair worse
         return [(torch.zeros_like(m), torch.zeros(1, 2, *m.shape[-2:])) for m in moving]
 
     monkeypatch.setattr(reg_mod, "register_batch", inverted)

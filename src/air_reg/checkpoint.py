@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -203,12 +204,13 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def load_model(
-    path: str | Path,
+    path: str | Path | None,
     device: str | torch.device = "cpu",
     *,
     attention: str = "auto",
     refine_steps: int = 0,
     cascade: int = 1,
+    preset: str | None = "default",
     **refine_kwargs,
 ):
     """Rebuild the network stored in ``path`` as a ``TrainedModel``, eval mode, on ``device``.
@@ -217,9 +219,26 @@ def load_model(
     (B, 2, H, W) in pixels (channel 0 rows, channel 1 columns), on the fixed grid.
     ``attention`` is the CLI's ``speed.attention`` (``air_reg.speed``).
     ``refine_steps > 0`` (or ``cascade > 1``) returns an ``air_reg.refine.Refiner`` with the
-    same contract, which optimises each pair's flow for that many steps after the network
-    (``refine_kwargs``: lr, reg_weight, integration_steps, grid, optimizer, ...).
+    same contract that takes pairs at their own size and refines each pair's flow there, with
+    the settings of ``air_reg/conf/refinement/<preset>.yaml`` -- the CLI's for the same
+    ``refine_steps`` -- unless ``refine_kwargs`` (lr, spacing, levels, similarity, ...) say
+    otherwise. ``path=None`` (or ``"none"``) is model-free registration: the refinement alone.
     """
+    model_free = path is None or str(path) == "none"
+    if not model_free:
+        module = _load_network(Path(path), attention).to(device)
+        if not refine_steps and cascade == 1 and not refine_kwargs.get("affine_steps"):
+            return module
+    from air_reg.refine import Refiner, load_preset
+
+    settings = {} if preset is None else load_preset(preset)
+    settings = {k: v for k, v in settings.items() if k not in ("refine_steps", "cascade")}
+    settings |= refine_kwargs  # preset=None: refine_kwargs are all the settings (the CLI's)
+    return Refiner(None if model_free else module, steps=refine_steps, cascade=cascade,
+                   **settings)  # fmt: skip
+
+
+def _load_network(path: Path, attention: str) -> TrainedModel:
     ckpt = read_checkpoint(path)
     record = ckpt["air_reg"]
     try:
@@ -229,17 +248,12 @@ def load_model(
     except CheckpointError as err:  # one line, even for keys or targets with newlines in them
         raise CheckpointError(f"{path}: {' '.join(str(err).split())}") from None
     weights = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net = _build(net_cfg, weights, Path(path))
+    net = _build(net_cfg, weights, path)
     speed.accelerate(net, attention=attention)
-    module = TrainedModel(net, record).eval().to(device)
-    if refine_steps or cascade > 1:
-        from air_reg.refine import Refiner
-
-        return Refiner(module, steps=refine_steps, cascade=cascade, **refine_kwargs)
-    return module
+    return TrainedModel(net, record).eval()
 
 
-def load_configured(path: str | Path, cfg):
+def load_configured(path: str | Path | None, cfg):
     """``load_model`` with an entry point's device and refinement settings (eval, register)."""
     return load_model(
         path,
@@ -247,7 +261,8 @@ def load_configured(path: str | Path, cfg):
         attention=speed.settings_of(cfg)["attention"],
         refine_steps=cfg.refine_steps,
         cascade=cfg.cascade,
-        **cfg.refine,
+        preset=None,  # cfg.refine is the whole preset the config chose (refinement=<name>)
+        **OmegaConf.to_container(cfg.refine, resolve=True),
     )
 
 

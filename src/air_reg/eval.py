@@ -41,13 +41,17 @@ def evaluate(cfg: DictConfig) -> dict:
             "nothing to evaluate: pass ckpt_path=<run dir>/checkpoints/last.ckpt or "
             "weights=<name> of a shipped model (e.g. weights=mapt_tuned_mnist)"
         )
-    model = load_configured(cfg.ckpt_path or shipped_weights(cfg.weights), cfg)
+    model_free = not cfg.get("ckpt_path") and cfg.weights == "none"
+    if model_free and not cfg.get("data"):
+        raise ConfigError("weights=none (model-free) has no stored data config: add data=mnist")
+    path = None if model_free else cfg.ckpt_path or shipped_weights(cfg.weights)
+    model = load_configured(path, cfg)
     data_cfg = cfg.get("data") or OmegaConf.create(model.build_config["data"])
     data_cfg.num_test_pairs = cfg.get("num_pairs")  # null = one pair per test image
     if cfg.get("batch_size"):
         data_cfg.eval_batch_size = cfg.batch_size
     datamodule = instantiate(data_cfg)
-    if as_size(datamodule.image_size) != tuple(model.image_size):
+    if model.image_size is not None and as_size(datamodule.image_size) != tuple(model.image_size):
         h, w = model.image_size
         raise ConfigError(
             f"the model was trained on {h}x{w} images but the data are "
@@ -56,7 +60,8 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     device = torch.device(cfg.device)
     batches = ({k: v.to(device) for k, v in b.items()} for b in datamodule.test_dataloader())
-    per_pair, ms = score({"identity": identity_method, "model": model}, batches)
+    name = "model-free" if model_free else "model"
+    per_pair, ms = score({"identity": identity_method, name: model}, batches)
     summary = summarise(per_pair)
     table = markdown_table(summary, ms)
     log.info("Test pairs (%s):\n%s", data_cfg.get("dataset"), table)

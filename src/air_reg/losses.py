@@ -92,3 +92,32 @@ class NegativeJacobian(nn.Module):
 
     def forward(self, flow: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.eps - jacobian_determinant(flow)).mean()
+
+
+class MutualInformation(nn.Module):
+    """Negative mutual information per pair (Parzen-window joint histogram), batch mean.
+
+    For images of different contrast (T1 vs T2, CT vs MR): it rewards any consistent
+    intensity mapping, not equal intensities. Intensities are taken in [0, 1]; ``bins``
+    Gaussian windows ``sigma`` (in bin widths) apart.
+    """
+
+    def __init__(self, bins: int = 32, sigma: float = 0.5, eps: float = 1e-10) -> None:
+        super().__init__()
+        if bins < 2:
+            raise ConfigError(f"bins must be >= 2, got {bins}")
+        self.bins, self.sigma, self.eps = bins, sigma, eps
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        centres = torch.linspace(0, 1, self.bins, device=fixed.device, dtype=fixed.dtype)
+        width = self.sigma / (self.bins - 1)
+
+        def windows(x: torch.Tensor) -> torch.Tensor:  # (B, N) -> (B, N, bins), rows sum to 1
+            w = torch.exp(-0.5 * ((x.flatten(1)[..., None] - centres) / width).square())
+            return w / (w.sum(-1, keepdim=True) + self.eps)
+
+        a, b = windows(warped.clamp(0, 1)), windows(fixed.clamp(0, 1))
+        joint = torch.einsum("bni,bnj->bij", a, b) / a.shape[1]  # (B, bins, bins)
+        pa, pb = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
+        mi = (joint * ((joint + self.eps) / (pa * pb + self.eps)).log()).sum((1, 2))
+        return -mi.mean()

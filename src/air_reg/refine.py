@@ -1,33 +1,44 @@
-"""Instance optimisation ("refinement") of predicted flows, and cascaded inference.
+"""Instance optimisation ("refinement") of flows at the images' own size, and cascades.
 
 Conventions as in ``spatial_transformer``: a flow is a (B, 2, H, W) displacement in pixels on
 the fixed grid, ``warped(p) = moving(p + flow(p))``.
 
-Defaults, chosen on 128 synthetic and 128 MNIST same-class pairs starting from the zero
-flow: Adam (elementwise, so pairs stay independent; L-BFGS got stuck in worse minima on
-MNIST), lr 0.5 px, 50 steps, MSE + 0.05 * Diffusion. For a diffeomorphic result use the preset of
-``air_reg/conf/refinement/diffeomorphic.yaml`` (``integration_steps=4, grid=7, lr=1.0,
-fold_weight=20``): a smooth B-spline velocity integrated by scaling and squaring, whereas a
-full-resolution velocity still folds on ~1 % of MNIST pixels (discrete Jacobian). Even the
-B-spline velocity folded a few pixels on 2 of 200 Fashion-MNIST pairs whose optimum is an
-extreme compression; the ``NegativeJacobian`` penalty (``fold_weight``) removes that at no
-cost in end-point error. 4 squaring steps gave the same EPE, Dice and folding as 7 on both
-datasets (200 pairs each) for 40 % less time.
+``refine`` optimises ``similarity + reg_weight * Diffusion (+ fold_weight * NegativeJacobian)``
+per pair (Adam is elementwise, so pairs stay independent), at the size of the images it is
+given: over a pyramid of ``levels`` halvings (coarsest side >= ``min_size``), on a cubic
+B-spline control grid ``spacing`` pixels apart, optionally diffeomorphic (a stationary velocity
+integrated by scaling and squaring) and after an optional affine stage. ``Refiner`` runs a
+network at its trained size first (or no network: model-free registration), brings its flow to
+the images' size and refines it there. It never returns a flow whose similarity is worse than
+doing nothing (``guard``).
+
+The settings ``register``, ``eval`` and ``load_model(path, refine_steps=N)`` use live in one
+file, ``air_reg/conf/refinement/<preset>.yaml`` (``preset``), chosen and measured as
+``docs/protocol.md`` says. On 28 x 28 digits the default preset is the former one exactly: one
+level, a 7 x 7 grid (spacing 4 px), 4 squaring steps, ``fold_weight`` 20.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
+from functools import partial
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
+from air_reg.config import CONFIG_DIR
 from air_reg.errors import ConfigError
-from air_reg.losses import MSE, Diffusion, NegativeJacobian
+from air_reg.io import resize
+from air_reg.losses import MSE, NCC, Diffusion, LocalNCC, MutualInformation, NegativeJacobian
 from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import (
     CoarseToDense,
+    identity_grid,
     integrate_velocity,
     warp,
 )
@@ -36,10 +47,25 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "lbfgs")
 DEFAULT_LR = {"adam": 0.5, "lbfgs": 1.0}  # Adam: pixels per step; L-BFGS: first line-search step
+SIMILARITIES = {"mse": MSE, "ncc": NCC, "lncc": LocalNCC, "mi": MutualInformation}
+PRESET_DIR = Path(CONFIG_DIR) / "refinement"
+DEFAULT_PRESET = "default"
+AFFINE_LR = (0.01, 0.5)  # Adam steps of the affine stage: matrix entries, translation (px)
+GUARD_TOL = 1e-6  # similarity rise below which a result is not "worse than doing nothing"
 
 
 class RefineSettingsError(ConfigError, TypeError):
     """A refinement setting that ``refine`` does not take (a TypeError, as before)."""
+
+
+def load_preset(name: str = DEFAULT_PRESET) -> dict:
+    """``refine_steps``, ``cascade`` and ``refine`` (refine's settings) of a preset file."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"no refinement preset {name!r}; choose one of {known}")
+    cfg = OmegaConf.to_container(OmegaConf.load(path))
+    return {"refine_steps": cfg["refine_steps"], "cascade": cfg["cascade"], **cfg["refine"]}
 
 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -64,6 +90,29 @@ def cascade(net: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, k: int) -
     return total
 
 
+def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 2, h, w) pixels on an h x w grid -> (B, 2, H, W) pixels on an H x W grid."""
+    h, w = flow.shape[-2:]
+    if (h, w) == tuple(size):
+        return flow
+    shrink = size[0] < h or size[1] < w
+    out = F.interpolate(flow, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    scale = torch.tensor([size[0] / h, size[1] / w], dtype=flow.dtype, device=flow.device)
+    return out * scale.view(1, 2, 1, 1)  # a displacement of d model pixels is d * H / h here
+
+
+def pyramid(size: tuple[int, int], levels: int, min_size: int = 16) -> list[tuple[int, int]]:
+    """Level sizes, coarsest first: ``size`` halved up to ``levels - 1`` times, sides >= min."""
+    h, w = size
+    sizes = [(h, w)]
+    for k in range(1, levels):
+        coarse = (round(h / 2**k), round(w / 2**k))
+        if min(coarse) < min_size:
+            break
+        sizes.append(coarse)
+    return sizes[::-1]
+
+
 def velocity_from_flow(flow: torch.Tensor, steps: int, iters: int = 8) -> torch.Tensor:
     """Approximate log of a flow: v with ``integrate_velocity(v, steps) ~ flow``, per pair."""
     velocity = flow.clone()  # first order: exp(v) = v + O(v dv)
@@ -80,18 +129,144 @@ def velocity_from_flow(flow: torch.Tensor, steps: int, iters: int = 8) -> torch.
 
 
 def _fit_coarse(dense: torch.Tensor, up: CoarseToDense) -> torch.Tensor:
-    """Least-squares control grid (B, 2, g, g) whose upsampling best matches ``dense``."""
-    rows, cols = torch.linalg.pinv(up.rows), torch.linalg.pinv(up.cols)  # (g, H), (g, W)
+    """Least-squares control grid (B, 2, gh, gw) whose upsampling best matches ``dense``."""
+    rows, cols = torch.linalg.pinv(up.rows), torch.linalg.pinv(up.cols)  # (gh, H), (gw, W)
     return torch.einsum("gH,bcHW,hW->bcgh", rows, dense, cols)
 
 
-def _check(steps: int, integration_steps: int, optimizer: str) -> None:
+def control_grid(size: tuple[int, int], grid: int | None, spacing: float | None):
+    """(gh, gw) control points: ``grid`` x ``grid``, or ``spacing`` pixels apart; None: dense."""
+    if grid is not None and spacing is not None:
+        raise ConfigError("give refine.grid (control points) or refine.spacing (px), not both")
+    if grid is not None:
+        return (int(grid), int(grid))
+    if spacing is not None:
+        if spacing <= 0:
+            raise ConfigError(f"refine.spacing must be > 0 pixels, got {spacing}")
+        return tuple(max(2, math.ceil(n / spacing)) for n in size)
+    return None
+
+
+def affine_flow(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Displacement of ``p -> p + (A - I)(p - c) + t``, (B, 2, H, W), from ``theta`` (B, 2, 3)
+    = [A | t] in pixels (rows, cols) about the image centre ``c``."""
+    h, w = size
+    p = identity_grid(size, device=theta.device, dtype=theta.dtype)  # (2, H, W)
+    centre = torch.tensor([(h - 1) / 2, (w - 1) / 2], device=theta.device, dtype=theta.dtype)
+    q = p - centre[:, None, None]
+    eye = torch.eye(2, device=theta.device, dtype=theta.dtype)
+    return torch.einsum("bij,jhw->bihw", theta[:, :, :2] - eye, q) + theta[:, :, 2, None, None]
+
+
+def _after_affine(flow: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
+    """compose(affine, flow) in closed form: flow(p) + (A - I)(p + flow(p) - c) + t."""
+    if theta is None:
+        return flow
+    h, w = flow.shape[-2:]
+    eye = torch.eye(2, device=theta.device, dtype=theta.dtype)
+    return (
+        affine_flow(theta, (h, w))
+        + flow
+        + torch.einsum("bij,bjhw->bihw", theta[:, :, :2] - eye, flow)
+    )
+
+
+def _similarity(similarity) -> nn.Module:
+    if similarity is None:
+        return MSE()
+    if isinstance(similarity, str):
+        if similarity not in SIMILARITIES:
+            raise ConfigError(
+                f"unknown similarity {similarity!r}; choose one of {sorted(SIMILARITIES)} "
+                f"(mi for images of different contrast)"
+            )
+        return SIMILARITIES[similarity]()
+    return similarity
+
+
+def per_pair(similarity: nn.Module, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """(B,) similarity of each pair alone (our similarities are batch means)."""
+    return torch.stack(
+        [similarity(warped[i : i + 1], fixed[i : i + 1]) for i in range(len(fixed))]
+    )
+
+
+def _check(steps: int, integration_steps: int, optimizer: str, levels: int = 1) -> None:
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if steps < 0 or integration_steps < 0:
         raise ConfigError(
             f"steps, integration_steps must be >= 0, got {steps}, {integration_steps}"
         )
+    if levels < 1:
+        raise ConfigError(f"refine.levels must be >= 1 (1 = no pyramid), got {levels}")
+
+
+def _upsampler(shape, size, mode: str, like: torch.Tensor) -> CoarseToDense | None:
+    if shape is None:
+        return None
+    return CoarseToDense(in_size=shape, out_size=size, mode=mode).to(like)
+
+
+def _optimise(param, loss, steps: int, optimizer: str, lr: float, adam=None):
+    """``steps`` of ``optimizer`` on ``loss()``; the Adam state carries over between levels."""
+    if steps and optimizer == "adam":
+        # Adam is elementwise, so the pairs are optimised fully independently.
+        adam = adam or torch.optim.Adam([param], lr=lr)
+        for _ in range(steps):
+            adam.zero_grad(set_to_none=True)
+            loss().backward()
+            adam.step()
+    elif steps:
+        # One L-BFGS problem over the whole batch: the objectives are independent, but the
+        # line search and curvature history are shared between pairs.
+        lbfgs = torch.optim.LBFGS(
+            [param], lr=lr, max_iter=steps, history_size=10, line_search_fn="strong_wolfe"
+        )
+
+        def closure() -> torch.Tensor:
+            lbfgs.zero_grad(set_to_none=True)
+            value = loss()
+            value.backward()
+            return value
+
+        lbfgs.step(closure)
+    return adam
+
+
+def estimate_affine(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    *,
+    steps: int = 100,
+    similarity=None,
+    levels: int = 3,
+    min_size: int = 16,
+) -> torch.Tensor:
+    """Affine pre-alignment ``theta`` (B, 2, 3) per pair (see ``affine_flow``), coarse to fine."""
+    similarity = _similarity(similarity)
+    b = fixed.shape[0]
+    size = tuple(fixed.shape[-2:])
+    with torch.inference_mode(False), torch.enable_grad():
+        fixed, moving = fixed.detach().clone(), moving.detach().clone()
+        eye = torch.eye(2, 3, device=fixed.device, dtype=fixed.dtype)
+        matrix = eye[:, :2].expand(b, 2, 2).clone().requires_grad_(True)
+        shift = fixed.new_zeros(b, 2, 1).requires_grad_(True)
+        opt = torch.optim.Adam([{"params": [matrix], "lr": AFFINE_LR[0]},
+                                {"params": [shift], "lr": AFFINE_LR[1]}])  # fmt: skip
+        sizes = pyramid(size, levels, min_size)
+        for i, level_size in enumerate(sizes):
+            f, m = resize(fixed, level_size), resize(moving, level_size)
+            scale = torch.tensor(
+                [level_size[0] / size[0], level_size[1] / size[1]], dtype=f.dtype, device=f.device
+            )
+            for _ in range(steps * (len(sizes) - i)):
+                opt.zero_grad(set_to_none=True)
+                theta = torch.cat([matrix, shift * scale[:, None]], 2)  # t in level pixels
+                loss = similarity(warp(m, affine_flow(theta, level_size)), f)
+                (b * loss).backward()
+                opt.step()
+        return torch.cat([matrix, shift], 2).detach()
 
 
 def refine(
@@ -101,55 +276,91 @@ def refine(
     *,
     steps: int = 50,
     lr: float | None = None,
-    similarity: nn.Module | None = None,
+    similarity: nn.Module | str | None = None,
     regularizer: nn.Module | None = None,
     reg_weight: float = 0.05,
     fold_weight: float = 0.0,
     integration_steps: int = 0,
     optimizer: str = "adam",
     grid: int | None = None,
+    spacing: float | None = None,
     grid_mode: str = "bspline",
+    levels: int = 1,
+    min_size: int = 16,
+    affine_steps: int = 0,
+    affine: torch.Tensor | None = None,
+    guard: bool = False,
     init_velocity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Optimise ``similarity + reg_weight * regularizer`` per pair; the refined flow (detached).
 
-    ``similarity`` defaults to ``MSE()``, ``regularizer`` to ``Diffusion()`` of the dense
-    displacement (as in training); ``fold_weight`` adds ``NegativeJacobian`` (a folding
-    penalty, zero away from folds); ``lr=None`` is 0.5 for Adam, 1 for L-BFGS. With
-    ``integration_steps > 0`` the variable is a stationary velocity (``init_velocity``, else
-    an approximate log of ``init_flow``) integrated by scaling and squaring. With ``grid``
-    the variable is a (grid x grid) control grid resampled by ``CoarseToDense(grid_mode)``,
-    initialised by least squares.
+    ``similarity``: a module or ``"mse"`` (default), ``"ncc"``, ``"lncc"``, ``"mi"``;
+    ``regularizer`` defaults to ``Diffusion()`` of the dense displacement (as in training);
+    ``fold_weight`` adds ``NegativeJacobian`` (zero away from folds); ``lr=None`` is 0.5 for
+    Adam, 1 for L-BFGS. With ``integration_steps > 0`` the variable is a stationary velocity
+    (``init_velocity``, else an approximate log of ``init_flow``) integrated by scaling and
+    squaring. The variable is a cubic B-spline control grid ``spacing`` pixels apart (or
+    ``grid`` x ``grid`` points; neither: one value per pixel), initialised by least squares.
+    ``levels > 1``: coarse to fine over a pyramid of halvings, ``steps * (1 + k)`` steps at the
+    level ``k`` halvings down (the last, full-size level gets ``steps``). ``affine_steps > 0``:
+    an affine stage first (``estimate_affine``), or a given ``affine`` (B, 2, 3) that the
+    deformable flow is composed with. ``guard``: start each pair from the identity (or the
+    affine) where ``init_flow`` is less similar than that, and return the identity for a pair
+    whose result is less similar than the unregistered images (never worse than doing nothing).
     """
-    _check(steps, integration_steps, optimizer)
-    similarity = MSE() if similarity is None else similarity
+    _check(steps, integration_steps, optimizer, levels)
+    similarity = _similarity(similarity)
     regularizer = Diffusion() if regularizer is None else regularizer
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     fold_penalty = NegativeJacobian()
     b, _, h, w = fixed.shape
+    shape = control_grid((h, w), grid, spacing)
     # Lightning's test/predict loops run under inference_mode, which enable_grad alone does
     # not lift; clones made inside inference_mode(False) are ordinary tensors autograd can use.
     with torch.inference_mode(False), torch.enable_grad():
         fixed, moving = fixed.detach().clone(), moving.detach().clone()
+        if affine is None and affine_steps:
+            affine = estimate_affine(fixed, moving, steps=affine_steps, similarity=similarity,
+                                     levels=levels, min_size=min_size)  # fmt: skip
+        affine = None if affine is None else affine.detach().clone()
         start = fixed.new_zeros(b, 2, h, w) if init_flow is None else init_flow.detach().clone()
+        if guard and init_flow is not None:  # a worse start than the identity: the identity
+            with torch.no_grad():
+                base = _after_affine(torch.zeros_like(start), affine)
+                s_init = per_pair(similarity, warp(moving, _after_affine(start, affine)), fixed)
+                s_base = per_pair(similarity, warp(moving, base), fixed)
+            start = torch.where((s_init < s_base)[:, None, None, None], start, 0.0)
         if integration_steps and init_velocity is not None:
             start = init_velocity.detach().clone()
         elif integration_steps and init_flow is not None:
             start = velocity_from_flow(start, integration_steps)
-        up = None
-        if grid is not None:
-            up = CoarseToDense(in_size=(grid, grid), out_size=(h, w), mode=grid_mode)
-            up = up.to(device=fixed.device, dtype=fixed.dtype)
+        if shape is not None:
+            up = CoarseToDense(in_size=shape, out_size=(h, w), mode=grid_mode).to(start)
             start = _fit_coarse(start, up)
-        param = start.requires_grad_(True)  # (B, 2, H, W), or (B, 2, grid, grid)
+        param = start.requires_grad_(True)  # (B, 2, H, W), or (B, 2, gh, gw)
 
-        def dense_flow() -> torch.Tensor:
-            field = param if up is None else up(param)
-            return integrate_velocity(field, integration_steps) if integration_steps else field
+        def dense_flow(size: tuple[int, int], up: CoarseToDense | None) -> torch.Tensor:
+            if up is not None:
+                field = up(param)
+            else:  # one value per pixel: resampled like a flow, without its rescaling
+                field = F.interpolate(param, size=size, mode="bilinear", align_corners=False,
+                                      antialias=True) if size != (h, w) else param  # fmt: skip
+            if size != (h, w):  # full-size pixels -> this level's pixels
+                scale = torch.tensor([size[0] / h, size[1] / w], dtype=field.dtype,
+                                     device=field.device)  # fmt: skip
+                field = field * scale.view(1, 2, 1, 1)
+            flow = integrate_velocity(field, integration_steps) if integration_steps else field
+            if affine is not None:
+                scale = torch.tensor([size[0] / h, size[1] / w], dtype=affine.dtype,
+                                     device=affine.device)  # fmt: skip
+                flow = _after_affine(
+                    flow, torch.cat([affine[:, :, :2], affine[:, :, 2:] * scale[:, None]], 2)
+                )
+            return flow
 
-        def objective() -> torch.Tensor:
-            flow = dense_flow()
-            loss = similarity(warp(moving, flow), fixed)
+        def objective(f, m, size, up) -> torch.Tensor:
+            flow = dense_flow(size, up)
+            loss = similarity(warp(m, flow), f)
             if reg_weight:
                 loss = loss + reg_weight * regularizer(flow)
             if fold_weight:
@@ -158,71 +369,64 @@ def refine(
             # gradient is that of its own objective, whatever the batch size.
             return b * loss
 
-        if steps and optimizer == "adam":
-            # Adam is elementwise, so the pairs are optimised fully independently.
-            opt = torch.optim.Adam([param], lr=lr)
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                objective().backward()
-                opt.step()
-        elif steps:
-            # One L-BFGS problem over the whole batch: the objectives are independent, but the
-            # line search and curvature history are shared between pairs.
-            opt = torch.optim.LBFGS(
-                [param], lr=lr, max_iter=steps, history_size=10, line_search_fn="strong_wolfe"
-            )
-
-            def closure() -> torch.Tensor:
-                opt.zero_grad(set_to_none=True)
-                loss = objective()
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-        if log.isEnabledFor(logging.DEBUG):
-            with torch.no_grad():
-                log.debug("refined %d pairs: mean objective %.4g", b, objective().item() / b)
+        sizes, opt = pyramid((h, w), levels, min_size), None
+        for i, size in enumerate(sizes):
+            f, m = resize(fixed, size), resize(moving, size)
+            loss = partial(objective, f, m, size, _upsampler(shape, size, grid_mode, param))
+            opt = _optimise(param, loss, steps * (len(sizes) - i), optimizer, lr, opt)
         with torch.no_grad():
-            return dense_flow().detach()
+            up = _upsampler(shape, (h, w), grid_mode, param)
+            flow = dense_flow((h, w), up).detach()
+            if guard:
+                after = per_pair(similarity, warp(moving, flow), fixed)
+                before = per_pair(similarity, moving, fixed)
+                worse = after > before - GUARD_TOL  # not better: the identity is simpler
+                if worse.any():
+                    log.info("refine: %d of %d pair(s) ended less similar than unregistered: "
+                             "identity returned for them", int(worse.sum()), b)  # fmt: skip
+                flow = torch.where(worse[:, None, None, None], 0.0, flow)
+            return flow
 
 
 class Refiner(nn.Module):
-    """A network (or RegistrationModule) whose flow is refined per pair at inference.
+    """A network's flow refined per pair at the images' own size; or no network at all.
 
-    ``forward(fixed, moving)`` returns the refined flow (B, 2, H, W). The network only runs in
-    eval mode without gradients, so its parameters never change. ``integration_steps=None``
-    keeps the network's own (a diffeomorphic net stays diffeomorphic); ``cascade=k`` applies
-    the net k times (composed) before refining. Every other keyword is one of ``refine``'s
-    settings (steps, lr, similarity, regularizer, reg_weight, fold_weight, optimizer, grid,
-    grid_mode), with ``refine``'s defaults.
+    ``forward(fixed, moving)`` takes pairs of any one size (B, 1, H, W): the network runs at its
+    trained size (the images resized to it, the flow brought back), then ``refine`` works at
+    (H, W). ``net=None`` is model-free registration (from the identity, or the affine stage).
+    The network only runs in eval mode without gradients, so its parameters never change.
+    ``integration_steps=None`` keeps the network's own (a diffeomorphic net stays
+    diffeomorphic); ``cascade=k`` applies the net k times (composed) before refining; with
+    ``affine_steps`` the affine stage comes first and the network sees the aligned image. Every
+    other keyword is one of ``refine``'s settings, with ``refine``'s defaults.
     """
+
+    accepts_any_size = True  # register passes the images at their own size
 
     def __init__(
         self,
-        net: nn.Module,
+        net: nn.Module | None,
         *,
         integration_steps: int | None = None,
         cascade: int = 1,
-        similarity: nn.Module | None = None,
+        similarity: nn.Module | str | None = None,
         regularizer: nn.Module | None = None,
         **settings,
     ) -> None:
         super().__init__()
-        self.net = net.eval()
+        self.net = None if net is None else net.eval()
         if integration_steps is None:
             # a RegistrationModule or TrainedModel holds its network as .net
-            integration_steps = contract.integration_steps(getattr(net, "net", net))
+            integration_steps = 0 if net is None else contract.integration_steps(_inner(net))
         self.integration_steps, self.cascade = integration_steps, cascade
-        self.similarity, self.regularizer = similarity, regularizer  # None: refine's defaults
+        self.similarity = _similarity(similarity)
+        self.regularizer = regularizer  # None: refine's default
         # Unknown names fail here, not at the first forward; the flows are forward's own.
         try:
             bound = inspect.signature(refine).bind_partial(**settings)
         except TypeError as err:
-            params = inspect.signature(refine).parameters.values()
-            known = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
-            known = [n for n in known if n not in ("similarity", "regularizer", "init_velocity")]
-            raise RefineSettingsError(f"refine.*: {err}; the settings are {known}") from None
-        if {"fixed", "moving", "init_flow", "init_velocity"} & bound.arguments.keys():
+            raise RefineSettingsError(f"refine.*: {err}; the settings are {SETTINGS}") from None
+        if {"fixed", "moving", "init_flow", "init_velocity", "affine"} & bound.arguments.keys():
             raise RefineSettingsError(
                 f"Refiner takes refine's settings, not its inputs: {sorted(settings)}"
             )
@@ -230,11 +434,19 @@ class Refiner(nn.Module):
             raise ConfigError(f"cascade needs k >= 1, got {cascade}")
         self.settings = settings
         bound.apply_defaults()  # refine's own defaults for what is not set
-        _check(bound.arguments["steps"], integration_steps, bound.arguments["optimizer"])
+        args = bound.arguments
+        _check(args["steps"], integration_steps, args["optimizer"], args["levels"])
+        control_grid((64, 64), args["grid"], args["spacing"])  # grid and spacing agree
+        if net is None and not args["steps"] and not args["affine_steps"]:
+            raise ConfigError(
+                "model-free registration (no network) with refine_steps=0 would return the "
+                "identity; set refine_steps (e.g. refine_steps=50)"
+            )
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        return contract.image_size(getattr(self.net, "net", self.net))
+    def image_size(self) -> tuple[int, int] | None:
+        """The network's trained size; None without a network (any size)."""
+        return None if self.net is None else contract.image_size(_inner(self.net))
 
     @property
     def build_config(self) -> dict | None:
@@ -242,12 +454,27 @@ class Refiner(nn.Module):
 
     def train(self, mode: bool = True) -> Refiner:
         super().train(mode)
-        self.net.eval()  # no dropout: the starting flow is the deterministic prediction
+        if self.net is not None:
+            self.net.eval()  # no dropout: the starting flow is the deterministic prediction
         return self
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            init = cascade(self.net, fixed, moving, self.cascade)
+        levels, min_size = self.settings.get("levels", 1), self.settings.get("min_size", 16)
+        theta = None
+        if self.settings.get("affine_steps"):
+            theta = estimate_affine(fixed, moving, steps=self.settings["affine_steps"],
+                                    similarity=self.similarity, levels=levels,
+                                    min_size=min_size)  # fmt: skip
+        init = None
+        if self.net is not None:
+            aligned = (
+                moving if theta is None else warp(moving, affine_flow(theta, moving.shape[-2:]))
+            )
+            size = tuple(self.image_size)
+            with torch.no_grad():
+                init = cascade(self.net, resize(fixed, size), resize(aligned, size), self.cascade)
+            init = resize_flow(init, tuple(fixed.shape[-2:]))
+        settings = {k: v for k, v in self.settings.items() if k != "affine_steps"}
         return refine(
             fixed,
             moving,
@@ -255,9 +482,21 @@ class Refiner(nn.Module):
             similarity=self.similarity,
             regularizer=self.regularizer,
             integration_steps=self.integration_steps,
-            **self.settings,
+            affine=theta,
+            **settings,
         )
 
     def extra_repr(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
         return f"integration_steps={self.integration_steps}, cascade={self.cascade}, {settings}"
+
+
+def _inner(net: nn.Module) -> nn.Module:
+    return getattr(net, "net", net)
+
+
+SETTINGS = [
+    p.name
+    for p in inspect.signature(refine).parameters.values()
+    if p.kind is p.KEYWORD_ONLY and p.name not in ("regularizer", "init_velocity", "affine")
+]

@@ -1,9 +1,12 @@
 """Register images with a trained model: ``python -m air_reg.register fixed=a.png moving=b.png``.
 
-``fixed``/``moving`` are two image files or two folders whose files pair up by name. Images of
-another size than the model's are resampled to it, and the flow is brought back to the input
-size, so the ORIGINAL moving image is warped. Writes the warped PNG, the flow ``.npy``
-((2, H, W) pixels, channel 0 rows), a figure per pair and ``summary.csv``.
+``fixed``/``moving`` are two image files or two folders whose files pair up by name. The network
+runs at its trained size (the images resampled to it) and its flow is brought back to the
+images' own size; with ``refine_steps`` it is then refined there (``air_reg.refine``), and
+``weights=none`` (or ``model=none``) registers by that optimisation alone. The ORIGINAL moving
+image is warped. A pair whose result is not more similar than the unregistered images gets the
+identity (``refine.guard``; column ``identity`` of the summary). Writes the warped PNG, the flow
+``.npy`` ((2, H, W) pixels, channel 0 rows), a figure per pair and ``summary.csv``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -25,13 +27,16 @@ from air_reg.io import IMAGE_SUFFIXES, ImageError, read_image, resize, save_npy,
 from air_reg.metrics import mse, smooth_dice
 from air_reg.models.components.spatial_transformer import warp
 from air_reg.pairlog import PairLog
+from air_reg.refine import GUARD_TOL, resize_flow
 from air_reg.utils import check_writable, run_cli
 
 log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = "mapt_tuned_{dataset}"  # the best shipped model (docs/results.md)
 METRICS = ("mse_before", "mse_after", "smooth_dice_before", "smooth_dice_after")
-FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS, "worse")  # summary.csv
-WORSE_TOL = 1e-6  # MSE rise (absolute, on [0, 1] images) below which a pair is not "worse"
+FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS, "worse", "identity")
+WORSE_TOL = GUARD_TOL  # MSE rise (absolute, on [0, 1] images) below which a pair is not "worse"
+MAX_BATCH_PIXELS = 2**22  # pairs refined at once at their own size: at most this many pixels
+MODEL_FREE = "none"  # weights=none / model=none: the refinement alone, no network
 
 
 def weights_name(cfg: DictConfig) -> str:
@@ -39,6 +44,8 @@ def weights_name(cfg: DictConfig) -> str:
     still picks ``<m>_<data>`` (the network class's name in lower case)."""
     if cfg.get("weights"):
         return str(cfg.weights)
+    if cfg.get("model") is not None and cfg.model.get("net") is None:  # model=none
+        return MODEL_FREE
     dataset = cfg.data.dataset if cfg.get("data") else "mnist"
     if cfg.get("model"):
         net = cfg.model.net._target_.rsplit(".", 1)[-1].lower()
@@ -51,22 +58,20 @@ def weights_name(cfg: DictConfig) -> str:
     return DEFAULT_WEIGHTS.format(dataset=dataset)
 
 
-def resolve_checkpoint(cfg: DictConfig) -> Path:
-    """``ckpt_path`` when given, else the shipped ``air_reg/weights/<weights>.ckpt``."""
+def resolve_checkpoint(cfg: DictConfig) -> Path | None:
+    """``ckpt_path`` when given, else the shipped ``air_reg/weights/<weights>.ckpt``; None for
+    model-free registration (``weights=none``), which needs ``refine_steps``."""
     if cfg.get("ckpt_path"):
         return Path(cfg.ckpt_path).expanduser()
-    return shipped_weights(weights_name(cfg))
-
-
-def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 2, h, w) pixels on an h x w grid -> (B, 2, H, W) pixels on an H x W grid."""
-    h, w = flow.shape[-2:]
-    if (h, w) == tuple(size):
-        return flow
-    shrink = size[0] < h or size[1] < w
-    out = F.interpolate(flow, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-    scale = torch.tensor([size[0] / h, size[1] / w], dtype=flow.dtype, device=flow.device)
-    return out * scale.view(1, 2, 1, 1)  # a displacement of d model pixels is d * H / h here
+    name = weights_name(cfg)
+    if name != MODEL_FREE:
+        return shipped_weights(name)
+    if not cfg.refine_steps and not cfg.refine.get("affine_steps"):
+        raise ConfigError(
+            "weights=none (model-free) registers by the refinement alone: set refine_steps, "
+            "e.g. refine_steps=50"
+        )
+    return None
 
 
 def find_pairs(fixed: Path, moving: Path) -> list[tuple[str, Path, Path]]:
@@ -126,18 +131,48 @@ def read_pair(fixed_path: Path, moving_path: Path) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def register_batch(model, fixed: list[torch.Tensor], moving: list[torch.Tensor]) -> list:
-    """(warped, flow) per pair at its own size; pairs may differ in size from one another."""
-    size = tuple(model.image_size)
-    device = next(model.parameters()).device
-    f = torch.cat([resize(x, size) for x in fixed]).to(device)  # (B, 1, h, w)
-    m = torch.cat([resize(x, size) for x in moving]).to(device)
-    flows = model(f, m).cpu()  # (B, 2, h, w) on the model's grid
-    out = []
-    for flow, mov in zip(flows, moving, strict=True):
-        flow = resize_flow(flow[None], tuple(mov.shape[-2:]))  # (1, 2, H, W)
-        out.append((warp(mov, flow), flow))
-    return out
+def register_batch(
+    model, fixed: list[torch.Tensor], moving: list[torch.Tensor], guard: bool = True
+) -> list:
+    """(warped, flow) per pair at its own size; pairs may differ in size from one another.
+
+    A refiner (``accepts_any_size``) gets the pairs at their own size, those of one size
+    together (at most ``MAX_BATCH_PIXELS`` at once); a plain network gets them resized to its
+    trained size, and ``guard`` gives the identity to a pair it leaves no more similar.
+    """
+    params = next(model.parameters(), None)
+    device = params.device if params is not None else torch.device("cpu")
+    flows: list[torch.Tensor | None] = [None] * len(fixed)
+    if getattr(model, "accepts_any_size", False):
+        for group in _same_size_groups(fixed):
+            f = torch.cat([fixed[i] for i in group]).to(device)  # (B, 1, H, W)
+            m = torch.cat([moving[i] for i in group]).to(device)
+            for i, flow in zip(group, model(f, m).cpu(), strict=True):
+                flows[i] = flow[None]
+    else:
+        size = tuple(model.image_size)
+        f = torch.cat([resize(x, size) for x in fixed]).to(device)  # (B, 1, h, w)
+        m = torch.cat([resize(x, size) for x in moving]).to(device)
+        for i, flow in enumerate(model(f, m).cpu()):  # (2, h, w) on the model's grid
+            flows[i] = resize_flow(flow[None], tuple(moving[i].shape[-2:]))  # (1, 2, H, W)
+            if (
+                guard
+                and mse(warp(moving[i], flows[i]), fixed[i]) > mse(moving[i], fixed[i]) - GUARD_TOL
+            ):
+                flows[i] = torch.zeros_like(flows[i])  # not more similar: the identity
+    return [(warp(mov, flow), flow) for flow, mov in zip(flows, moving, strict=True)]
+
+
+def _same_size_groups(images: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of the images by size, each group at most ``MAX_BATCH_PIXELS`` pixels."""
+    by_size: dict[tuple, list[int]] = {}
+    for i, x in enumerate(images):
+        by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
+    groups = []
+    for (h, w), idx in by_size.items():
+        per_call = max(1, MAX_BATCH_PIXELS // (h * w))
+        groups += [idx[j : j + per_call] for j in range(0, len(idx), per_call)]
+    return groups
 
 
 def _outputs(out_dir: Path, name: str, folders: bool) -> dict[str, Path]:
@@ -182,6 +217,7 @@ def register(cfg: DictConfig) -> dict:
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}; e.g. batch_size=32")
     model = load_configured(resolve_checkpoint(cfg), cfg)
+    guard = bool(cfg.refine.get("guard", True))
     draw = None
     if cfg.figures:
         from air_reg.viz import pair_figure as draw  # matplotlib: only when figures are drawn
@@ -195,7 +231,9 @@ def register(cfg: DictConfig) -> dict:
             chunk = _read_chunk(todo[i : i + batch_size], pairlog, on_error)
             if chunk:
                 tic = time.perf_counter()
-                results = register_batch(model, [c[3] for c in chunk], [c[4] for c in chunk])
+                results = register_batch(
+                    model, [c[3] for c in chunk], [c[4] for c in chunk], guard
+                )
                 compute_s += time.perf_counter() - tic
                 for (name, f_path, m_path, fix, mov), (warped, flow) in zip(
                     chunk, results, strict=True
@@ -205,7 +243,7 @@ def register(cfg: DictConfig) -> dict:
                     write_image(paths["warped"], warped)
                     if draw is not None:
                         draw(fix, mov, warped, flow, paths["figure"], titles=[name])
-                    pairlog.add(_row(name, f_path, m_path, fix, mov, warped))
+                    pairlog.add(_row(name, f_path, m_path, fix, mov, warped, flow))
             bar.update(min(batch_size, len(todo) - i))
     except BaseException as err:
         stopped = err
@@ -237,7 +275,7 @@ def _read_chunk(chunk, pairlog: PairLog, on_error: str) -> list[tuple]:
     return out
 
 
-def _row(name, f_path, m_path, fix, mov, warped) -> dict:
+def _row(name, f_path, m_path, fix, mov, warped, flow) -> dict:
     return {
         "name": name,
         "fixed": str(f_path),
@@ -249,6 +287,7 @@ def _row(name, f_path, m_path, fix, mov, warped) -> dict:
         "smooth_dice_before": smooth_dice(mov, fix).item(),
         "smooth_dice_after": smooth_dice(warped, fix).item(),
         "worse": int(mse(warped, fix).item() > mse(mov, fix).item() + WORSE_TOL),
+        "identity": int(not flow.any()),  # the guard's identity (or nothing to move)
     }
 
 
@@ -264,6 +303,15 @@ def _report(pairlog: PairLog, compute_s: float, total_s: float, out_dir: Path) -
             len(worse),
             len(ok),
             ", ".join(worse[:5]),
+        )
+    kept = [r["name"] for r in ok if int(r.get("identity") or 0) and float(r["mse_before"]) > 0]
+    if kept:  # the guard's identity: the registration was not more similar than nothing
+        log.warning(
+            "%d of %d pair(s) got the identity: the registration left them no more similar "
+            "(summary.csv column identity=1), e.g. %s; try refine_steps=50 or weights=none",
+            len(kept),
+            len(ok),
+            ", ".join(kept[:5]),
         )
     if ok:
         log.info(
@@ -285,6 +333,7 @@ def _report(pairlog: PairLog, compute_s: float, total_s: float, out_dir: Path) -
         "num_pairs": len(ok),
         "failed": failed,
         "worse": len(worse),
+        "identity": len(kept),
         **means,
         "seconds": compute_s,
         "total_seconds": total_s,

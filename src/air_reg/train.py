@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from air_reg import __version__, speed
 from air_reg.config import CONFIG_DIR
+from air_reg.errors import ConfigError
 from air_reg.utils import check_writable, run_cli, run_record, write_json
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,11 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) the configured model; returns the final metrics as floats."""
     log.info("Composed config:\n%s", OmegaConf.to_yaml(cfg))
+    if cfg.model.get("net") is None:
+        raise ConfigError(
+            "model=none is registration without a network: nothing to train; use it in "
+            "`python -m air_reg.register model=none refine_steps=50 ...` or air_reg.eval"
+        )
     output_dir = check_writable(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 

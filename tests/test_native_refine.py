@@ -1,0 +1,185 @@
+"""Refinement at the images' own size: pyramid, spacing in pixels, affine stage, model-free
+registration, the guard (never worse than doing nothing) and one preset for API and CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+
+import air_reg
+from air_reg import warp
+from air_reg.checkpoint import shipped_weights
+from air_reg.errors import ConfigError
+from air_reg.io import write_image
+from air_reg.losses import MSE, MutualInformation
+from air_reg.metrics import folding
+from air_reg.models.components.spatial_transformer import CoarseToDense, integrate_velocity
+from air_reg.refine import (
+    Refiner,
+    affine_flow,
+    control_grid,
+    estimate_affine,
+    load_preset,
+    pyramid,
+    refine,
+)
+from air_reg.register import register
+from air_reg.train import train
+
+H, W = 72, 60  # not a multiple of the 28 x 28 models, nor square
+
+
+def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 1, H, W) smooth textured images in [0, 1] (sums of random blobs)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 1, 9, 8, generator=g)
+    images = CoarseToDense(in_size=(9, 8), out_size=(H, W), mode="bicubic")(coarse)
+    lo, hi = images.amin((2, 3), keepdim=True), images.amax((2, 3), keepdim=True)
+    return (images - lo) / (hi - lo)
+
+
+def known_pairs(n: int, magnitude: float = 1.5, seed: int = 0):
+    """(fixed, moving, flow): moving warped by a smooth diffeomorphism of up to a few px."""
+    moving = smooth_images(n, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    velocity = CoarseToDense(in_size=(4, 4), out_size=(H, W), mode="bspline")(
+        torch.randn(n, 2, 4, 4, generator=g) * magnitude
+    )
+    flow = integrate_velocity(velocity, 7)
+    return warp(moving, flow), moving, flow
+
+
+def epe(flow, target) -> float:
+    inside = (slice(None), slice(None), slice(8, -8), slice(8, -8))  # away from the border
+    return (flow - target)[inside].norm(dim=1).mean().item()
+
+
+# -- the optimisation ----------------------------------------------------------------------
+def test_pyramid_and_control_grid_sizes():
+    assert pyramid((233, 197), 3) == [(58, 49), (116, 98), (233, 197)]
+    assert pyramid((28, 28), 3) == [(28, 28)]  # 14 < min_size 16: one level
+    assert control_grid((28, 28), None, 4) == (7, 7)  # the former 7 x 7 preset on digits
+    assert control_grid((233, 197), None, 8) == (30, 25)
+    with pytest.raises(ConfigError, match="not both"):
+        control_grid((28, 28), 7, 4)
+
+
+def test_native_refinement_lowers_the_loss_recovers_the_field_and_does_not_fold():
+    fixed, moving, flow = known_pairs(3)
+    preset = {k: v for k, v in load_preset().items() if k not in ("refine_steps", "cascade")}
+    out = refine(fixed, moving, steps=30, **preset)
+    assert out.shape == (3, 2, H, W)
+    assert MSE()(warp(moving, out), fixed) < 0.2 * MSE()(moving, fixed)
+    assert epe(out, flow) < 0.35 * epe(torch.zeros_like(flow), flow)
+    assert folding(out).max() == 0
+
+
+def test_default_preset_on_digits_is_the_former_preset():
+    """On 28 x 28 the native preset (spacing 4, 3 levels) is the 7 x 7 grid of before."""
+    g = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(2, 1, 28, 28, generator=g), torch.rand(2, 1, 28, 28, generator=g)
+    new = {k: v for k, v in load_preset().items() if k not in ("refine_steps", "cascade")}
+    old = {
+        k: v
+        for k, v in load_preset("diffeomorphic").items()
+        if k not in ("refine_steps", "cascade")
+    }
+    new.pop("guard")
+    torch.testing.assert_close(
+        refine(fixed, moving, steps=5, **new), refine(fixed, moving, steps=5, **old)
+    )
+
+
+def test_affine_stage_recovers_a_known_affine_map():
+    moving = smooth_images(2, seed=3)
+    theta = torch.tensor([[[1.06, 0.05, 2.0], [-0.04, 0.95, -1.5]]]).repeat(2, 1, 1)
+    fixed = warp(moving, affine_flow(theta, (H, W)))
+    found = estimate_affine(fixed, moving, steps=150, levels=2)
+    assert (found[:, :, :2] - theta[:, :, :2]).abs().max() < 0.01
+    assert (found[:, :, 2] - theta[:, :, 2]).abs().max() < 0.2  # pixels
+
+
+def test_mutual_information_registers_images_of_inverted_contrast():
+    fixed, moving, flow = known_pairs(2, seed=5)
+    out = refine(fixed, 1 - moving, steps=40, spacing=12, levels=2, lr=0.5, reg_weight=0.001,
+                 similarity="mi")  # fmt: skip
+    assert epe(out, flow) < 0.6 * epe(torch.zeros_like(flow), flow)
+    mi = MutualInformation()
+    assert mi(warp(1 - moving, out), fixed) < mi(1 - moving, fixed)
+
+
+def test_guard_returns_the_identity_for_images_registered_to_themselves():
+    images = smooth_images(2)
+    preset = {k: v for k, v in load_preset().items() if k not in ("refine_steps", "cascade")}
+    assert torch.equal(refine(images, images, steps=20, **preset), torch.zeros(2, 2, H, W))
+    # a start worse than doing nothing is not where the optimisation begins
+    bad = torch.full((2, 2, H, W), 3.0)
+    assert torch.equal(refine(images, images, bad, steps=5, **preset), torch.zeros(2, 2, H, W))
+
+
+# -- Refiner, load_model and the CLI -------------------------------------------------------
+def test_model_free_refiner_needs_steps_and_registers_any_size():
+    with pytest.raises(ConfigError, match="refine_steps"):
+        air_reg.load_model(None)
+    model = air_reg.load_model(None, refine_steps=20)
+    assert isinstance(model, Refiner)
+    assert model.image_size is None
+    fixed, moving, flow = known_pairs(2)
+    out = model(fixed, moving)
+    assert epe(out, flow) < 0.5 * epe(torch.zeros_like(flow), flow)
+
+
+def test_shipped_model_refines_at_the_images_own_size():
+    model = air_reg.load_model(shipped_weights("mapt_tuned_mnist"), refine_steps=20)
+    assert model.image_size == (28, 28)
+    fixed, moving, flow = known_pairs(2)
+    out = model(fixed, moving)
+    assert out.shape == (2, 2, H, W)  # not the model's 28 x 28
+    assert epe(out, flow) < 0.5 * epe(torch.zeros_like(flow), flow)
+
+
+def _write_pair(folder, fixed, moving):
+    folder.mkdir(parents=True, exist_ok=True)
+    write_image(folder / "f.png", fixed)
+    write_image(folder / "m.png", moving)
+    return [f"fixed={folder / 'f.png'}", f"moving={folder / 'm.png'}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["refine_steps=10"],
+        ["weights=mapt_mnist"],
+        ["weights=dirnet_fashion", "refine_steps=5"],
+        ["model=none", "refine_steps=10"],
+    ],  # fmt: skip
+)
+def test_register_an_image_to_itself_gives_the_identity(tmp_path, extra):
+    image = smooth_images(1, seed=7)[0]
+    out = register(compose_config("register", [*_write_pair(tmp_path, image, image), *extra,
+                                               "figures=false"], tmp_path))  # fmt: skip
+    flow = np.load(tmp_path / "flow.npy")
+    assert flow.shape == (2, H, W)
+    assert np.abs(flow).mean() <= 0.05
+    assert out["pairs"][0]["identity"] == 1
+
+
+@pytest.mark.slow
+def test_api_and_cli_give_the_same_flow_for_the_same_settings(tmp_path):
+    fixed, moving, _ = known_pairs(1, seed=9)
+    args = _write_pair(tmp_path, fixed[0], moving[0])
+    register(compose_config("register", [*args, "refine_steps=8", "figures=false"], tmp_path))
+    cli = torch.from_numpy(np.load(tmp_path / "flow.npy"))
+    model = air_reg.load_model(shipped_weights("mapt_tuned_mnist"), refine_steps=8)
+    images = [air_reg.io.read_image(tmp_path / n) for n in ("f.png", "m.png")]  # 8-bit, as read
+    api = model(*images)[0]
+    torch.testing.assert_close(api, cli, atol=1e-5, rtol=0)
+
+
+def test_train_refuses_model_none(tmp_path):
+    with pytest.raises(ConfigError, match="nothing to train"):
+        train(compose_config("train", ["model=none"], tmp_path))
