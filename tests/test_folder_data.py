@@ -191,3 +191,20 @@ def test_multi_frame_tiff_is_refused_with_the_frame_count(tmp_path):
     with pytest.raises(ImageError, match="holds 3 frames"):
         module(tmp_path, labels=None)
     assert torch.is_tensor(module(png_folder(tmp_path / "ok", n=3))._data["images"])
+
+
+def test_16_bit_pngs_read_in_unit_range_with_normalize_none(tmp_path):
+    """A 16-bit PNG holds 0..65535: scaled by 1/65535 as register reads it, labels unscaled."""
+    (tmp_path / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        pixels = (rng.random((16, 16)) * 40000).astype(np.uint16)
+        Image.fromarray(pixels).save(tmp_path / f"im{i}.png")
+        Image.fromarray((pixels > 20000).astype(np.uint8) * 3).save(
+            tmp_path / "labels" / f"im{i}.png"
+        )
+    dm = FolderDataModule(path=str(tmp_path), normalize="none", image_size=None)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert 0.0 <= batch["fixed"].min() and batch["fixed"].max() <= 40000 / 65535 + 1e-6
+    assert set(batch["fixed_labels"].unique().tolist()) <= {0.0, 3.0}

@@ -21,6 +21,7 @@ from air_reg.refine import (
     affine_flow,
     control_grid,
     estimate_affine,
+    field_size,
     load_preset,
     pyramid,
     refine,
@@ -74,6 +75,18 @@ def test_native_refinement_lowers_the_loss_recovers_the_field_and_does_not_fold(
     assert MSE()(warp(moving, out), fixed) < 0.2 * MSE()(moving, fixed)
     assert epe(out, flow) < 0.35 * epe(torch.zeros_like(flow), flow)
     assert folding(out).max() == 0
+
+
+def test_a_coarser_field_grid_recovers_the_field_as_well():
+    """field_stride 2: the smooth field on a half-size grid, the images at full size."""
+    assert field_size((72, 60), 2) == (36, 30)
+    assert field_size((28, 28), 2) == (28, 28)  # 14 < min_size: full size
+    fixed, moving, flow = known_pairs(2, seed=4)
+    settings = {"steps": 30, "spacing": 6, "levels": 2, "integration_steps": 4, "lr": 0.5}
+    full = epe(refine(fixed, moving, **settings), flow)
+    coarse = refine(fixed, moving, field_stride=2, **settings)
+    assert coarse.shape == (2, 2, H, W)
+    assert epe(coarse, flow) < 1.2 * full + 0.02
 
 
 def test_default_preset_on_digits_is_the_former_preset():

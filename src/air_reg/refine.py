@@ -134,6 +134,15 @@ def _fit_coarse(dense: torch.Tensor, up: CoarseToDense) -> torch.Tensor:
     return torch.einsum("gH,bcHW,hW->bcgh", rows, dense, cols)
 
 
+def field_size(size: tuple[int, int], stride: int, min_size: int = 16) -> tuple[int, int]:
+    """The grid the field is computed on at a level of ``size``: ``stride`` times coarser,
+    unless that makes a side shorter than ``min_size``."""
+    if stride < 1:
+        raise ConfigError(f"refine.field_stride must be >= 1, got {stride}")
+    coarse = tuple(math.ceil(n / stride) for n in size)
+    return coarse if stride > 1 and min(coarse) >= min_size else tuple(size)
+
+
 def control_grid(size: tuple[int, int], grid: int | None, spacing: float | None):
     """(gh, gw) control points: ``grid`` x ``grid``, or ``spacing`` pixels apart; None: dense."""
     if grid is not None and spacing is not None:
@@ -290,6 +299,7 @@ def refine(
     affine_steps: int = 0,
     affine: torch.Tensor | None = None,
     guard: bool = False,
+    field_stride: int = 1,
     init_velocity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Optimise ``similarity + reg_weight * regularizer`` per pair; the refined flow (detached).
@@ -307,6 +317,9 @@ def refine(
     deformable flow is composed with. ``guard``: start each pair from the identity (or the
     affine) where ``init_flow`` is less similar than that, and return the identity for a pair
     whose result is less similar than the unregistered images (never worse than doing nothing).
+    ``field_stride`` s > 1: the velocity, its integration and the penalties live on a grid s
+    times coarser than each level (where its sides stay >= ``min_size``), bilinearly resampled
+    to warp the image: the field is smooth at the control spacing, and ~s**2 less work.
     """
     _check(steps, integration_steps, optimizer, levels)
     similarity = _similarity(similarity)
@@ -340,31 +353,29 @@ def refine(
         param = start.requires_grad_(True)  # (B, 2, H, W), or (B, 2, gh, gw)
 
         def dense_flow(size: tuple[int, int], up: CoarseToDense | None) -> torch.Tensor:
+            """The flow on a ``size`` grid, in that grid's pixels."""
             if up is not None:
                 field = up(param)
             else:  # one value per pixel: resampled like a flow, without its rescaling
                 field = F.interpolate(param, size=size, mode="bilinear", align_corners=False,
                                       antialias=True) if size != (h, w) else param  # fmt: skip
-            if size != (h, w):  # full-size pixels -> this level's pixels
-                scale = torch.tensor([size[0] / h, size[1] / w], dtype=field.dtype,
-                                     device=field.device)  # fmt: skip
+            scale = torch.tensor([size[0] / h, size[1] / w], dtype=field.dtype,
+                                 device=field.device)  # fmt: skip
+            if size != (h, w):  # full-size pixels -> this grid's pixels
                 field = field * scale.view(1, 2, 1, 1)
             flow = integrate_velocity(field, integration_steps) if integration_steps else field
             if affine is not None:
-                scale = torch.tensor([size[0] / h, size[1] / w], dtype=affine.dtype,
-                                     device=affine.device)  # fmt: skip
-                flow = _after_affine(
-                    flow, torch.cat([affine[:, :, :2], affine[:, :, 2:] * scale[:, None]], 2)
-                )
+                level = torch.cat([affine[:, :, :2], affine[:, :, 2:] * scale[:, None]], 2)
+                flow = _after_affine(flow, level)
             return flow
 
         def objective(f, m, size, up) -> torch.Tensor:
-            flow = dense_flow(size, up)
-            loss = similarity(warp(m, flow), f)
+            coarse = dense_flow(field_size(size, field_stride, min_size), up)
+            loss = similarity(warp(m, resize_flow(coarse, size)), f)
             if reg_weight:
-                loss = loss + reg_weight * regularizer(flow)
+                loss = loss + reg_weight * regularizer(coarse)
             if fold_weight:
-                loss = loss + fold_weight * fold_penalty(flow)
+                loss = loss + fold_weight * fold_penalty(coarse)
             # Our losses are batch means: B x mean = sum of per-pair means, so each pair's
             # gradient is that of its own objective, whatever the batch size.
             return b * loss
@@ -372,11 +383,13 @@ def refine(
         sizes, opt = pyramid((h, w), levels, min_size), None
         for i, size in enumerate(sizes):
             f, m = resize(fixed, size), resize(moving, size)
-            loss = partial(objective, f, m, size, _upsampler(shape, size, grid_mode, param))
+            up = _upsampler(shape, field_size(size, field_stride, min_size), grid_mode, param)
+            loss = partial(objective, f, m, size, up)
             opt = _optimise(param, loss, steps * (len(sizes) - i), optimizer, lr, opt)
         with torch.no_grad():
-            up = _upsampler(shape, (h, w), grid_mode, param)
-            flow = dense_flow((h, w), up).detach()
+            final = field_size((h, w), field_stride, min_size)
+            up = _upsampler(shape, final, grid_mode, param)
+            flow = resize_flow(dense_flow(final, up), (h, w)).detach()
             if guard:
                 after = per_pair(similarity, warp(moving, flow), fixed)
                 before = per_pair(similarity, moving, fixed)

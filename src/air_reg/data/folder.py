@@ -161,7 +161,7 @@ class FolderDataModule(PairDataModule):
                 f"the other {len(with_labels)} do; give every image one, or none"
             )
         for f in image_files:
-            array, seg = read_array(f), None
+            array, seg = read_array(f, unit=True), None
             lab = label_files[f]
             if lab is not None:
                 seg = read_array(lab)

@@ -1,7 +1,7 @@
 """Raw pixel arrays from a user's files: PNG/JPEG/TIFF, ``.npy`` and NIfTI (2-D or 3-D).
 
-``read_array`` returns the file's values unscaled (2-D, or 3-D for a NIfTI volume);
-``normalise`` maps an image to [0, 1]; ``slices`` cuts a volume into 2-D images. Every
+``read_array`` returns the file's values (2-D, or 3-D for a NIfTI volume; with ``unit``,
+8- and 16-bit images in [0, 1]); ``normalise`` maps an image to [0, 1]; ``slices`` cuts a volume into 2-D images. Every
 failure is one ``ImageError`` naming the file and the fix.
 """
 
@@ -29,8 +29,12 @@ def stem_of(path: Path) -> str:
     return path.name[: -len(suffix_of(path))] if suffix_of(path) else path.name
 
 
-def read_array(path: Path) -> np.ndarray:
-    """The pixels of one file as a float32 array: (H, W), or (X, Y, Z) for a NIfTI volume."""
+def read_array(path: Path, unit: bool = False) -> np.ndarray:
+    """The pixels of one file as a float32 array: (H, W), or (X, Y, Z) for a NIfTI volume.
+
+    ``unit``: 8- and 16-bit images and arrays (not NIfTI) are scaled by 1/255 or 1/65535 to
+    [0, 1], as ``register`` reads them (so ``data.normalize=none`` takes a 16-bit PNG); label
+    maps keep their values."""
     if not path.is_file() or path.stat().st_size == 0:
         what = "does not exist" if not path.exists() else "is empty (0 bytes)"
         raise ImageError(f"{path} {what}; re-export or remove it")
@@ -44,6 +48,8 @@ def read_array(path: Path) -> np.ndarray:
     else:
         raise ImageError(f"{path}: unsupported file type; use one of {FOLDER_SUFFIXES}")
     array = np.squeeze(np.asarray(array))
+    if unit and suffix not in NIFTI_SUFFIXES and array.dtype in (np.uint8, np.uint16):
+        array = array / np.iinfo(array.dtype).max
     if array.ndim not in (2, 3) or min(array.shape) < 1:
         raise ImageError(
             f"{path}: expected a 2-D image or a 3-D volume, got shape {array.shape}; "
