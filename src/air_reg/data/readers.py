@@ -1,8 +1,8 @@
 """Raw pixel arrays from a user's files: PNG/JPEG/TIFF, ``.npy`` and NIfTI (2-D or 3-D).
 
 ``read_array`` returns the file's values (2-D, or 3-D for a NIfTI volume; with ``unit``,
-8- and 16-bit images in [0, 1]); ``normalise`` maps an image to [0, 1]; ``slices`` cuts a volume into 2-D images. Every
-failure is one ``ImageError`` naming the file and the fix.
+8- and 16-bit images in [0, 1]); ``normalise`` maps an image to [0, 1]; ``slices`` cuts a
+volume into 2-D images. Every failure is one ``ImageError`` naming the file and the fix.
 """
 
 from __future__ import annotations
