@@ -2,12 +2,13 @@
 
     python experiments/reproduce.py --profile quick   # minutes: smoke test
     python experiments/reproduce.py --profile full    # ~1 hour on 2 CPU cores (5 min a model)
+    python experiments/reproduce.py --profile peers --methods "AiR-MAPT tuned" AiR-UNet VoxelMorph
 
-For each dataset, trains DIRNet, AiR-single, AiR-MAPT (the paper's configurations as written)
-and our tuned MAPT (src/air_reg/conf/experiment/*.yaml) on same-class pairs (--train-pairing) for a
-fixed wall-clock budget,
-then scores them, the identity ("Original") and SimpleITK's diffeomorphic Demons on the same
-fixed test pairs, drawn both at random and within a class. Writes to
+For each dataset, trains DIRNet, AiR-single, AiR-MAPT (the paper's configurations as written),
+our tuned MAPT, AiR-UNet and VoxelMorph (src/air_reg/conf/experiment/*.yaml; --methods picks)
+on same-class pairs (--train-pairing) for a fixed wall-clock budget, then scores them, the
+identity ("Original"), SimpleITK's diffeomorphic Demons and ANTs SyN on the same fixed test
+pairs, drawn both at random and within a class. Writes to
 experiments/results/<profile>/: table_<data>_<pairing>.{md,csv}, per_pair_<data>_<pairing>.csv,
 fig3_<data>.png and results.md; checkpoints stay under runs/ (not tracked).
 """
@@ -29,7 +30,7 @@ from hydra.utils import instantiate
 
 import air_reg
 from air_reg.checkpoint import WEIGHTS_DIR
-from air_reg.classical import demons, has_simpleitk
+from air_reg.classical import ants_syn, demons, has_ants, has_simpleitk
 from air_reg.config import compose_config
 from air_reg.evaluation import (
     identity_method,
@@ -59,6 +60,12 @@ PROFILES = {
         "val_pairs": 32,
         "pairs_per_epoch": 256,
     },
+    "peers": {  # the full budget, fewer test pairs: ANTs SyN takes ~0.3 s a pair
+        "max_time": "00:00:05:00",
+        "test_pairs": 500,
+        "val_pairs": 1000,
+        "pairs_per_epoch": 4096,
+    },
     "full": {
         "max_time": "00:00:05:00",
         "test_pairs": 1000,
@@ -71,12 +78,20 @@ METHODS = {  # table column -> experiment config
     "AiR-single": "paper_air",
     "AiR-MAPT": "paper_mapt",
     "AiR-MAPT tuned": "mapt_tuned",
+    "AiR-UNet": "air_unet",
+    "AiR-UNet no attention": "air_unet_no_attention",  # ablations of AiR-UNet
+    "AiR-UNet coarse decoder": "air_unet_coarse",
+    "VoxelMorph": "voxelmorph",
 }
 SHIPPED = {
     "DIRNet": "dirnet",
     "AiR-single": "air",
     "AiR-MAPT": "mapt",
     "AiR-MAPT tuned": "mapt_tuned",
+    "AiR-UNet": "air_unet",
+    "AiR-UNet no attention": "air_unet_no_attention",
+    "AiR-UNet coarse decoder": "air_unet_coarse",
+    "VoxelMorph": "voxelmorph",
 }  # air_reg/weights/<name>_<data>.ckpt
 DATASETS = ("mnist", "fashion")
 PAIRINGS = ("random", "same_class")
@@ -153,6 +168,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-demons", action="store_true", help="skip the SimpleITK row")
+    parser.add_argument("--no-ants", action="store_true", help="skip the ANTs SyN row")
     parser.add_argument(
         "--train-pairing",
         choices=PAIRINGS,
@@ -173,6 +189,9 @@ def main() -> None:
     use_demons = has_simpleitk() and not args.no_demons
     if not use_demons:
         log.warning("SimpleITK missing (pip install air-reg[classical]): no Demons row")
+    use_ants = has_ants() and not args.no_ants
+    if not use_ants:
+        log.warning("antspyx missing (pip install air-reg[peers]) or --no-ants: no ANTs row")
 
     report = [
         f"# Reproduction ({args.profile} profile)\n",
@@ -199,6 +218,8 @@ def main() -> None:
             methods = {"Original": identity_method, **models}
             if use_demons:
                 methods["Demons"] = demons
+            if use_ants:
+                methods["ANTs SyN"] = ants_syn
             per_pair, ms = score(methods, batches)
             tag = f"{data}_{pairing}"
             table = write_tables(out, tag, per_pair, ms)

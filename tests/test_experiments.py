@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from air_reg.classical import has_ants
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 
@@ -60,13 +62,15 @@ def test_reproduce_smoke_profile_trains_scores_and_writes_tables(tmp_path):
         "--datasets=mnist",
         "--methods",
         "AiR-MAPT tuned",
+        "VoxelMorph",
         "--no-demons",
         f"--out={tmp_path}",
     )
+    peers = {"ANTs SyN"} if has_ants() else set()  # the ANTs row whenever antspyx is there
     for pairing in ("random", "same_class"):
         with open(tmp_path / f"table_mnist_{pairing}.csv", newline="") as fh:
             methods = {r["method"] for r in csv.DictReader(fh)}
-        assert methods == {"Original", "AiR-MAPT tuned"}
+        assert methods == {"Original", "AiR-MAPT tuned", "VoxelMorph", *peers}
         assert (tmp_path / f"per_pair_mnist_{pairing}.csv").exists()
     assert (tmp_path / "fig3_mnist.png").stat().st_size > 0
     assert "AiR-MAPT tuned" in (tmp_path / "results.md").read_text()
@@ -93,3 +97,22 @@ def test_refine_benchmark_writes_tables_csv_and_plot(tmp_path):
     assert all(float(r["ms_per_pair"]) > 0 for r in rows)
     assert (tmp_path / "quality_vs_time.png").stat().st_size > 0
     assert "refinement preset" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_brain_experiment_prepares_the_slices_and_writes_its_tables(tmp_path, monkeypatch):
+    pytest.importorskip("nilearn")
+    run("brain_data.py", f"--out={tmp_path / 'brain'}")
+    assert len(list((tmp_path / "brain" / "slices").glob("z*.npy"))) == 118
+    monkeypatch.setenv("AIR_REG_BRAIN", str(tmp_path / "brain"))
+    out = tmp_path / "out"
+    printed = run("brain_mri.py", "--split=val", "--limit=2", "--seeds=1", "--steps=3",
+                  "--only", "none", f"--out={out}")  # fmt: skip
+    assert "model-free refine 3" in printed
+    table = (out / "table.md").read_text()
+    assert "| identity |" in table
+    assert "EPE MNI152, gaussian" in table
+    with open(out / "per_pair.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["method"] for r in rows} == {"identity", "model-free refine 3"}
+    assert (out / "brain.png").stat().st_size > 0

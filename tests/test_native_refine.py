@@ -63,6 +63,8 @@ def test_pyramid_and_control_grid_sizes():
     assert pyramid((28, 28), 3) == [(28, 28)]  # 14 < min_size 16: one level
     assert control_grid((28, 28), None, 4) == (7, 7)  # the former 7 x 7 preset on digits
     assert control_grid((233, 197), None, 8) == (30, 25)
+    assert control_grid((28, 28), None, "auto") == (7, 7)  # 4 px
+    assert control_grid((233, 197), None, "auto") == (29, 24)  # 24 along the short side
     with pytest.raises(ConfigError, match="not both"):
         control_grid((28, 28), 7, 4)
 
@@ -89,8 +91,8 @@ def test_a_coarser_field_grid_recovers_the_field_as_well():
     assert epe(coarse, flow) < 1.2 * full + 0.02
 
 
-def test_default_preset_on_digits_is_the_former_preset():
-    """On 28 x 28 the native preset (spacing 4, 3 levels) is the 7 x 7 grid of before."""
+def test_default_preset_on_digits_is_one_level_on_the_former_grid():
+    """On 28 x 28 the native preset (spacing 4, 3 levels, stride 2) is the 7 x 7 grid."""
     g = torch.Generator().manual_seed(0)
     fixed, moving = torch.rand(2, 1, 28, 28, generator=g), torch.rand(2, 1, 28, 28, generator=g)
     new = {k: v for k, v in load_preset().items() if k not in ("refine_steps", "cascade")}
@@ -100,6 +102,7 @@ def test_default_preset_on_digits_is_the_former_preset():
         if k not in ("refine_steps", "cascade")
     }
     new.pop("guard")
+    old |= {k: new[k] for k in ("lr", "lr_decay", "reg_weight")}  # the same objective
     torch.testing.assert_close(
         refine(fixed, moving, steps=5, **new), refine(fixed, moving, steps=5, **old)
     )

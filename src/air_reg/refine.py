@@ -52,6 +52,8 @@ PRESET_DIR = Path(CONFIG_DIR) / "refinement"
 DEFAULT_PRESET = "default"
 AFFINE_LR = (0.01, 0.5)  # Adam steps of the affine stage: matrix entries, translation (px)
 GUARD_TOL = 1e-6  # similarity rise below which a result is not "worse than doing nothing"
+AUTO_POINTS = 24  # spacing=auto: control points along the short side, at most
+FINAL_SQUARINGS = 3  # the result's integration: this many squarings more than while optimising
 
 
 class RefineSettingsError(ConfigError, TypeError):
@@ -143,17 +145,26 @@ def field_size(size: tuple[int, int], stride: int, min_size: int = 16) -> tuple[
     return coarse if stride > 1 and min(coarse) >= min_size else tuple(size)
 
 
-def control_grid(size: tuple[int, int], grid: int | None, spacing: float | None):
-    """(gh, gw) control points: ``grid`` x ``grid``, or ``spacing`` pixels apart; None: dense."""
+def control_grid(size: tuple[int, int], grid: int | None, spacing) -> tuple[int, int] | None:
+    """(gh, gw) control points: ``grid`` x ``grid``, or ``spacing`` pixels apart (``"auto"``:
+    ``auto_spacing``); neither: None (one value per pixel)."""
     if grid is not None and spacing is not None:
         raise ConfigError("give refine.grid (control points) or refine.spacing (px), not both")
     if grid is not None:
         return (int(grid), int(grid))
+    if spacing == "auto":
+        spacing = auto_spacing(size)
     if spacing is not None:
-        if spacing <= 0:
-            raise ConfigError(f"refine.spacing must be > 0 pixels, got {spacing}")
+        if isinstance(spacing, str) or spacing <= 0:
+            raise ConfigError(f"refine.spacing must be > 0 pixels or auto, got {spacing!r}")
         return tuple(max(2, math.ceil(n / spacing)) for n in size)
     return None
+
+
+def auto_spacing(size: tuple[int, int]) -> float:
+    """4 px, or wider on large images: at most ``AUTO_POINTS`` control points along the short
+    side (7 x 7 on 28 x 28 digits, spacing 8.2 px on 233 x 197 slices)."""
+    return max(4.0, min(size) / AUTO_POINTS)
 
 
 def affine_flow(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -217,12 +228,17 @@ def _upsampler(shape, size, mode: str, like: torch.Tensor) -> CoarseToDense | No
     return CoarseToDense(in_size=shape, out_size=size, mode=mode).to(like)
 
 
-def _optimise(param, loss, steps: int, optimizer: str, lr: float, adam=None):
-    """``steps`` of ``optimizer`` on ``loss()``; the Adam state carries over between levels."""
+def _optimise(param, loss, steps: int, optimizer: str, lr: float, adam=None, decay=1.0):
+    """``steps`` of ``optimizer`` on ``loss()``; the Adam state carries over between levels.
+    Adam's step size goes from ``lr`` down to ``decay * lr`` over the steps (cosine)."""
     if steps and optimizer == "adam":
         # Adam is elementwise, so the pairs are optimised fully independently.
         adam = adam or torch.optim.Adam([param], lr=lr)
-        for _ in range(steps):
+        for i in range(steps):
+            t = i / max(steps - 1, 1)
+            adam.param_groups[0]["lr"] = lr * (
+                decay + (1 - decay) * 0.5 * (1 + math.cos(math.pi * t))
+            )
             adam.zero_grad(set_to_none=True)
             loss().backward()
             adam.step()
@@ -289,6 +305,7 @@ def refine(
     regularizer: nn.Module | None = None,
     reg_weight: float = 0.05,
     fold_weight: float = 0.0,
+    fold_margin: float = 0.05,
     integration_steps: int = 0,
     optimizer: str = "adam",
     grid: int | None = None,
@@ -300,13 +317,15 @@ def refine(
     affine: torch.Tensor | None = None,
     guard: bool = False,
     field_stride: int = 1,
+    lr_decay: float = 1.0,
     init_velocity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Optimise ``similarity + reg_weight * regularizer`` per pair; the refined flow (detached).
 
     ``similarity``: a module or ``"mse"`` (default), ``"ncc"``, ``"lncc"``, ``"mi"``;
     ``regularizer`` defaults to ``Diffusion()`` of the dense displacement (as in training);
-    ``fold_weight`` adds ``NegativeJacobian`` (zero away from folds); ``lr=None`` is 0.5 for
+    ``fold_weight`` adds ``NegativeJacobian(fold_margin)`` (zero where det J > the margin);
+    ``lr=None`` is 0.5 for
     Adam, 1 for L-BFGS. With ``integration_steps > 0`` the variable is a stationary velocity
     (``init_velocity``, else an approximate log of ``init_flow``) integrated by scaling and
     squaring. The variable is a cubic B-spline control grid ``spacing`` pixels apart (or
@@ -318,14 +337,16 @@ def refine(
     affine) where ``init_flow`` is less similar than that, and return the identity for a pair
     whose result is less similar than the unregistered images (never worse than doing nothing).
     ``field_stride`` s > 1: the velocity, its integration and the penalties live on a grid s
-    times coarser than each level (where its sides stay >= ``min_size``), bilinearly resampled
-    to warp the image: the field is smooth at the control spacing, and ~s**2 less work.
+    times coarser than each level (where its sides stay >= ``min_size``) while optimising,
+    bilinearly resampled to warp the image: the field is smooth at the control spacing, and
+    each step is ~s**2 less work; the result is integrated at full size.
+    ``lr_decay``: Adam's step size falls from ``lr`` to ``lr_decay * lr`` within each level.
     """
     _check(steps, integration_steps, optimizer, levels)
     similarity = _similarity(similarity)
     regularizer = Diffusion() if regularizer is None else regularizer
     lr = DEFAULT_LR[optimizer] if lr is None else lr
-    fold_penalty = NegativeJacobian()
+    fold_penalty = NegativeJacobian(fold_margin)
     b, _, h, w = fixed.shape
     shape = control_grid((h, w), grid, spacing)
     # Lightning's test/predict loops run under inference_mode, which enable_grad alone does
@@ -352,8 +373,8 @@ def refine(
             start = _fit_coarse(start, up)
         param = start.requires_grad_(True)  # (B, 2, H, W), or (B, 2, gh, gw)
 
-        def dense_flow(size: tuple[int, int], up: CoarseToDense | None) -> torch.Tensor:
-            """The flow on a ``size`` grid, in that grid's pixels."""
+        def dense_flow(size: tuple[int, int], up: CoarseToDense | None, extra: int = 0):
+            """The flow on a ``size`` grid, in that grid's pixels (``extra`` squarings more)."""
             if up is not None:
                 field = up(param)
             else:  # one value per pixel: resampled like a flow, without its rescaling
@@ -363,7 +384,8 @@ def refine(
                                  device=field.device)  # fmt: skip
             if size != (h, w):  # full-size pixels -> this grid's pixels
                 field = field * scale.view(1, 2, 1, 1)
-            flow = integrate_velocity(field, integration_steps) if integration_steps else field
+            squarings = integration_steps + extra if integration_steps else 0
+            flow = integrate_velocity(field, squarings) if squarings else field
             if affine is not None:
                 level = torch.cat([affine[:, :, :2], affine[:, :, 2:] * scale[:, None]], 2)
                 flow = _after_affine(flow, level)
@@ -385,11 +407,12 @@ def refine(
             f, m = resize(fixed, size), resize(moving, size)
             up = _upsampler(shape, field_size(size, field_stride, min_size), grid_mode, param)
             loss = partial(objective, f, m, size, up)
-            opt = _optimise(param, loss, steps * (len(sizes) - i), optimizer, lr, opt)
+            opt = _optimise(param, loss, steps * (len(sizes) - i), optimizer, lr, opt, lr_decay)
         with torch.no_grad():
-            final = field_size((h, w), field_stride, min_size)
-            up = _upsampler(shape, final, grid_mode, param)
-            flow = resize_flow(dense_flow(final, up), (h, w)).detach()
+            # The result is integrated at full size: a bilinearly resampled coarse flow can
+            # fold between its nodes where the coarse one does not.
+            flow = dense_flow((h, w), _upsampler(shape, (h, w), grid_mode, param),
+                              FINAL_SQUARINGS if integration_steps else 0).detach()  # fmt: skip
             if guard:
                 after = per_pair(similarity, warp(moving, flow), fixed)
                 before = per_pair(similarity, moving, fixed)
