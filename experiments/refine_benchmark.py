@@ -21,16 +21,15 @@ import torch
 from hydra.utils import instantiate
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
 
 import air_reg
 from air_reg.checkpoint import WEIGHTS_DIR
 from air_reg.classical import demons, has_simpleitk
-from air_reg.config import CONFIG_DIR, compose_config
+from air_reg.config import compose_config
 from air_reg.data.synthetic import make_flows
 from air_reg.evaluation import markdown_table, score, summarise
 from air_reg.models.components.spatial_transformer import integrate_velocity, warp
-from air_reg.refine import Refiner, cascade
+from air_reg.refine import Refiner, cascade, load_preset
 from air_reg.utils import write_text, write_with
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,9 +66,12 @@ def known_deformation_batches(batches: list[dict], magnitude: float, seed: int =
     return out
 
 
-def refine_preset() -> dict:
-    """The diffeomorphic refinement settings eval and register use (one source of truth)."""
-    return dict(OmegaConf.load(Path(CONFIG_DIR) / "refinement" / "diffeomorphic.yaml").refine)
+def refine_preset(name: str = "default") -> dict:
+    """The refinement settings of ``conf/refinement/<name>.yaml``: ``default`` is what eval,
+    register and load_model use (one source of truth); the 2026-11-26 tables used the former
+    ``diffeomorphic`` preset (``--preset diffeomorphic``)."""
+    preset = load_preset(name)
+    return {k: v for k, v in preset.items() if k not in ("refine_steps", "cascade")}
 
 
 def methods_for(
@@ -111,13 +113,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=200, help="pairs refined at once")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 35, 50, 100])
     parser.add_argument("--cascades", type=int, nargs="+", default=[2])
+    parser.add_argument("--preset", default="default", help="conf/refinement/<preset>.yaml")
     parser.add_argument("--magnitude", type=float, default=2.0, help="known warps, pixels")
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "refine")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     use_demons = has_simpleitk()
     load = os.getloadavg()[0]
-    preset = refine_preset()
+    preset = refine_preset(args.preset)
     rows, report = [], [f"load average at start {load:.1f}; refinement preset {preset}\n"]
     for data in args.datasets:
         model = air_reg.load_model(WEIGHTS_DIR / f"{args.weights}_{data}.ckpt")
