@@ -70,8 +70,7 @@ def refine_preset(name: str = "default") -> dict:
     """The refinement settings of ``conf/refinement/<name>.yaml``: ``default`` is what eval,
     register and load_model use (one source of truth); the 2026-11-26 tables used the former
     ``diffeomorphic`` preset (``--preset diffeomorphic``)."""
-    preset = load_preset(name)
-    return {k: v for k, v in preset.items() if k not in ("refine_steps", "cascade")}
+    return load_preset(name)
 
 
 def methods_for(

@@ -231,9 +231,8 @@ def load_model(
             return module
     from air_reg.refine import Refiner, load_preset
 
-    settings = {} if preset is None else load_preset(preset)
-    settings = {k: v for k, v in settings.items() if k not in ("refine_steps", "cascade")}
-    settings |= refine_kwargs  # preset=None: refine_kwargs are all the settings (the CLI's)
+    # preset=None: refine_kwargs are all the settings (the CLI's whole refine block)
+    settings = ({} if preset is None else load_preset(preset)) | refine_kwargs
     return Refiner(None if model_free else module, steps=refine_steps, cascade=cascade,
                    **settings)  # fmt: skip
 

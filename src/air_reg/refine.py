@@ -61,13 +61,13 @@ class RefineSettingsError(ConfigError, TypeError):
 
 
 def load_preset(name: str = DEFAULT_PRESET) -> dict:
-    """``refine_steps``, ``cascade`` and ``refine`` (refine's settings) of a preset file."""
+    """``refine``'s settings in a preset file (its ``refine:`` block; ``refine_steps`` and
+    ``cascade`` are the entry points' own switches)."""
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise ConfigError(f"no refinement preset {name!r}; choose one of {known}")
-    cfg = OmegaConf.to_container(OmegaConf.load(path))
-    return {"refine_steps": cfg["refine_steps"], "cascade": cfg["cascade"], **cfg["refine"]}
+    return OmegaConf.to_container(OmegaConf.load(path))["refine"]
 
 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -276,17 +276,18 @@ def _read_chunk(chunk, pairlog: PairLog, on_error: str) -> list[tuple]:
 
 
 def _row(name, f_path, m_path, fix, mov, warped, flow) -> dict:
+    before, after = mse(mov, fix).item(), mse(warped, fix).item()
     return {
         "name": name,
         "fixed": str(f_path),
         "moving": str(m_path),
         "height": fix.shape[-2],
         "width": fix.shape[-1],
-        "mse_before": mse(mov, fix).item(),
-        "mse_after": mse(warped, fix).item(),
+        "mse_before": before,
+        "mse_after": after,
         "smooth_dice_before": smooth_dice(mov, fix).item(),
         "smooth_dice_after": smooth_dice(warped, fix).item(),
-        "worse": int(mse(warped, fix).item() > mse(mov, fix).item() + WORSE_TOL),
+        "worse": int(after > before + WORSE_TOL),
         "identity": int(not flow.any()),  # the guard's identity (or nothing to move)
     }
 
