@@ -69,8 +69,10 @@ def test_pairs_are_refined_independently_of_the_batch():
     fixed, moving, _ = synthetic_pairs(3)
     batch = refine(fixed, moving, steps=15)
     alone = refine(fixed[:1], moving[:1], steps=15)
-    # sum of per-pair means: pair 0's gradient does not depend on the batch size
-    assert torch.allclose(batch[:1], alone, atol=1e-4)
+    # sum of per-pair means: pair 0's gradient does not depend on the batch size, up to the
+    # float32 rounding of the 1 / B normalisations (Adam's normalised steps magnify it a bit)
+    assert torch.allclose(batch[:1], alone, atol=5e-4)
+    assert not torch.allclose(batch[1:2], alone, atol=5e-2)  # pairs 0 and 1 differ
 
 
 def test_zero_steps_return_the_initial_flow_and_grids_fit_exactly():

@@ -40,8 +40,10 @@ from air_reg.models.components.spatial_transformer import (
     CoarseToDense,
     identity_grid,
     integrate_velocity,
+    resize_flow,
     warp,
 )
+from air_reg.speed import warp as fast
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +92,6 @@ def cascade(net: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, k: int) -
         step = net(fixed, warp(moving, total))
         total = compose(total, step)
     return total
-
-
-def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 2, h, w) pixels on an h x w grid -> (B, 2, H, W) pixels on an H x W grid."""
-    h, w = flow.shape[-2:]
-    if (h, w) == tuple(size):
-        return flow
-    shrink = size[0] < h or size[1] < w
-    out = F.interpolate(flow, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-    scale = torch.tensor([size[0] / h, size[1] / w], dtype=flow.dtype, device=flow.device)
-    return out * scale.view(1, 2, 1, 1)  # a displacement of d model pixels is d * H / h here
 
 
 def pyramid(size: tuple[int, int], levels: int, min_size: int = 16) -> list[tuple[int, int]]:
@@ -228,20 +219,38 @@ def _upsampler(shape, size, mode: str, like: torch.Tensor) -> CoarseToDense | No
     return CoarseToDense(in_size=shape, out_size=size, mode=mode).to(like)
 
 
+class _Adam:
+    """``torch.optim.Adam``'s update (betas 0.9, 0.999, eps 1e-8, bias-corrected) of one
+    tensor, without the optimiser machinery: its first use imports ``torch._dynamo`` (1.3 s
+    here) and its step costs more than a coarse level's whole objective."""
+
+    betas, eps = (0.9, 0.999), 1e-8
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.param, self.t = param, 0
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        (b1, b2), grad = self.betas, self.param.grad
+        self.t += 1
+        self.m.lerp_(grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v.sqrt() / math.sqrt(1 - b2**self.t)).add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-lr / (1 - b1**self.t))
+        self.param.grad = None
+
+
 def _optimise(param, loss, steps: int, optimizer: str, lr: float, adam=None, decay=1.0):
     """``steps`` of ``optimizer`` on ``loss()``; the Adam state carries over between levels.
     Adam's step size goes from ``lr`` down to ``decay * lr`` over the steps (cosine)."""
     if steps and optimizer == "adam":
         # Adam is elementwise, so the pairs are optimised fully independently.
-        adam = adam or torch.optim.Adam([param], lr=lr)
+        adam = adam or _Adam(param)
         for i in range(steps):
             t = i / max(steps - 1, 1)
-            adam.param_groups[0]["lr"] = lr * (
-                decay + (1 - decay) * 0.5 * (1 + math.cos(math.pi * t))
-            )
-            adam.zero_grad(set_to_none=True)
             loss().backward()
-            adam.step()
+            adam.step(lr * (decay + (1 - decay) * 0.5 * (1 + math.cos(math.pi * t))))
     elif steps:
         # One L-BFGS problem over the whole batch: the objectives are independent, but the
         # line search and curvature history are shared between pairs.
@@ -385,7 +394,7 @@ def refine(
             if size != (h, w):  # full-size pixels -> this grid's pixels
                 field = field * scale.view(1, 2, 1, 1)
             squarings = integration_steps + extra if integration_steps else 0
-            flow = integrate_velocity(field, squarings) if squarings else field
+            flow = fast.integrate(field, squarings) if squarings else field
             if affine is not None:
                 level = torch.cat([affine[:, :, :2], affine[:, :, 2:] * scale[:, None]], 2)
                 flow = _after_affine(flow, level)
@@ -393,11 +402,14 @@ def refine(
 
         def objective(f, m, size, up) -> torch.Tensor:
             coarse = dense_flow(field_size(size, field_stride, min_size), up)
-            loss = similarity(warp(m, resize_flow(coarse, size)), f)
-            if reg_weight:
-                loss = loss + reg_weight * regularizer(coarse)
-            if fold_weight:
-                loss = loss + fold_weight * fold_penalty(coarse)
+            loss = similarity(fast.upwarp(m, coarse), f)
+            if type(regularizer) is Diffusion:  # both penalties in one pass (speed.warp)
+                loss = loss + fast.penalty(coarse, reg_weight, fold_weight, fold_margin)
+            else:
+                if reg_weight:
+                    loss = loss + reg_weight * regularizer(coarse)
+                if fold_weight:
+                    loss = loss + fold_weight * fold_penalty(coarse)
             # Our losses are batch means: B x mean = sum of per-pair means, so each pair's
             # gradient is that of its own objective, whatever the batch size.
             return b * loss

@@ -12,6 +12,10 @@ air-reg knows about the kernels. The entry points call it with the ``speed`` con
   or ``fast`` (counter-based masks in air-reg's kernel: the same distribution, another random
   stream, so seeded results change).
 
+Instance optimisation (``air_reg.refine``) has no module to swap: its warps and penalties call
+``air_reg.speed.warp``, which runs the kernels where they can (CPU float32, eager) and torch's
+ops otherwise, with no setting (the same maths; ``speed.warp.torch_ops()`` forces torch's).
+
 The kernels are built once per machine (``python -m air_reg.speed build``, or on first use),
 on Linux with a C++ compiler; elsewhere the PyTorch path runs, with one notice.
 ``report()`` says what was chosen and which path each op took; ``run_record.json`` holds it.

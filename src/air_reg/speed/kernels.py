@@ -1,7 +1,8 @@
 """air-reg's C++ CPU kernels: built once per machine, cached, loaded with ``ctypes``.
 
-``csrc/small_head_attention.cpp`` (attention for heads of size 1-16, ``speed.attention``) and
-``csrc/dropout.cpp`` (counter-based dropout, ``speed.dropout``) are compiled together into one
+``csrc/small_head_attention.cpp`` (attention for heads of size 1-16, ``speed.attention``),
+``csrc/dropout.cpp`` (counter-based dropout, ``speed.dropout``) and ``csrc/warp.cpp`` (the
+warps of instance optimisation, ``air_reg.speed.warp``) are compiled together into one
 library with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``;
 ``-O3 -march=native -fopenmp``, a few seconds) into ``$AIR_REG_CACHE`` (default
 ``~/.cache/air_reg``), keyed by sources, compiler and CPU. Their threads are the OpenMP threads
@@ -35,7 +36,7 @@ from air_reg.errors import UserError
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "small_head_attention.cpp", CSRC / "dropout.cpp")
+SOURCES = (CSRC / "small_head_attention.cpp", CSRC / "dropout.cpp", CSRC / "warp.cpp")
 FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared"]
 # Tried in this order until one builds: without -march=native the build is portable (slower);
 # without -fopenmp (Apple clang) the kernels' threads are Python threads instead.
@@ -152,7 +153,13 @@ def library() -> ctypes.CDLL:
         fn.argtypes = [ctypes.POINTER(View), ptr, i64, i32, i32, i32, f32, ptr, i32, i32, i32]
     lib.air_dropout.argtypes = [ptr, ptr, i64, u64, u32, f32, i32, i32, i32, i32]
     lib.air_relu_dropout_bwd.argtypes = [ptr, ptr, ptr, i64, f32, i32, i32, i32]
-    for fn in (lib.air_dropout, lib.air_relu_dropout_bwd):
+    lib.air_upwarp_fwd.argtypes = [ptr, ptr, ptr, *[i64] * 6, i32, i32, i32]
+    lib.air_upwarp_bwd.argtypes = [ptr, ptr, ptr, ptr, *[i64] * 6, i32, i32, i32]
+    lib.air_square_fwd.argtypes = [ptr, ptr, i64, i64, i64, i32, i32, i32]
+    lib.air_square_bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i32, i32]
+    lib.air_flow_penalty.argtypes = [ptr, ptr, ptr, i64, i64, i64, f32, f32, f32, i32, i32, i32]
+    for fn in (lib.air_dropout, lib.air_relu_dropout_bwd, lib.air_upwarp_fwd, lib.air_upwarp_bwd,
+               lib.air_square_fwd, lib.air_square_bwd, lib.air_flow_penalty):  # fmt: skip
         fn.restype = None
     lib.openmp = bool(lib.air_attn_openmp())  # asked once, not on every call
     return lib

@@ -48,6 +48,17 @@ def warp(
     return F.grid_sample(moving, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
+def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 2, h, w) pixels on an h x w grid -> (B, 2, H, W) pixels on an H x W grid."""
+    h, w = flow.shape[-2:]
+    if (h, w) == tuple(size):
+        return flow
+    shrink = size[0] < h or size[1] < w
+    out = F.interpolate(flow, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    scale = torch.tensor([size[0] / h, size[1] / w], dtype=flow.dtype, device=flow.device)
+    return out * scale.view(1, 2, 1, 1)  # a displacement of d model pixels is d * H / h here
+
+
 def integrate_velocity(velocity: torch.Tensor, steps: int) -> torch.Tensor:
     """Scaling and squaring: exp of a stationary velocity field (B, 2, H, W), in pixels."""
     flow = velocity / (2**steps)
