@@ -55,7 +55,6 @@ DEFAULT_PRESET = "default"
 AFFINE_LR = (0.01, 0.5)  # Adam steps of the affine stage: matrix entries, translation (px)
 GUARD_TOL = 1e-6  # similarity rise below which a result is not "worse than doing nothing"
 AUTO_POINTS = 24  # spacing=auto: control points along the short side, at most
-FINAL_SQUARINGS = 3  # the result's integration: this many squarings more than while optimising
 
 
 class RefineSettingsError(ConfigError, TypeError):
@@ -421,10 +420,15 @@ def refine(
             loss = partial(objective, f, m, size, up)
             opt = _optimise(param, loss, steps * (len(sizes) - i), optimizer, lr, opt, lr_decay)
         with torch.no_grad():
-            # The result is integrated at full size: a bilinearly resampled coarse flow can
-            # fold between its nodes where the coarse one does not.
+            # The result is integrated at full size (a bilinearly resampled coarse flow can
+            # fold between its nodes where the coarse one does not), with as many more
+            # squarings as the field grid is halvings coarser: the same step per grid cell
+            # as while optimising. More would integrate a different, more compressive map
+            # than the one the fold penalty saw (a test pair of the brain slices folded).
+            coarse = field_size((h, w), field_stride, min_size)
+            extra = max(0, round(math.log2(h / coarse[0]))) if integration_steps else 0
             flow = dense_flow((h, w), _upsampler(shape, (h, w), grid_mode, param),
-                              FINAL_SQUARINGS if integration_steps else 0).detach()  # fmt: skip
+                              extra).detach()  # fmt: skip
             if guard:
                 after = per_pair(similarity, warp(moving, flow), fixed)
                 before = per_pair(similarity, moving, fixed)
