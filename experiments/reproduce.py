@@ -3,14 +3,18 @@
     python experiments/reproduce.py --profile quick   # minutes: smoke test
     python experiments/reproduce.py --profile full    # ~1 hour on 2 CPU cores (5 min a model)
     python experiments/reproduce.py --profile peers --methods "AiR-MAPT tuned" AiR-UNet VoxelMorph
+    python experiments/reproduce.py --profile peers --methods AiR-UNet VoxelMorph --refine 50
 
 For each dataset, trains DIRNet, AiR-single, AiR-MAPT (the paper's configurations as written),
 our tuned MAPT, AiR-UNet and VoxelMorph (src/air_reg/conf/experiment/*.yaml; --methods picks)
 on same-class pairs (--train-pairing) for a fixed wall-clock budget, then scores them, the
 identity ("Original"), SimpleITK's diffeomorphic Demons and ANTs SyN on the same fixed test
-pairs, drawn both at random and within a class. Writes to
-experiments/results/<profile>/: table_<data>_<pairing>.{md,csv}, per_pair_<data>_<pairing>.csv,
-fig3_<data>.png and results.md; checkpoints stay under runs/ (not tracked).
+pairs, drawn both at random and within a class, and on "known" pairs: the same-class test
+moving images warped by known smooth diffeomorphisms (end-point error, as in
+refine_benchmark.py). ``--refine N`` adds each learned model with N steps of the shipped
+refinement preset on top. Writes to experiments/results/<profile>/:
+table_<data>_<pairing>.{md,csv}, per_pair_<data>_<pairing>.csv, fig3_<data>.png and
+results.md; checkpoints stay under runs/ (not tracked).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from refine_benchmark import known_deformation_batches
 
 import air_reg
 from air_reg.checkpoint import WEIGHTS_DIR
@@ -95,6 +100,7 @@ SHIPPED = {
 }  # air_reg/weights/<name>_<data>.ckpt
 DATASETS = ("mnist", "fashion")
 PAIRINGS = ("random", "same_class")
+KNOWN_PX = 2.0  # largest displacement of the known deformations (refine_benchmark's default)
 
 
 def train_method(experiment: str, data: str, pairing: str, profile: dict, out: Path) -> Path:
@@ -175,14 +181,27 @@ def main() -> None:
         default="same_class",
         help="pairs to train on (same_class: closest to the paper's Original statistics)",
     )
+    parser.add_argument("--test-pairs", type=int, default=None, help="override the profile's")
+    parser.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score each learned model + N refinement steps (the shipped preset)",
+    )
     parser.add_argument(
         "--ship-weights",
-        action="store_true",
-        help="copy the trained weights to air_reg/weights/<model>_<data>.ckpt",
+        nargs="*",
+        default=None,
+        metavar="METHOD",
+        help="copy the trained weights of these methods (none named: all) to "
+        "air_reg/weights/<model>_<data>.ckpt",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    profile = PROFILES[args.profile]
+    profile = dict(PROFILES[args.profile])
+    if args.test_pairs:
+        profile["test_pairs"] = args.test_pairs
     out = args.out or REPO / "experiments" / "results" / args.profile
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -211,10 +230,14 @@ def main() -> None:
                 shutil.rmtree(run)
             ckpt = train_method(METHODS[method], data, args.train_pairing, profile, run)
             models[method] = air_reg.load_model(ckpt)
-            if args.ship_weights:
+            if args.refine:
+                refined = air_reg.load_model(ckpt, refine_steps=args.refine)
+                models[f"{method} + refine {args.refine}"] = refined
+            if args.ship_weights is not None and method in (args.ship_weights or METHODS):
                 ship(ckpt, WEIGHTS_DIR / f"{SHIPPED[method]}_{data}.ckpt")
-        for pairing in PAIRINGS:
-            batches = load_test_batches(data, pairing, profile["test_pairs"])
+        test_sets = {p: load_test_batches(data, p, profile["test_pairs"]) for p in PAIRINGS}
+        test_sets["known"] = known_deformation_batches(test_sets["same_class"], KNOWN_PX)
+        for pairing, batches in test_sets.items():
             methods = {"Original": identity_method, **models}
             if use_demons:
                 methods["Demons"] = demons

@@ -64,13 +64,19 @@ def test_reproduce_smoke_profile_trains_scores_and_writes_tables(tmp_path):
         "AiR-MAPT tuned",
         "VoxelMorph",
         "--no-demons",
+        "--refine=2",
+        "--test-pairs=8",
         f"--out={tmp_path}",
     )
     peers = {"ANTs SyN"} if has_ants() else set()  # the ANTs row whenever antspyx is there
-    for pairing in ("random", "same_class"):
+    learned = {"AiR-MAPT tuned", "VoxelMorph"}
+    for pairing in ("random", "same_class", "known"):
         with open(tmp_path / f"table_mnist_{pairing}.csv", newline="") as fh:
-            methods = {r["method"] for r in csv.DictReader(fh)}
-        assert methods == {"Original", "AiR-MAPT tuned", "VoxelMorph", *peers}
+            rows = list(csv.DictReader(fh))
+        methods = {r["method"] for r in rows}
+        assert methods == {"Original", *learned, *(f"{m} + refine 2" for m in learned), *peers}
+        assert {int(r["n"]) for r in rows} == {8}
+        assert ("epe" in {r["metric"] for r in rows}) == (pairing == "known")
         assert (tmp_path / f"per_pair_mnist_{pairing}.csv").exists()
     assert (tmp_path / "fig3_mnist.png").stat().st_size > 0
     assert "AiR-MAPT tuned" in (tmp_path / "results.md").read_text()
