@@ -120,3 +120,14 @@ def test_from_the_identity_the_kernels_register_as_well_as_the_torch_ops():
     assert err < 0.3
     assert ref_err < 0.3
     assert err == pytest.approx(ref_err, abs=0.03)
+
+
+def test_penalty_with_another_regularizer_runs_it_in_torch_ops():
+    from air_reg.losses import BendingEnergy
+
+    flow = torch.randn(2, 2, 12, 10, generator=torch.Generator().manual_seed(4))
+    before = kernels.calls().get("penalty", {}).get("torch", 0)
+    value = fast.penalty(flow, 0.5, 3.0, 0.05, BendingEnergy())
+    expected = 0.5 * BendingEnergy()(flow) + 3.0 * NegativeJacobian(0.05)(flow)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert kernels.calls()["penalty"]["torch"] == before + 1

@@ -34,7 +34,7 @@ from torch import nn
 from air_reg.config import CONFIG_DIR
 from air_reg.errors import ConfigError
 from air_reg.io import resize
-from air_reg.losses import MSE, NCC, Diffusion, LocalNCC, MutualInformation, NegativeJacobian
+from air_reg.losses import MSE, NCC, Diffusion, LocalNCC, MutualInformation
 from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import (
     CoarseToDense,
@@ -354,7 +354,6 @@ def refine(
     similarity = _similarity(similarity)
     regularizer = Diffusion() if regularizer is None else regularizer
     lr = DEFAULT_LR[optimizer] if lr is None else lr
-    fold_penalty = NegativeJacobian(fold_margin)
     b, _, h, w = fixed.shape
     shape = control_grid((h, w), grid, spacing)
     # Lightning's test/predict loops run under inference_mode, which enable_grad alone does
@@ -402,13 +401,7 @@ def refine(
         def objective(f, m, size, up) -> torch.Tensor:
             coarse = dense_flow(field_size(size, field_stride, min_size), up)
             loss = similarity(fast.upwarp(m, coarse), f)
-            if type(regularizer) is Diffusion:  # both penalties in one pass (speed.warp)
-                loss = loss + fast.penalty(coarse, reg_weight, fold_weight, fold_margin)
-            else:
-                if reg_weight:
-                    loss = loss + reg_weight * regularizer(coarse)
-                if fold_weight:
-                    loss = loss + fold_weight * fold_penalty(coarse)
+            loss = loss + fast.penalty(coarse, reg_weight, fold_weight, fold_margin, regularizer)
             # Our losses are batch means: B x mean = sum of per-pair means, so each pair's
             # gradient is that of its own objective, whatever the batch size.
             return b * loss

@@ -1,6 +1,6 @@
 """The warps of instance optimisation on air-reg's CPU kernels (``csrc/warp.cpp``).
 
-``air_reg.refine`` spends nearly all of a step in two computations over dense fields:
+``air_reg.refine`` spends nearly all of a step in three computations over dense fields:
 
 - ``upwarp(moving, flow)``: the image warped by a flow on a coarser grid, i.e.
   ``warp(moving, resize_flow(flow, moving's size))`` (bilinear upsampling, then bilinear
@@ -35,7 +35,7 @@ _state = {"kernels": True}
 
 @contextlib.contextmanager
 def torch_ops():
-    """Within this block, ``upwarp`` and ``integrate`` run torch's ops, not the kernels."""
+    """Within this block, ``upwarp``, ``integrate`` and ``penalty`` run torch's ops."""
     before, _state["kernels"] = _state["kernels"], False
     try:
         yield
@@ -155,15 +155,31 @@ class _Penalty(torch.autograd.Function):
         return grad * grad_value, None, None, None
 
 
-def penalty(flow: torch.Tensor, reg_weight: float, fold_weight: float, margin: float):
-    """``reg_weight * Diffusion()(flow) + fold_weight * NegativeJacobian(margin)(flow)``."""
-    if flow.ndim == 4 and flow.shape[1] == 2 and min(flow.shape[-2:]) >= 2 and _kernel_ok(flow):
+def penalty(
+    flow: torch.Tensor,
+    reg_weight: float,
+    fold_weight: float,
+    margin: float,
+    regularizer: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """``reg_weight * regularizer(flow) + fold_weight * NegativeJacobian(margin)(flow)``;
+    ``regularizer`` defaults to ``Diffusion()``, the one the kernel computes (any other runs
+    in torch ops)."""
+    diffusion = regularizer is None or type(regularizer) is Diffusion
+    if (
+        diffusion
+        and flow.ndim == 4
+        and flow.shape[1] == 2
+        and min(flow.shape[-2:]) >= 2
+        and (_kernel_ok(flow))
+    ):
         kernels.count("penalty", "kernel")
         return _Penalty.apply(flow, float(reg_weight), float(fold_weight), float(margin))
     kernels.count("penalty", "torch")
+    regularizer = Diffusion() if regularizer is None else regularizer
     value = flow.new_zeros(())
     if reg_weight:
-        value = value + reg_weight * Diffusion()(flow)
+        value = value + reg_weight * regularizer(flow)
     if fold_weight:
         value = value + fold_weight * NegativeJacobian(margin)(flow)
     return value
