@@ -103,8 +103,16 @@ PAIRINGS = ("random", "same_class")
 KNOWN_PX = 2.0  # largest displacement of the known deformations (refine_benchmark's default)
 
 
-def train_method(experiment: str, data: str, pairing: str, profile: dict, out: Path) -> Path:
-    """Train one method; return its best checkpoint (lowest validation MSE)."""
+def train_method(
+    experiment: str,
+    data: str,
+    pairing: str,
+    profile: dict,
+    out: Path,
+    overrides: tuple[str, ...] = (),
+) -> Path:
+    """Train one method (plus Hydra ``overrides``); return its best checkpoint (lowest
+    validation MSE)."""
     cfg = compose_config(
         "train",
         [
@@ -118,6 +126,7 @@ def train_method(experiment: str, data: str, pairing: str, profile: dict, out: P
             "trainer.max_epochs=1000",
             "trainer.enable_progress_bar=false",
             "test=false",
+            *overrides,
         ],
         out,
     )

@@ -55,6 +55,9 @@ def test_attention_none_has_no_attention_and_the_default_has_it_at_one_quarter()
     assert net.attend["4"].pos.shape == (1, 32, 7, 7)  # 7x7 tokens on 28x28
     # 33x47 pads to 36x48 (a multiple of 4): 9x12 tokens
     assert AiRUNet(image_size=(33, 47)).attend["4"].pos.shape == (1, 32, 9, 12)
+    # the shipped config's four levels pad 28x28 to 32x32: 8x8 tokens at 1/4
+    four = AiRUNet(channels=[8, 16, 32, 32], decoder_channels=[16, 16, 32, 32])
+    assert four.attend["4"].pos.shape == (1, 32, 8, 8)
 
 
 def test_the_flow_starts_at_the_identity():

@@ -8,7 +8,12 @@ import torch
 from air_reg import losses, metrics
 
 SIMILARITIES = [losses.MSE(), losses.NCC(), losses.LocalNCC(window=5)]
-REGULARIZERS = [losses.Diffusion(), losses.BendingEnergy(), losses.NegativeJacobian()]
+REGULARIZERS = [
+    losses.Diffusion(),
+    losses.BendingEnergy(),
+    losses.NegativeJacobian(),
+    losses.DiffusionFold(),
+]
 
 
 @pytest.mark.parametrize("loss", SIMILARITIES, ids=lambda m: type(m).__name__)
@@ -73,3 +78,26 @@ def test_negative_jacobian_penalises_only_folds():
     assert penalty(shrink).item() == 0
     flip = torch.stack([-2 * ys, torch.zeros(6, 6)])[None]  # det = -1: 0.05 - (-1) per pixel
     assert penalty(flip).item() == pytest.approx(1.05)
+
+
+def test_diffusion_fold_adds_the_weighted_fold_term_only_where_it_folds():
+    ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
+    reg = losses.DiffusionFold(fold_weight=3.0, margin=0.05)
+    shrink = torch.stack([-0.5 * ys, -0.5 * xs])[None]  # no fold: plain diffusion
+    assert reg(shrink).item() == pytest.approx(losses.Diffusion()(shrink).item())
+    flip = torch.stack([-2 * ys, torch.zeros(6, 6)])[None]
+    expected = losses.Diffusion()(flip).item() + 3.0 * 1.05
+    assert reg(flip).item() == pytest.approx(expected)
+    with pytest.raises(Exception, match="fold_weight"):
+        losses.DiffusionFold(fold_weight=-1)
+
+
+def test_the_diffusion_fold_config_builds_the_module(tmp_path):
+    from conftest import compose_config
+    from hydra.utils import instantiate
+
+    cfg = compose_config("train", ["model=air_unet", "model/regularizer=diffusion_fold"], tmp_path)
+    reg = instantiate(cfg.model.regularizer)
+    assert isinstance(reg, losses.DiffusionFold)
+    assert reg.fold_weight == 20.0
+    assert reg.fold.eps == 0.05

@@ -78,6 +78,25 @@ class BendingEnergy(nn.Module):
         return dyy.square().mean() + dxx.square().mean() + 2 * dxy.square().mean()
 
 
+class DiffusionFold(nn.Module):
+    """:class:`Diffusion` plus ``fold_weight`` x :class:`NegativeJacobian` (``margin``).
+
+    For training a network whose field may fold on hard pairs: the fold term is zero wherever
+    det J keeps the margin, so ordinary pairs see plain diffusion. Scaled, as every
+    regulariser, by ``model.reg_weight``.
+    """
+
+    def __init__(self, fold_weight: float = 20.0, margin: float = 0.05) -> None:
+        super().__init__()
+        if fold_weight < 0:
+            raise ConfigError(f"fold_weight must be >= 0, got {fold_weight}")
+        self.fold_weight = fold_weight
+        self.diffusion, self.fold = Diffusion(), NegativeJacobian(margin)
+
+    def forward(self, flow: torch.Tensor) -> torch.Tensor:
+        return self.diffusion(flow) + self.fold_weight * self.fold(flow)
+
+
 class NegativeJacobian(nn.Module):
     """Mean of ``relu(eps - det J)`` of p -> p + flow(p): penalises folding (det <= 0).
 
