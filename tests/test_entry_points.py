@@ -19,8 +19,9 @@ from air_reg.register import weights_name
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ([], "mapt_tuned_mnist"),  # the best shipped model
-        (["data=fashion"], "mapt_tuned_fashion"),
+        ([], "air_unet_mnist"),  # the best shipped network
+        (["data=fashion"], "air_unet_fashion"),
+        (["weights=mapt_tuned_mnist"], "mapt_tuned_mnist"),
         (["weights=dirnet_mnist"], "dirnet_mnist"),
         (["model=mapt", "data=fashion"], "mapt_fashion"),  # deprecated, still works
     ],

@@ -31,7 +31,7 @@ from air_reg.refine import GUARD_TOL, resize_flow
 from air_reg.utils import check_writable, run_cli
 
 log = logging.getLogger(__name__)
-DEFAULT_WEIGHTS = "mapt_tuned_{dataset}"  # the best shipped model (docs/results.md)
+DEFAULT_WEIGHTS = "air_unet_{dataset}"  # the best shipped network (docs/results.md, peers)
 METRICS = ("mse_before", "mse_after", "smooth_dice_before", "smooth_dice_after")
 FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS, "worse", "identity")
 WORSE_TOL = GUARD_TOL  # MSE rise (absolute, on [0, 1] images) below which a pair is not "worse"
@@ -40,7 +40,7 @@ MODEL_FREE = "none"  # weights=none / model=none: the refinement alone, no netwo
 
 
 def weights_name(cfg: DictConfig) -> str:
-    """``weights`` when set; else ``mapt_tuned_<data>``; the deprecated ``model=<m>`` choice
+    """``weights`` when set; else ``air_unet_<data>``; the deprecated ``model=<m>`` choice
     still picks ``<m>_<data>`` (the network class's name in lower case)."""
     if cfg.get("weights"):
         return str(cfg.weights)
