@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AIR_REG_BRAIN", REPO / "data" / "brain_mni152"))
 WEIGHTS = REPO / "experiments" / "results" / "brain" / "weights"
 log = logging.getLogger("brain_mri")
+NETS = ("brain_mapt", "brain_dirnet", "brain_air_unet", "brain_voxelmorph")  # experiment=
 HEAD = 0.02  # EPE is averaged where the fixed image is above this (the head, not the air)
 MAX_PX = 6.0  # largest displacement of the known deformations
 # The peers' settings, chosen on the validation split (docs/protocol.md, "Brain MRI").
@@ -96,11 +97,11 @@ def extra_image() -> np.ndarray:
 
 
 def train_networks(budget: str) -> None:
-    """Train brain_mapt and brain_dirnet (``experiment=brain_*``) one after the other for
-    ``budget`` each; ship each best checkpoint (by val/mse) to ``WEIGHTS``."""
+    """Train the ``NETS`` (``experiment=brain_*``) one after the other for ``budget`` each;
+    ship each best checkpoint (by val/mse) to ``WEIGHTS``."""
     from reproduce import ship  # experiments/ is on the path when this script runs
 
-    for net in ("brain_mapt", "brain_dirnet"):
+    for net in NETS:
         run = REPO / "experiments" / "results" / "brain" / "runs" / net
         shutil.rmtree(run, ignore_errors=True)
         cfg = compose_config("train", [f"experiment={net}", f"trainer.max_time={budget}",
@@ -157,7 +158,7 @@ def methods(steps: int, overrides: list[str], which: list[str]) -> dict:
     (``overrides``: register settings of the refined rows), ANTs SyN and Demons."""
     found = {"identity": peer(lambda f, m: torch.zeros(1, 2, *f.shape[-2:]))}
     refined = [f"refine_steps={steps}", *overrides]
-    for net in ("brain_mapt", "brain_dirnet") if "nets" in which else ():
+    for net in NETS if "nets" in which else ():
         ckpt = WEIGHTS / f"{net}.ckpt"
         if not ckpt.is_file():
             log.warning("no %s: train it (experiments/results/brain/TRAINING.md)", ckpt)

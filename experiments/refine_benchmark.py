@@ -1,12 +1,14 @@
-"""One-shot vs cascade vs instance-optimisation refinement vs SimpleITK Demons, same pairs.
+"""One-shot vs cascade vs instance-optimisation refinement vs Demons and ANTs SyN, same pairs.
 
-    python experiments/refine_benchmark.py            # shipped mapt_tuned weights, 200 pairs
-    python experiments/refine_benchmark.py --pairs 50 --steps 10 50   # quicker
+    python experiments/refine_benchmark.py            # shipped air_unet and voxelmorph, 200 pairs
+    python experiments/refine_benchmark.py --weights mapt_tuned --pairs 50 --steps 10 50
 
-For each dataset: same-class test pairs (Dice, MSE, folding, SDlogJ, ms/pair) and pairs with a
-KNOWN deformation (a test image warped by a smooth random diffeomorphism: end-point error).
-Writes experiments/results/refine/: table_<data>.md, table_<data>_known.md, results.csv and
-quality_vs_time.png.
+For each dataset and each shipped model (``--weights``: air_reg/weights/<name>_<data>.ckpt;
+AiR-UNet and the VoxelMorph peer by default): the model one-shot, in a cascade and refined by
+N steps, beside SimpleITK's Demons and ANTs SyN, on same-class test pairs (Dice, MSE, folding,
+SDlogJ, ms/pair) and on pairs with a KNOWN deformation (a test image warped by a smooth random
+diffeomorphism: end-point error). Writes experiments/results/refine/: table_<data>.md,
+table_<data>_known.md, results.csv and quality_vs_time.png.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from matplotlib.figure import Figure
 
 import air_reg
 from air_reg.checkpoint import WEIGHTS_DIR
-from air_reg.classical import demons, has_simpleitk
+from air_reg.classical import ants_syn, demons, has_ants, has_simpleitk
 from air_reg.config import compose_config
 from air_reg.data.synthetic import make_flows
 from air_reg.evaluation import markdown_table, score, summarise
@@ -73,16 +75,19 @@ def refine_preset(name: str = "default") -> dict:
     return load_preset(name)
 
 
+LABELS = {"air_unet": "AiR-UNet", "voxelmorph": "VoxelMorph", "mapt_tuned": "AiR-MAPT tuned"}
+
+
 def methods_for(
-    model, steps: list[int], cascades: list[int], preset: dict, use_demons: bool
+    model, steps: list[int], cascades: list[int], preset: dict, label: str = ""
 ) -> dict:
-    methods = {"one-shot": model}
+    """One model one-shot, in cascades and refined; row names start with ``label``."""
+    prefix = f"{label} " if label else ""
+    methods = {f"{prefix}one-shot": model}
     for k in cascades:
-        methods[f"cascade x{k}"] = lambda f, m, k=k: cascade(model, f, m, k)
+        methods[f"{prefix}cascade x{k}"] = lambda f, m, k=k: cascade(model, f, m, k)
     for n in steps:
-        methods[f"refined {n}"] = Refiner(model, steps=n, **preset)
-    if use_demons:
-        methods["Demons"] = demons
+        methods[f"{prefix}refined {n}"] = Refiner(model, steps=n, **preset)
     return methods
 
 
@@ -92,7 +97,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax = fig.subplots()
     for data in sorted({r["data"] for r in rows}):
         pts = [r for r in rows if r["data"] == data and r["pairs"] == "same_class"]
-        ax.plot([r["ms_per_pair"] for r in pts], [r["dice"] for r in pts], "o-", label=data)
+        ax.plot([r["ms_per_pair"] for r in pts], [r["dice"] for r in pts], "o", label=data)
         for r in pts:
             ax.annotate(r["method"], (r["ms_per_pair"], r["dice"]), fontsize=6)
     ax.set_xscale("log")
@@ -106,7 +111,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion"])
     parser.add_argument(
-        "--weights", default="mapt_tuned", help="air_reg/weights/<name>_<data>.ckpt"
+        "--weights",
+        nargs="+",
+        default=["air_unet", "voxelmorph"],
+        help="shipped models: air_reg/weights/<name>_<data>.ckpt",
     )
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--batch", type=int, default=200, help="pairs refined at once")
@@ -114,16 +122,25 @@ def main() -> None:
     parser.add_argument("--cascades", type=int, nargs="+", default=[2])
     parser.add_argument("--preset", default="default", help="conf/refinement/<preset>.yaml")
     parser.add_argument("--magnitude", type=float, default=2.0, help="known warps, pixels")
+    parser.add_argument("--no-ants", action="store_true", help="skip the ANTs SyN row")
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "refine")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    use_demons = has_simpleitk()
+    peers = {}
+    if has_simpleitk():
+        peers["Demons"] = demons
+    if has_ants() and not args.no_ants:
+        peers["ANTs SyN"] = ants_syn
     load = os.getloadavg()[0]
     preset = refine_preset(args.preset)
     rows, report = [], [f"load average at start {load:.1f}; refinement preset {preset}\n"]
     for data in args.datasets:
-        model = air_reg.load_model(WEIGHTS_DIR / f"{args.weights}_{data}.ckpt")
-        methods = methods_for(model, args.steps, args.cascades, preset, use_demons)
+        methods = {}
+        for name in args.weights:
+            model = air_reg.load_model(WEIGHTS_DIR / f"{name}_{data}.ckpt")
+            label = LABELS.get(name, name) if len(args.weights) > 1 else ""
+            methods.update(methods_for(model, args.steps, args.cascades, preset, label))
+        methods.update(peers)
         batches = test_pairs_batches(data, args.pairs, args.batch)
         for kind, bs in (
             ("same_class", batches),

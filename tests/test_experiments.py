@@ -93,12 +93,18 @@ def test_refine_benchmark_writes_tables_csv_and_plot(tmp_path):
         "2",
         "--cascades",
         "2",
+        "--weights",
+        "air_unet",
+        "mapt_tuned",
         f"--out={tmp_path}",
     )
     with open(tmp_path / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     methods = {r["method"] for r in rows}
-    assert {"one-shot", "cascade x2", "refined 2"} <= methods
+    for model in ("AiR-UNet", "AiR-MAPT tuned"):  # every model's rows, each named by it
+        assert {f"{model} one-shot", f"{model} cascade x2", f"{model} refined 2"} <= methods
+    if has_ants():
+        assert "ANTs SyN" in methods
     assert {r["pairs"] for r in rows} == {"same_class", "known"}
     assert all(float(r["ms_per_pair"]) > 0 for r in rows)
     assert (tmp_path / "quality_vs_time.png").stat().st_size > 0
@@ -122,3 +128,26 @@ def test_brain_experiment_prepares_the_slices_and_writes_its_tables(tmp_path, mo
         rows = list(csv.DictReader(fh))
     assert {r["method"] for r in rows} == {"identity", "model-free refine 3"}
     assert (out / "brain.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "net", ["brain_mapt", "brain_dirnet", "brain_air_unet", "brain_voxelmorph"]
+)
+def test_every_brain_network_builds_at_the_brain_training_size(net, tmp_path):
+    import torch
+    from conftest import compose_config
+    from hydra.utils import instantiate
+
+    if net == "brain_voxelmorph":
+        pytest.importorskip("voxelmorph")
+    sys.path.insert(0, str(EXPERIMENTS))
+    from brain_mri import NETS
+
+    assert net in NETS  # experiments/brain_mri.py trains and scores it
+    cfg = compose_config("train", [f"experiment={net}"], tmp_path)
+    assert list(cfg.data.image_size) == [112, 96]
+    model = instantiate(cfg.model.net)
+    with torch.no_grad():
+        flow = model(torch.rand(1, 1, 112, 96), torch.rand(1, 1, 112, 96))
+    assert flow.shape == (1, 2, 112, 96)
+    assert torch.isfinite(flow).all()
