@@ -144,22 +144,25 @@ def ship(ckpt: Path, dest: Path) -> None:
     write_with(dest, lambda tmp: torch.save({k: full[k] for k in keep if k in full}, tmp))
 
 
-def load_test_batches(data: str, pairing: str, n: int, batch_size: int = 250) -> list[dict]:
-    """The fixed, seeded test pairs of ``data`` in ``pairing`` mode (first ``n``)."""
+def load_test_batches(
+    data: str, pairing: str, n: int, batch_size: int = 250, split: str = "test"
+) -> list[dict]:
+    """The fixed, seeded ``n`` test (or ``split="val"``: validation) pairs of ``data`` in
+    ``pairing`` mode."""
     dm = instantiate(
         compose_config(
             "train",
             [
                 f"data={data}",
                 f"data.pairing={pairing}",
-                f"data.num_test_pairs={n}",
+                f"data.num_{split}_pairs={n}",
                 f"data.eval_batch_size={batch_size}",
             ],
             REPO / "outputs",
         ).data
     )
-    dm.setup("test")
-    return list(dm.test_dataloader())
+    dm.setup("test" if split == "test" else "fit")
+    return list(dm.test_dataloader() if split == "test" else dm.val_dataloader())
 
 
 def write_tables(out: Path, tag: str, per_pair: dict, ms: dict) -> str:

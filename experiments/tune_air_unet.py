@@ -22,12 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from refine_benchmark import known_deformation_batches
-from reproduce import KNOWN_PX, PROFILES, train_method
+from reproduce import KNOWN_PX, PROFILES, load_test_batches, train_method
 
 import air_reg
-from air_reg.config import compose_config
 from air_reg.evaluation import identity_method, score, summarise
 from air_reg.utils import write_text
 
@@ -66,24 +64,6 @@ VARIANTS = {  # name -> (experiment, overrides)
 KEYS = (("same_class", "mse"), ("same_class", "dice"), ("known", "epe"), ("random", "folding"))
 
 
-def validation_batches(data: str, pairing: str, n: int, batch_size: int = 250) -> list[dict]:
-    """The first ``n`` seeded validation pairs of ``data`` in ``pairing`` mode."""
-    dm = instantiate(
-        compose_config(
-            "train",
-            [
-                f"data={data}",
-                f"data.pairing={pairing}",
-                f"data.num_val_pairs={n}",
-                f"data.eval_batch_size={batch_size}",
-            ],
-            REPO / "outputs",
-        ).data
-    )
-    dm.setup("fit")
-    return list(dm.val_dataloader())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["fashion"])
@@ -105,7 +85,10 @@ def main() -> None:
         f"{args.pairs} validation pairs per set.\n",
     ]
     for data in args.datasets:
-        sets = {p: validation_batches(data, p, args.pairs) for p in ("same_class", "random")}
+        sets = {
+            p: load_test_batches(data, p, args.pairs, split="val")
+            for p in ("same_class", "random")
+        }
         sets["known"] = known_deformation_batches(sets["same_class"], KNOWN_PX)
         models = {"Original": identity_method}
         for name in args.variants:

@@ -151,3 +151,15 @@ def test_every_brain_network_builds_at_the_brain_training_size(net, tmp_path):
         flow = model(torch.rand(1, 1, 112, 96), torch.rand(1, 1, 112, 96))
     assert flow.shape == (1, 2, 112, 96)
     assert torch.isfinite(flow).all()
+
+
+@pytest.mark.slow
+def test_tune_air_unet_scores_variants_on_validation_pairs(tmp_path):
+    run("tune_air_unet.py", "--variants", "base", "--budget=00:00:00:03", "--pairs=16",
+        f"--out={tmp_path}")  # fmt: skip
+    with open(tmp_path / "results.csv", newline="") as fh:
+        rows = {r["variant"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"Original", "base"}
+    assert float(rows["Original"]["epe"]) > 0  # the known deformations are not the identity
+    assert float(rows["base"]["mse"]) > 0
+    assert "| base |" in (tmp_path / "table_fashion.md").read_text()
