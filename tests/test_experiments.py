@@ -133,14 +133,14 @@ def test_brain_experiment_prepares_the_slices_and_writes_its_tables(tmp_path, mo
 @pytest.mark.parametrize(
     "net", ["brain_mapt", "brain_dirnet", "brain_air_unet", "brain_voxelmorph"]
 )
-def test_every_brain_network_builds_at_the_brain_training_size(net, tmp_path):
+def test_every_brain_network_builds_at_the_brain_training_size(net, tmp_path, monkeypatch):
     import torch
     from conftest import compose_config
     from hydra.utils import instantiate
 
     if net == "brain_voxelmorph":
         pytest.importorskip("voxelmorph")
-    sys.path.insert(0, str(EXPERIMENTS))
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # undone after the test
     from brain_mri import NETS
 
     assert net in NETS  # experiments/brain_mri.py trains and scores it

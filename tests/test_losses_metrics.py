@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from air_reg import losses, metrics
+from air_reg.errors import ConfigError
 
 SIMILARITIES = [losses.MSE(), losses.NCC(), losses.LocalNCC(window=5)]
 REGULARIZERS = [
@@ -88,7 +89,7 @@ def test_diffusion_fold_adds_the_weighted_fold_term_only_where_it_folds():
     flip = torch.stack([-2 * ys, torch.zeros(6, 6)])[None]
     expected = losses.Diffusion()(flip).item() + 3.0 * 1.05
     assert reg(flip).item() == pytest.approx(expected)
-    with pytest.raises(Exception, match="fold_weight"):
+    with pytest.raises(ConfigError, match="fold_weight"):
         losses.DiffusionFold(fold_weight=-1)
 
 
