@@ -23,7 +23,8 @@ The output is deterministic (same files, same bytes, for the same nilearn data f
     <out>/meta.json                sources (sha256), slice range, counts
     <out>/.gitignore               "*": the folder is regenerated, never committed
 
-Train on it with ``python -m air_reg.train experiment=brain_mapt`` (or ``brain_dirnet``);
+Train on it with ``python -m air_reg.train experiment=brain_mapt`` (or ``brain_dirnet``,
+``brain_air_unet``, ``brain_voxelmorph``);
 the configs read ``data.path=${AIR_REG_BRAIN:-data/brain_mni152}/slices`` with
 ``data.normalize=none`` (the slices are already on one [0, 1] scale). A figure of a few slices
 with their label overlays goes to experiments/results/brain/slices.png (``--figure``).

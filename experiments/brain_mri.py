@@ -231,7 +231,7 @@ def main() -> None:
         "--train",
         metavar="DD:HH:MM:SS",
         default=None,
-        help="first train the two networks for this budget each (00:00:05:00)",
+        help="first train the four networks (NETS) for this budget each (00:00:05:00)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "brain")
     args = parser.parse_args()
