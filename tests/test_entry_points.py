@@ -24,6 +24,8 @@ from air_reg.register import weights_name
         (["weights=mapt_tuned_mnist"], "mapt_tuned_mnist"),
         (["weights=dirnet_mnist"], "dirnet_mnist"),
         (["model=mapt", "data=fashion"], "mapt_fashion"),  # deprecated, still works
+        (["model=air_unet"], "air_unet_mnist"),  # the config's name, not the class's (AiRUNet)
+        (["model=voxelmorph", "data=fashion"], "voxelmorph_fashion"),
     ],
 )
 def test_register_picks_shipped_weights(tmp_path, overrides, expected, caplog):
@@ -31,7 +33,7 @@ def test_register_picks_shipped_weights(tmp_path, overrides, expected, caplog):
     with caplog.at_level(logging.WARNING):
         assert weights_name(cfg) == expected
     assert shipped_weights(expected).is_file()
-    assert ("deprecated" in caplog.text) == ("model=mapt" in overrides)
+    assert ("deprecated" in caplog.text) == any(o.startswith("model=") for o in overrides)
 
 
 def test_unknown_weights_list_the_shipped_ones():

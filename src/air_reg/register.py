@@ -39,16 +39,25 @@ MAX_BATCH_PIXELS = 2**22  # pairs refined at once at their own size: at most thi
 MODEL_FREE = "none"  # weights=none / model=none: the refinement alone, no network
 
 
+def model_choice(target: str) -> str:
+    """The ``model=`` config (``conf/model/<name>.yaml``) whose network is ``target``; the
+    class name in lower case for a network no config builds."""
+    for path in sorted(Path(CONFIG_DIR, "model").glob("*.yaml")):
+        if OmegaConf.select(OmegaConf.load(path), "net._target_") == target:
+            return path.stem
+    return target.rsplit(".", 1)[-1].lower()
+
+
 def weights_name(cfg: DictConfig) -> str:
     """``weights`` when set; else ``air_unet_<data>``; the deprecated ``model=<m>`` choice
-    still picks ``<m>_<data>`` (the network class's name in lower case)."""
+    still picks ``<m>_<data>``."""
     if cfg.get("weights"):
         return str(cfg.weights)
     if cfg.get("model") is not None and cfg.model.get("net") is None:  # model=none
         return MODEL_FREE
     dataset = cfg.data.dataset if cfg.get("data") else "mnist"
     if cfg.get("model"):
-        net = cfg.model.net._target_.rsplit(".", 1)[-1].lower()
+        net = model_choice(cfg.model.net._target_)
         log.warning(
             "choosing shipped weights with model=/data= is deprecated; use weights=%s_%s",
             net,
