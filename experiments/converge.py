@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -340,7 +341,7 @@ def main() -> None:
     )
     report = [
         "# Table 1 trained to convergence\n\n",
-        f"Command: `python experiments/converge.py {' '.join(sys.argv[1:])}`\n\n",
+        f"Command: `python experiments/converge.py {shlex.join(sys.argv[1:])}`\n\n",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch "
         f"{torch.__version__}, accelerator {args.accelerator}; load average at start "
         f"{os.getloadavg()[0]:.1f}. Trained on same-class pairs; {args.test_pairs} same-class "

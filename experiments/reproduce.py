@@ -24,6 +24,7 @@ import csv
 import logging
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -231,7 +232,7 @@ def main() -> None:
         f"(DD:HH:MM:SS), trained on {args.train_pairing} pairs; "
         f"{profile['test_pairs']} test pairs per pairing mode; load average at start "
         f"{os.getloadavg()[0]:.1f}.\n\n",
-        f"Command: `python experiments/reproduce.py {' '.join(sys.argv[1:])}`\n",
+        f"Command: `python experiments/reproduce.py {shlex.join(sys.argv[1:])}`\n",
     ]
     started = time.time()
     for data in args.datasets:

@@ -44,9 +44,17 @@ def test_readme_tables_checks_the_bar_against_the_papers_gains(tmp_path):
             "Original": {"mse": 0.1, "psnr": 10.0, "smooth_dice": 0.5, **base},
             # MSE -60 % (paper -58.3 %), PSNR +4.0 dB (paper +4.37), smooth Dice +0.1 (+0.071)
             "AiR-MAPT tuned": {"mse": 0.04, "psnr": 14.0, "smooth_dice": 0.6, **base},
+            # MSE -70 %, PSNR +5.0 dB, smooth Dice +0.05, folding 0.2 %: two bars missed
+            "AiR-UNet": {"mse": 0.03, "psnr": 15.0, "smooth_dice": 0.55, **base, "folding": 0.2},
         },
     )
     out = run("readme_tables.py", str(tmp_path))
+    tuned, unet = out.split("| AiR-MAPT tuned vs Original |")[1].split("| AiR-UNet vs Original |")
+    assert "| MSE | -70.0% | -58.3% | True |" in unet
+    assert "| PSNR | +5.00 dB | +4.37 dB | True |" in unet
+    assert "| smooth Dice | +0.050 | +0.071 | False |" in unet
+    assert "| folding % | 0.200 | < 0.1 | False |" in unet
+    assert "| MSE | -60.0% | -58.3% | True |" in tuned
     assert "**MNIST, same class test pairs** (10 pairs; mean ± std)" in out
     assert "| MSE | -60.0% | -58.3% | True |" in out
     assert "| PSNR | +4.00 dB | +4.37 dB | False |" in out
