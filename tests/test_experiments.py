@@ -154,6 +154,7 @@ def test_every_brain_network_builds_at_the_brain_training_size(net, tmp_path, mo
     assert net in NETS  # experiments/brain_mri.py trains and scores it
     cfg = compose_config("train", [f"experiment={net}"], tmp_path)
     assert list(cfg.data.image_size) == [112, 96]
+    assert cfg.data == compose_config("train", ["data=brain"], tmp_path).data  # one data config
     model = instantiate(cfg.model.net)
     with torch.no_grad():
         flow = model(torch.rand(1, 1, 112, 96), torch.rand(1, 1, 112, 96))
