@@ -75,9 +75,6 @@ def refine_preset(name: str = "default") -> dict:
     return load_preset(name)
 
 
-LABELS = {"air_unet": "AiR-UNet", "voxelmorph": "VoxelMorph", "mapt_tuned": "AiR-MAPT tuned"}
-
-
 def methods_for(
     model, steps: list[int], cascades: list[int], preset: dict, label: str = ""
 ) -> dict:
@@ -131,6 +128,10 @@ def main() -> None:
         peers["Demons"] = demons
     if has_ants() and not args.no_ants:
         peers["ANTs SyN"] = ants_syn
+    # reproduce imports this module, so not at the top; experiments/ is on the path here
+    from reproduce import SHIPPED
+
+    labels = {name: label for label, name in SHIPPED.items()}  # air_unet -> "AiR-UNet", ...
     load = os.getloadavg()[0]
     preset = refine_preset(args.preset)
     rows, report = [], [f"load average at start {load:.1f}; refinement preset {preset}\n"]
@@ -138,7 +139,7 @@ def main() -> None:
         methods = {}
         for name in args.weights:
             model = air_reg.load_model(WEIGHTS_DIR / f"{name}_{data}.ckpt")
-            label = LABELS.get(name, name) if len(args.weights) > 1 else ""
+            label = labels.get(name, name) if len(args.weights) > 1 else ""
             methods.update(methods_for(model, args.steps, args.cascades, preset, label))
         methods.update(peers)
         batches = test_pairs_batches(data, args.pairs, args.batch)
