@@ -4,6 +4,7 @@ validation MSE plateaus, then scored on the fixed test pairs of the 5-minute tab
     python experiments/converge.py --datasets mnist --models mapt   # one run, then --reuse
     python experiments/converge.py                       # paper settings, both datasets, CPU
     python experiments/converge.py --variant both --accelerator gpu   # + the authors' code's
+    python experiments/converge.py --variant both --score-only   # score runs made apart
 
 Plateau rule (``plateaued``): at every validation (every ``--val-every`` steps), once at
 least ``--min-steps`` steps are done, stop when the best validation MSE so far is less than
@@ -167,7 +168,12 @@ def train_run(variant: str, model: str, data: str, args, run: Path) -> dict:
             "min_steps": args.min_steps,
         }
     train(cfg)
-    return json.loads((run / "stop.json").read_text())
+    info = json.loads((run / "stop.json").read_text())
+    # the caps and threads this run had (split runs may differ from the scoring call's)
+    info |= {"max_steps": args.max_steps, "max_time": args.max_time}
+    info |= {"threads": torch.get_num_threads()}
+    write_json(run / "stop.json", info)
+    return info
 
 
 def read_curve(run: Path) -> list[tuple[int, float, float]]:
@@ -241,13 +247,17 @@ def plot_curves(path: Path, curves: dict, data: str) -> None:
 
 
 def train_all(data: str, variants: list[str], args, out: Path) -> dict[str, dict]:
-    """Train (or with ``--reuse`` keep) every run of ``data``; ``{row name: run record}``
+    """Train (or with ``--reuse`` keep; with ``--score-only`` only keep) every run of
+    ``data``; ``{row name: run record}``
     with the loaded best network under "net" and its validation curve under "curve"."""
     runs = {}
     for variant in variants:
         for model in args.models:
             name = NAMES[model] + (" authors-64" if variant == "authors" else "")
             run = out / "runs" / data / f"{variant}_{model}"
+            if args.score_only and not (run / "stop.json").exists():
+                log.warning("--score-only: no finished run in %s, no %s row", run, name)
+                continue
             if not (args.reuse and (run / "stop.json").exists()):
                 shutil.rmtree(run, ignore_errors=True)
                 train_run(variant, model, data, args, run)
@@ -296,13 +306,16 @@ def write_curves(out: Path, data: str, runs: dict) -> str:
     plot_curves(out / f"curves_{data}.png", curves, data)
     lines = [
         f"\n### {data}: runs\n\n| method | steps | wall min | steps/s | best val MSE (at step) "
-        "| stopped by |\n|---|---|---|---|---|---|\n"
+        "| stopped by | caps (steps, DD:HH:MM:SS) | torch threads |\n"
+        "|---|---|---|---|---|---|---|---|\n"
     ]
     for name, r in runs.items():
         rate = r["steps"] / max(r["wall_s"], 1e-9)
+        caps = f"{r['max_steps']}, {r['max_time']}" if "max_time" in r else ""
         lines.append(
             f"| {name} | {r['steps']} | {r['wall_s'] / 60:.1f} | {rate:.2f} | "
-            f"{r['best_val_mse']:.5f} ({r['best_step']}) | {r['reason']} |\n"
+            f"{r['best_val_mse']:.5f} ({r['best_step']}) | {r['reason']} | {caps} | "
+            f"{r.get('threads', '')} |\n"
         )
     return "".join(lines)
 
@@ -324,9 +337,15 @@ def main() -> None:
     parser.add_argument("--folding-note", type=float, default=1.0, help="note rows above this %%")
     parser.add_argument("--no-demons", action="store_true", help="skip the SimpleITK row")
     parser.add_argument("--reuse", action="store_true", help="keep runs that have a stop.json")
+    parser.add_argument(
+        "--score-only",
+        action="store_true",
+        help="train nothing: score the runs that have a stop.json (after split runs)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "experiments/results/converged")
     args = parser.parse_args()
     args.max_steps = -(-args.max_steps // args.val_every) * args.val_every  # ends on a validation
+    args.reuse = args.reuse or args.score_only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     variants = list(VARIANTS) if args.variant == "both" else [args.variant]
@@ -337,7 +356,11 @@ def main() -> None:
         f"validation every {args.val_every} steps; stop at the first validation at step s >= "
         f"{args.min_steps} where the best val MSE so far is less than {100 * args.min_delta:g} % "
         f"below the best at or before step {1 - args.patience_fraction:g} s; caps "
-        f"{args.max_steps} steps and {args.max_time} (DD:HH:MM:SS) per run"
+        + (
+            "per run in the runs tables (runs made apart, scored here with --score-only)"
+            if args.score_only
+            else f"{args.max_steps} steps and {args.max_time} (DD:HH:MM:SS) per run"
+        )
     )
     report = [
         "# Table 1 trained to convergence\n\n",
@@ -350,6 +373,9 @@ def main() -> None:
     started = time.time()
     for data in args.datasets:
         runs = train_all(data, variants, args, args.out)
+        if not runs:
+            log.warning("no runs for %s: nothing to score", data)
+            continue
         report += score_dataset(data, runs, args, args.out, use_demons)
         report.append(write_curves(args.out, data, runs))
     report.append(f"\nTotal wall time: {(time.time() - started) / 60:.1f} min.\n")

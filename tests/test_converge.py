@@ -208,6 +208,26 @@ def test_converge_tiny_run_writes_tables_curves_and_results(tmp_path):
     results = (tmp_path / "results.md").read_text()
     assert "Plateau rule:" in results
     assert "| AiR-single authors-64 | 4 |" in results
+    stop = json.loads((tmp_path / "runs/mnist/paper_air/stop.json").read_text())
+    assert (stop["max_steps"], stop["max_time"]) == (4, "00:02:00:00")
+    assert stop["threads"] == torch.get_num_threads()
+
+    # --score-only: trains nothing (no run for mapt), scores what is there
+    runs_before = sorted(p.name for p in (tmp_path / "runs/mnist").iterdir())
+    proc = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "converge.py"), "--datasets=mnist", "--models",
+         "air", "mapt", "--score-only", "--test-pairs=8", "--no-demons", f"--out={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no finished run" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "runs/mnist").iterdir()) == runs_before
+    with open(tmp_path / "table_mnist.csv", newline="") as fh:
+        assert {r["method"] for r in csv.DictReader(fh)} == {"Original", "AiR-single"}
+    results = (tmp_path / "results.md").read_text()
+    assert "caps per run in the runs tables" in results
+    assert "| AiR-single | 4 |" in results
+    assert "| 4, 00:02:00:00 |" in results  # the run's own caps
 
 
 @pytest.mark.parametrize(
