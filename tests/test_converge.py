@@ -250,3 +250,23 @@ def test_authors_configs_build_at_64(make_cfg, experiment, extra, grid):
     if experiment == "authors_mapt":  # the authors' code: 3,941,385 (scalar mixing weights)
         assert sum(p.numel() for p in net.parameters()) == 3_941_001
         assert torch.allclose(net.weights, torch.tensor([0.7, 0.2, 0.1]))
+
+
+def test_cpu_script_names_real_runs(converge):
+    """experiments/converge_cpu.sh: bash accepts it, and each queued run names a dataset,
+    variant and model that converge.py knows, with a DD:HH:MM:SS cap; every paper run is there."""
+    script = EXPERIMENTS / "converge_cpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    runs = [
+        line.split()[1:]
+        for line in script.read_text().splitlines()
+        if line.strip().startswith("run ") and not line.strip().startswith("run()")
+    ]
+    assert len(runs) == 9
+    for data, variant, model, cap in runs:
+        assert data in converge.DATASETS
+        assert model in converge.VARIANTS[variant]
+        assert len(cap.split(":")) == 4
+        assert all(part.isdigit() for part in cap.split(":"))
+    paper = {(d, m) for d, v, m, _ in runs if v == "paper"}
+    assert paper == {(d, m) for d in converge.DATASETS for m in converge.NAMES}
