@@ -170,8 +170,11 @@ def train_run(variant: str, model: str, data: str, args, run: Path) -> dict:
     train(cfg)
     info = json.loads((run / "stop.json").read_text())
     # the caps and threads this run had (split runs may differ from the scoring call's)
-    info |= {"max_steps": args.max_steps, "max_time": args.max_time}
-    info |= {"threads": torch.get_num_threads()}
+    info |= {
+        "max_steps": args.max_steps,
+        "max_time": args.max_time,
+        "threads": torch.get_num_threads(),
+    }
     write_json(run / "stop.json", info)
     return info
 

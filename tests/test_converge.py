@@ -260,7 +260,7 @@ def test_cpu_script_names_real_runs(converge):
     runs = [
         line.split()[1:]
         for line in script.read_text().splitlines()
-        if line.strip().startswith("run ") and not line.strip().startswith("run()")
+        if line.strip().startswith("run ")
     ]
     assert len(runs) == 9
     for data, variant, model, cap in runs:
