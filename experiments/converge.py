@@ -5,11 +5,13 @@ validation MSE plateaus, then scored on the fixed test pairs of the 5-minute tab
     python experiments/converge.py                       # paper settings, both datasets, CPU
     python experiments/converge.py --variant both --accelerator gpu   # + the authors' code's
     python experiments/converge.py --variant both --score-only   # score runs made apart
+    python experiments/converge.py --datasets mnist --resume --max-steps 40000  # go on
 
 Plateau rule (``plateaued``): at every validation (every ``--val-every`` steps), once at
 least ``--min-steps`` steps are done, stop when the best validation MSE so far is less than
 ``--min-delta`` (relative) below the best one at or before step (1 - ``--patience-fraction``)
-x the current step. ``--max-steps`` and ``--max-time`` (per run) cap it.
+x the current step. ``--max-steps`` and ``--max-time`` (per run) cap it; ``--resume`` goes
+on with runs a cap stopped, from their last.ckpt, and the caps then count the whole run.
 Variants: ``paper`` = ``experiment=paper_*`` (28x28); ``authors`` = ``experiment=authors_air|
 authors_mapt`` and DIRNet at 64x64 (the authors' code's setting). Every row is scored at 28x28
 on the same pairs (a 64x64 model sees them upsampled; its flow is brought back to 28x28);
@@ -87,14 +89,27 @@ class PlateauStopping(L.Callback):
     stops training when ``plateaued``; on fit end writes ``<run>/stop.json`` (why it stopped:
     plateau, max_steps, max_time or other; the best checkpoint)."""
 
-    def __init__(self, *, folder, monitor="val/mse", fraction=0.25, min_delta=0.01, min_steps=0):
+    def __init__(
+        self,
+        *,
+        folder,
+        monitor="val/mse",
+        fraction=0.25,
+        min_delta=0.01,
+        min_steps=0,
+        resume_step=None,
+        resume_wall_s=0.0,
+    ):
         self.folder, self.monitor = Path(folder), monitor
         self.rule = {"fraction": fraction, "min_delta": min_delta, "min_steps": min_steps}
         self.rows: list[tuple[int, float, float]] = []
-        self.start, self.stopped = None, False
+        self.start, self.stopped, self.offset = None, False, 0.0
+        if resume_step is not None:  # a resumed run: its curve so far, its clock goes on
+            self.rows = [r for r in read_curve(self.folder) if r[0] <= resume_step]
+            self.offset = resume_wall_s
 
     def on_train_start(self, trainer, pl_module):
-        self.start = time.monotonic()
+        self.start = time.monotonic() - self.offset
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
@@ -137,9 +152,24 @@ class PlateauStopping(L.Callback):
             write_json(self.folder / "stop.json", info)
 
 
-def train_run(variant: str, model: str, data: str, args, run: Path) -> dict:
-    """Train one configuration until the plateau rule or a cap stops it; its stop record."""
+def train_run(variant: str, model: str, data: str, args, run: Path, resume=False) -> dict:
+    """Train one configuration until the plateau rule or a cap stops it; its stop record.
+    ``resume``: go on from ``run``'s last.ckpt (steps, optimiser, clock and curve kept), so
+    the caps count the whole run."""
     experiment, extra = VARIANTS[variant][model]
+    earlier, plateau_resume = {}, {}
+    if resume:
+        earlier = json.loads((run / "stop.json").read_text())
+        ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+        plateau_resume = {
+            "resume_step": ckpt["global_step"],
+            "resume_wall_s": ckpt["callbacks"]["Timer"]["time_elapsed"]["train"],
+        }
+        extra = [*extra, f"ckpt_path={run / 'checkpoints/last.ckpt'}"]
+        log_csv = run / "csv/metrics.csv"  # Lightning's CSV logger starts it afresh: keep it
+        if log_csv.exists():
+            log_csv.rename(log_csv.with_name(f"metrics_to_step_{ckpt['global_step']}.csv"))
+        log.info("resuming %s at step %d", run, ckpt["global_step"])
     cfg = compose_config(
         "train",
         [
@@ -166,6 +196,7 @@ def train_run(variant: str, model: str, data: str, args, run: Path) -> dict:
             "fraction": args.patience_fraction,
             "min_delta": args.min_delta,
             "min_steps": args.min_steps,
+            **plateau_resume,
         }
     train(cfg)
     info = json.loads((run / "stop.json").read_text())
@@ -175,6 +206,10 @@ def train_run(variant: str, model: str, data: str, args, run: Path) -> dict:
         "max_time": args.max_time,
         "threads": torch.get_num_threads(),
     }
+    if resume:  # each earlier leg: where it stopped, under which caps, and where this one began
+        leg = {k: earlier.get(k) for k in ("steps", "reason", "max_steps", "max_time", "threads")}
+        leg["resumed_at"] = plateau_resume["resume_step"]
+        info["earlier_legs"] = [*earlier.get("earlier_legs", []), leg]
     write_json(run / "stop.json", info)
     return info
 
@@ -261,7 +296,11 @@ def train_all(data: str, variants: list[str], args, out: Path) -> dict[str, dict
             if args.score_only and not (run / "stop.json").exists():
                 log.warning("--score-only: no finished run in %s, no %s row", run, name)
                 continue
-            if not (args.reuse and (run / "stop.json").exists()):
+            done = (run / "stop.json").exists()
+            if args.resume and done and (run / "checkpoints/last.ckpt").exists():
+                if json.loads((run / "stop.json").read_text())["reason"] != "plateau":
+                    train_run(variant, model, data, args, run, resume=True)
+            elif not (args.reuse and done):
                 shutil.rmtree(run, ignore_errors=True)
                 train_run(variant, model, data, args, run)
             info = json.loads((run / "stop.json").read_text())
@@ -341,6 +380,12 @@ def main() -> None:
     parser.add_argument("--no-demons", action="store_true", help="skip the SimpleITK row")
     parser.add_argument("--reuse", action="store_true", help="keep runs that have a stop.json")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with runs that stopped at a cap, from their last.ckpt, under these caps "
+        "(counted over the whole run); runs that plateaued are kept",
+    )
+    parser.add_argument(
         "--score-only",
         action="store_true",
         help="train nothing: score the runs that have a stop.json (after split runs)",
@@ -348,6 +393,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "experiments/results/converged")
     args = parser.parse_args()
     args.max_steps = -(-args.max_steps // args.val_every) * args.val_every  # ends on a validation
+    if args.resume and args.score_only:
+        parser.error("--resume trains and --score-only does not: choose one")
     args.reuse = args.reuse or args.score_only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,11 @@ def test_downsampled_flow_is_in_the_small_grids_pixels(converge):
     assert not out.any()
 
 
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 @pytest.mark.slow
 def test_converge_tiny_run_writes_tables_curves_and_results(tmp_path):
     proc = subprocess.run(
@@ -174,7 +179,7 @@ def test_converge_tiny_run_writes_tables_curves_and_results(tmp_path):
             "--variant=both",
             "--max-steps=4",
             "--val-every=2",
-            "--min-steps=2",
+            "--min-steps=100",  # both runs end at the step cap, so --resume goes on below
             "--test-pairs=8",
             "--val-pairs=16",
             "--no-demons",
@@ -229,6 +234,36 @@ def test_converge_tiny_run_writes_tables_curves_and_results(tmp_path):
     assert "| AiR-single | 4 |" in results
     assert "| 4, 00:02:00:00 |" in results  # the run's own caps
 
+    # --resume: the capped run goes on from its last.ckpt to the new cap, curve and clock
+    # kept; a run that plateaued is kept as it is
+    before = read_rows(tmp_path / "runs/mnist/paper_air/curve.csv")
+    plateaued = tmp_path / "runs/mnist/authors_air/stop.json"
+    plateaued.write_text(json.dumps(json.loads(plateaued.read_text()) | {"reason": "plateau"}))
+    proc = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "converge.py"), "--datasets=mnist", "--models=air",
+         "--variant=both", "--resume", "--max-steps=8", "--val-every=2", "--min-steps=100",
+         "--test-pairs=8", "--val-pairs=16", "--no-demons", f"--out={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs/mnist/paper_air"
+    after = read_rows(run / "curve.csv")
+    assert [r["step"] for r in after] == ["2", "4", "6", "8"]
+    assert after[:2] == before  # the first leg's rows, as they were
+    assert float(after[2]["wall_s"]) > float(before[-1]["wall_s"])  # the clock goes on
+    stop = json.loads((run / "stop.json").read_text())
+    assert (stop["reason"], stop["steps"], stop["max_steps"]) == ("max_steps", 8, 8)
+    assert stop["wall_s"] >= float(after[-1]["wall_s"])
+    assert stop["earlier_legs"] == [
+        {"steps": 4, "reason": "max_steps", "max_steps": 4, "max_time": "00:02:00:00",
+         "threads": torch.get_num_threads(), "resumed_at": 4}
+    ]  # fmt: skip
+    assert (run / "csv/metrics_to_step_4.csv").exists()  # the first leg's Lightning log kept
+    assert json.loads(plateaued.read_text())["steps"] == 4  # not trained further
+    results = (tmp_path / "results.md").read_text()
+    assert "| AiR-single | 8 |" in results
+    assert "| AiR-single authors-64 | 4 |" in results
+
 
 @pytest.mark.parametrize(
     ("experiment", "extra", "grid"),
@@ -254,7 +289,8 @@ def test_authors_configs_build_at_64(make_cfg, experiment, extra, grid):
 
 def test_cpu_script_names_real_runs(converge):
     """experiments/converge_cpu.sh: bash accepts it, and each queued run names a dataset,
-    variant and model that converge.py knows, with a DD:HH:MM:SS cap; every paper run is there."""
+    variant and model that converge.py knows, with a DD:HH:MM:SS cap; every paper run is in
+    the first leg, and every run of the second leg resumes one of the first with a longer cap."""
     script = EXPERIMENTS / "converge_cpu.sh"
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     runs = [
@@ -262,11 +298,27 @@ def test_cpu_script_names_real_runs(converge):
         for line in script.read_text().splitlines()
         if line.strip().startswith("run ")
     ]
-    assert len(runs) == 9
-    for data, variant, model, cap in runs:
+    first = {(d, v, m): cap for d, v, m, cap, *flags in runs if not flags}
+    second = {(d, v, m): cap for d, v, m, cap, *flags in runs if flags == ["--resume"]}
+    assert (len(first), len(second)) == (9, 4)
+    assert len(first) + len(second) == len(runs)  # no other flags, no run twice in a leg
+    for (data, variant, model), cap in [*first.items(), *second.items()]:
         assert data in converge.DATASETS
         assert model in converge.VARIANTS[variant]
         assert len(cap.split(":")) == 4
         assert all(part.isdigit() for part in cap.split(":"))
-    paper = {(d, m) for d, v, m, _ in runs if v == "paper"}
+    paper = {(d, m) for d, v, m in first if v == "paper"}
     assert paper == {(d, m) for d in converge.DATASETS for m in converge.NAMES}
+    for run, cap in second.items():  # caps count the whole run: a resumed one needs more
+        assert cap > first[run], run
+    usage = subprocess.run(["bash", str(script), "nonsense"], capture_output=True, text=True)
+    assert usage.returncode == 2
+    assert "usage:" in usage.stderr
+
+
+def test_resume_and_score_only_conflict(converge, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["converge.py", "--resume", "--score-only"])
+    with pytest.raises(SystemExit) as exc:
+        converge.main()
+    assert exc.value.code == 2
+    assert "--resume trains and --score-only does not" in capsys.readouterr().err
