@@ -4,6 +4,7 @@
     python experiments/reproduce.py --profile full    # ~1 hour on 2 CPU cores (5 min a model)
     python experiments/reproduce.py --profile peers --methods "AiR-MAPT tuned" AiR-UNet VoxelMorph
     python experiments/reproduce.py --profile peers --methods AiR-UNet VoxelMorph --refine 50
+    python experiments/reproduce.py --profile full --methods AiR-UNet VoxelMorph --seeds 1 2 3
 
 For each dataset, trains DIRNet, AiR-single, AiR-MAPT (the paper's configurations as written),
 our tuned MAPT, AiR-UNet and VoxelMorph (src/air_reg/conf/experiment/*.yaml; --methods picks)
@@ -12,9 +13,12 @@ identity ("Original"), SimpleITK's diffeomorphic Demons and ANTs SyN on the same
 pairs, drawn both at random and within a class, and on "known" pairs: the same-class test
 moving images warped by known smooth diffeomorphisms (end-point error, as in
 refine_benchmark.py). ``--refine N`` adds each learned model with N steps of the shipped
-refinement preset on top. Writes to experiments/results/<profile>/:
-table_<data>_<pairing>.{md,csv}, per_pair_<data>_<pairing>.csv, fig3_<data>.png and
-results.md; checkpoints stay under runs/ (not tracked).
+refinement preset on top. ``--seeds`` trains each method once per seed (``seed=``: the
+initialisation, dropout and batch order; the training, validation and test pairs stay as
+they are) and adds each metric's mean ± std over the seeds. Writes to
+experiments/results/<profile>/: table_<data>_<pairing>.{md,csv}, per_pair_<data>_<pairing>.csv,
+(with seeds) seeds_<data>_<pairing>.md, fig3_<data>.png and results.md; checkpoints stay under
+runs/ (not tracked).
 """
 
 from __future__ import annotations
@@ -180,6 +184,28 @@ def write_tables(out: Path, tag: str, per_pair: dict, ms: dict) -> str:
     return table
 
 
+def seed_table(summary: dict, groups: dict[str, list[str]]) -> str:
+    """Markdown: each metric's mean over a method's seed rows ± the std over those seeds
+    (``groups``: method -> its rows in ``summary``); rows outside ``groups`` by their mean."""
+    single = [n for n in summary if not any(n in rows for rows in groups.values())]
+    names = [*single, *groups]
+    head = ["metric", *(f"{g} ({len(groups[g])} seeds)" if g in groups else g for g in names)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for metric in dict.fromkeys(k for row in summary.values() for k in row):
+        cells = [metric]
+        for name in names:
+            rows = [r for r in groups.get(name, [name]) if metric in summary[r]]
+            means = torch.tensor([summary[r][metric]["mean"] for r in rows])
+            if len(means) == 0:
+                cells.append("")
+            elif len(means) == 1:
+                cells.append(f"{means.item():.4f}")
+            else:
+                cells.append(f"{means.mean().item():.4f} ± {means.std().item():.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", choices=PROFILES, default="quick")
@@ -210,7 +236,21 @@ def main() -> None:
         help="copy the trained weights of these methods (none named: all) to "
         "air_reg/weights/<model>_<data>.ckpt",
     )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="S",
+        help="train every method once per seed (rows '<method> seed S'; the config's seed "
+        "when not given); with 2 or more, seeds_<data>_<pairing>.md gives each metric's mean "
+        "over the seeds ± its std over the seeds",
+    )
     args = parser.parse_args()
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
+    if args.seeds and len(args.seeds) > 1 and args.ship_weights is not None:
+        parser.error("--ship-weights with several --seeds: which seed's weights? name one seed")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     profile = dict(PROFILES[args.profile])
     if args.test_pairs:
@@ -236,16 +276,24 @@ def main() -> None:
     ]
     started = time.time()
     for data in args.datasets:
-        models = {}
-        for method in args.methods:
-            run = out / "runs" / data / METHODS[method]
+        models, groups, in_figure = {}, {}, set()
+        for method, seed in [(m, s) for m in args.methods for s in args.seeds or [None]]:
+            name = method if seed is None else f"{method} seed {seed}"
+            run = out / "runs" / data / (METHODS[method] + ("" if seed is None else f"_{seed}"))
             if run.exists():
                 shutil.rmtree(run)
-            ckpt = train_method(METHODS[method], data, args.train_pairing, profile, run)
-            models[method] = air_reg.load_model(ckpt)
+            overrides = () if seed is None else (f"seed={seed}",)
+            ckpt = train_method(METHODS[method], data, args.train_pairing, profile, run, overrides)
+            rows = {method: (name, air_reg.load_model(ckpt))}  # table label: (row, model)
             if args.refine:
+                tail = f" + refine {args.refine}"
                 refined = air_reg.load_model(ckpt, refine_steps=args.refine)
-                models[f"{method} + refine {args.refine}"] = refined
+                rows[method + tail] = (name + tail, refined)
+            for label, (row, model) in rows.items():
+                models[row] = model
+                groups.setdefault(label, []).append(row)
+                if seed is None or seed == args.seeds[0]:
+                    in_figure.add(row)
             if args.ship_weights is not None and method in (args.ship_weights or METHODS):
                 ship(ckpt, WEIGHTS_DIR / f"{SHIPPED[method]}_{data}.ckpt")
         test_sets = {p: load_test_batches(data, p, profile["test_pairs"]) for p in PAIRINGS}
@@ -260,10 +308,16 @@ def main() -> None:
             tag = f"{data}_{pairing}"
             table = write_tables(out, tag, per_pair, ms)
             report += [f"\n## {data}, {pairing} test pairs\n", table]
+            if args.seeds and len(args.seeds) > 1:
+                seeds = seed_table(summarise(per_pair), groups)
+                (out / f"seeds_{tag}.md").write_text(seeds)
+                report += [f"\n### over seeds {' '.join(map(str, args.seeds))}\n", seeds]
             if pairing == "random":
                 first = batches[0]
                 flows = {
-                    name: m(first["fixed"][:6], first["moving"][:6]) for name, m in models.items()
+                    name: m(first["fixed"][:6], first["moving"][:6])
+                    for name, m in models.items()
+                    if name in in_figure  # one seed's
                 }
                 if use_demons:
                     flows["Demons"] = demons(first["fixed"][:6], first["moving"][:6])

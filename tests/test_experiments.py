@@ -90,6 +90,60 @@ def test_reproduce_smoke_profile_trains_scores_and_writes_tables(tmp_path):
     assert "AiR-MAPT tuned" in (tmp_path / "results.md").read_text()
 
 
+def test_seed_table_gives_the_mean_and_spread_over_seeds(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    from reproduce import seed_table
+
+    def cell(mean):
+        return {"mean": mean, "std": 0.5, "n": 100}  # the std over pairs is not reported
+
+    summary = {
+        "Original": {"mse": cell(0.1)},
+        "VoxelMorph seed 1": {"mse": cell(0.02), "dsc30": {"mean": 0.9, "std": None, "n": 9}},
+        "VoxelMorph seed 2": {"mse": cell(0.04), "dsc30": {"mean": 0.7, "std": None, "n": 9}},
+        "AiR-UNet seed 1": {"mse": cell(0.03)},
+    }
+    groups = {
+        "VoxelMorph": ["VoxelMorph seed 1", "VoxelMorph seed 2"],
+        "AiR-UNet": ["AiR-UNet seed 1"],
+    }
+    lines = seed_table(summary, groups).splitlines()
+    assert lines[0] == "| metric | Original | VoxelMorph (2 seeds) | AiR-UNet (1 seeds) |"
+    assert lines[2] == "| mse | 0.1000 | 0.0300 ± 0.0141 | 0.0300 |"  # std of (0.02, 0.04)
+    assert lines[3] == "| dsc30 |  | 0.8000 ± 0.1414 |  |"  # absent where a row lacks it
+
+
+@pytest.mark.slow
+def test_reproduce_trains_every_method_once_per_seed(tmp_path):
+    out = tmp_path / "out"
+    run("reproduce.py", "--profile=smoke", "--datasets=mnist", "--methods", "AiR-MAPT tuned",
+        "--seeds", "3", "4", "--no-demons", "--no-ants", "--test-pairs=8",
+        f"--out={out}")  # fmt: skip
+    for pairing in ("random", "same_class", "known"):
+        with open(out / f"table_mnist_{pairing}.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert {r["method"] for r in rows} == {
+            "Original", "AiR-MAPT tuned seed 3", "AiR-MAPT tuned seed 4"
+        }  # fmt: skip
+        mse = {r["method"]: float(r["mean"]) for r in rows if r["metric"] == "mse"}
+        assert mse["AiR-MAPT tuned seed 3"] != mse["AiR-MAPT tuned seed 4"]  # not one model
+        seeds = (out / f"seeds_mnist_{pairing}.md").read_text()
+        assert "| metric | Original | AiR-MAPT tuned (2 seeds) |" in seeds
+    assert sorted(p.name for p in (out / "runs/mnist").iterdir()) == [
+        "mapt_tuned_3",
+        "mapt_tuned_4",
+    ]
+    assert "over seeds 3 4" in (out / "results.md").read_text()
+    proc = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "reproduce.py"), "--seeds", "1", "2",
+         "--ship-weights", f"--out={tmp_path / 'x'}"],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "which seed's weights?" in proc.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
 @pytest.mark.slow
 def test_refine_benchmark_writes_tables_csv_and_plot(tmp_path):
     run(
