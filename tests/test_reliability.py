@@ -49,6 +49,21 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(make
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
+def test_last_ckpt_is_the_latest_epoch_even_without_improvement(tmp_path):
+    """Lightning's save_last follows the best checkpoint's saves: with a flat validation
+    curve (lr 0) last.ckpt stayed at epoch 0 and ckpt_path=last trained the epochs again."""
+    flat = ["data=synthetic", "data.num_images=256", "model.net.patch_size=4",
+            "model.optimizer.lr=0", "test=false"]  # fmt: skip
+    train(compose_config("train", [*flat, "trainer.max_epochs=3"], tmp_path))
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 2
+    resumed = [*flat, "trainer.max_epochs=4", "ckpt_path=last"]
+    train(compose_config("train", resumed, tmp_path))
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (3, 4 * 6)  # one more epoch of 6 batches
+
+
 def _train_cmd(run_dir, *extra):
     return [
         sys.executable,
