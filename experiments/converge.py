@@ -414,7 +414,13 @@ def main() -> None:
     )
     report = [
         "# Table 1 trained to convergence\n\n",
-        f"Command: `python experiments/converge.py {shlex.join(sys.argv[1:])}`\n\n",
+        f"Command: `python experiments/converge.py {shlex.join(sys.argv[1:])}`"
+        + (
+            " (scores the runs made apart, e.g. by `bash experiments/converge_cpu.sh`; each "
+            "run's caps and threads are in the runs tables)\n\n"
+            if args.score_only
+            else "\n\n"
+        ),
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch "
         f"{torch.__version__}, accelerator {args.accelerator}; load average at start "
         f"{os.getloadavg()[0]:.1f}. Trained on same-class pairs; {args.test_pairs} same-class "

@@ -231,6 +231,7 @@ def test_converge_tiny_run_writes_tables_curves_and_results(tmp_path):
         assert {r["method"] for r in csv.DictReader(fh)} == {"Original", "AiR-single"}
     results = (tmp_path / "results.md").read_text()
     assert "caps per run in the runs tables" in results
+    assert "scores the runs made apart" in results  # the runs came from elsewhere
     assert "| AiR-single | 4 |" in results
     assert "| 4, 00:02:00:00 |" in results  # the run's own caps
 
