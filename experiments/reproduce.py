@@ -277,7 +277,8 @@ def main() -> None:
     started = time.time()
     for data in args.datasets:
         models, groups, in_figure = {}, {}, set()
-        for method, seed in [(m, s) for m in args.methods for s in args.seeds or [None]]:
+        # seed by seed, the methods interleaved: a change of load hits them alike
+        for seed, method in [(s, m) for s in args.seeds or [None] for m in args.methods]:
             name = method if seed is None else f"{method} seed {seed}"
             run = out / "runs" / data / (METHODS[method] + ("" if seed is None else f"_{seed}"))
             if run.exists():
