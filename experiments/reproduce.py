@@ -14,8 +14,8 @@ pairs, drawn both at random and within a class, and on "known" pairs: the same-c
 moving images warped by known smooth diffeomorphisms (end-point error, as in
 refine_benchmark.py). ``--refine N`` adds each learned model with N steps of the shipped
 refinement preset on top. ``--seeds`` trains each method once per seed (``seed=``: the
-initialisation, dropout and batch order; the training, validation and test pairs stay as
-they are) and adds each metric's mean ± std over the seeds. Writes to
+initialisation and dropout; the training pairs and their order, the validation and the test
+pairs stay as they are) and adds each metric's mean ± std over the seeds. Writes to
 experiments/results/<profile>/: table_<data>_<pairing>.{md,csv}, per_pair_<data>_<pairing>.csv,
 (with seeds) seeds_<data>_<pairing>.md, fig3_<data>.png and results.md; checkpoints stay under
 runs/ (not tracked).
