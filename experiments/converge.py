@@ -152,14 +152,15 @@ class PlateauStopping(L.Callback):
             write_json(self.folder / "stop.json", info)
 
 
-def train_run(variant: str, model: str, data: str, args, run: Path, resume=False) -> dict:
+def train_run(
+    variant: str, model: str, data: str, args, run: Path, earlier: dict | None = None
+) -> dict:
     """Train one configuration until the plateau rule or a cap stops it; its stop record.
-    ``resume``: go on from ``run``'s last.ckpt (steps, optimiser, clock and curve kept), so
-    the caps count the whole run."""
+    ``earlier``: the stop record of the run in ``run``, to go on from its last.ckpt (steps,
+    optimiser, clock and curve kept), so the caps count the whole run."""
     experiment, extra = VARIANTS[variant][model]
-    earlier, plateau_resume = {}, {}
-    if resume:
-        earlier = json.loads((run / "stop.json").read_text())
+    plateau_resume = {}
+    if earlier is not None:
         ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
         plateau_resume = {
             "resume_step": ckpt["global_step"],
@@ -206,7 +207,7 @@ def train_run(variant: str, model: str, data: str, args, run: Path, resume=False
         "max_time": args.max_time,
         "threads": torch.get_num_threads(),
     }
-    if resume:  # each earlier leg: where it stopped, under which caps, and where this one began
+    if earlier is not None:  # the legs before: where each stopped, its caps, where next began
         leg = {k: earlier.get(k) for k in ("steps", "reason", "max_steps", "max_time", "threads")}
         leg["resumed_at"] = plateau_resume["resume_step"]
         info["earlier_legs"] = [*earlier.get("earlier_legs", []), leg]
@@ -293,14 +294,15 @@ def train_all(data: str, variants: list[str], args, out: Path) -> dict[str, dict
         for model in args.models:
             name = NAMES[model] + (" authors-64" if variant == "authors" else "")
             run = out / "runs" / data / f"{variant}_{model}"
-            if args.score_only and not (run / "stop.json").exists():
+            stop = run / "stop.json"
+            earlier = json.loads(stop.read_text()) if stop.exists() else None
+            if args.score_only and earlier is None:
                 log.warning("--score-only: no finished run in %s, no %s row", run, name)
                 continue
-            done = (run / "stop.json").exists()
-            if args.resume and done and (run / "checkpoints/last.ckpt").exists():
-                if json.loads((run / "stop.json").read_text())["reason"] != "plateau":
-                    train_run(variant, model, data, args, run, resume=True)
-            elif not (args.reuse and done):
+            if args.resume and earlier and (run / "checkpoints/last.ckpt").exists():
+                if earlier["reason"] != "plateau":
+                    train_run(variant, model, data, args, run, earlier)
+            elif not (args.reuse and earlier):
                 shutil.rmtree(run, ignore_errors=True)
                 train_run(variant, model, data, args, run)
             info = json.loads((run / "stop.json").read_text())
