@@ -44,8 +44,8 @@ from reproduce import REPO, load_test_batches, write_tables
 import air_reg
 from air_reg.classical import demons, has_simpleitk
 from air_reg.config import compose_config
-from air_reg.evaluation import identity_method, score, summarise
-from air_reg.io import resize
+from air_reg.scoring import identity_method, score, summarise
+from air_reg.images import resize
 from air_reg.train import train
 from air_reg.utils import write_json, write_text
 
@@ -230,7 +230,7 @@ def downsample_flow(flow: torch.Tensor, size) -> torch.Tensor:
 
 def at_size(model, size: int):
     """A method on the data's own images for a model trained at ``size``: the pair upsampled
-    as the data module does (air_reg.io.resize), the flow brought back to the images' grid."""
+    as the data module does (air_reg.images.resize), the flow brought back to the images' grid."""
 
     def method(fixed, moving):
         flow = model(resize(fixed, size), resize(moving, size))

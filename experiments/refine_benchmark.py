@@ -29,7 +29,7 @@ from air_reg.checkpoint import WEIGHTS_DIR
 from air_reg.classical import ants_syn, demons, has_ants, has_simpleitk
 from air_reg.config import compose_config
 from air_reg.data.synthetic import make_flows
-from air_reg.evaluation import markdown_table, score, summarise
+from air_reg.scoring import markdown_table, score, summarise
 from air_reg.models.components.spatial_transformer import integrate_velocity, warp
 from air_reg.refine import Refiner, cascade, load_preset
 from air_reg.utils import write_text, write_with

@@ -42,7 +42,7 @@ import air_reg
 from air_reg.checkpoint import WEIGHTS_DIR
 from air_reg.classical import ants_syn, demons, has_ants, has_simpleitk
 from air_reg.config import compose_config
-from air_reg.evaluation import (
+from air_reg.scoring import (
     identity_method,
     markdown_table,
     score,

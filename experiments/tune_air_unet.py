@@ -26,7 +26,7 @@ from refine_benchmark import known_deformation_batches
 from reproduce import KNOWN_PX, PROFILES, load_test_batches, train_method
 
 import air_reg
-from air_reg.evaluation import identity_method, score, summarise
+from air_reg.scoring import identity_method, score, summarise
 from air_reg.utils import write_text
 
 REPO = Path(__file__).resolve().parents[1]

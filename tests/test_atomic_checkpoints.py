@@ -16,7 +16,7 @@ import torch
 from conftest import compose_config
 from hydra.utils import instantiate
 
-from air_reg.checkpoint_io import AtomicCheckpointIO
+from air_reg.atomic_checkpoint import AtomicCheckpointIO
 from air_reg.train import train
 from air_reg.utils import remove_stale_temporaries
 
@@ -75,7 +75,7 @@ def test_new_checkpoint_replaces_the_old_with_the_umask_mode(tmp_path):
 def test_every_trainer_config_writes_through_the_plugin(tmp_path, trainer):
     cfg = compose_config("train", [f"trainer={trainer}"], tmp_path)
     assert [p._target_ for p in cfg.trainer.plugins] == [
-        "air_reg.checkpoint_io.AtomicCheckpointIO"
+        "air_reg.atomic_checkpoint.AtomicCheckpointIO"
     ]
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         return  # composes; Lightning cannot build a GPU trainer here

@@ -20,7 +20,7 @@ from test_register import trained_checkpoint
 
 from air_reg import CheckpointError
 from air_reg.data.idx import FILES, default_data_root, load_dataset
-from air_reg.io import ImageError, read_image, save_npy, write_image
+from air_reg.images import ImageError, read_image, save_npy, write_image
 from air_reg.register import register
 
 
@@ -222,7 +222,7 @@ CONVERTED = [  # (mode written, array, expected level, log fragment)
 @pytest.mark.parametrize(("mode", "array", "level", "fragment"), CONVERTED)
 def test_colour_and_16_bit_images_are_converted(tmp_path, caplog, mode, array, level, fragment):
     path = _pil(tmp_path / "img.png", mode, array)
-    with caplog.at_level(logging.INFO, logger="air_reg.io"):
+    with caplog.at_level(logging.INFO, logger="air_reg.images"):
         image = read_image(path)
     assert image.shape == (1, 1, 8, 8)
     assert 0 <= image.min() <= image.max() <= 1

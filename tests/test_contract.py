@@ -14,7 +14,7 @@ from torch import nn
 import air_reg
 from air_reg.checkpoint import CheckpointError
 from air_reg.eval import evaluate
-from air_reg.io import write_image
+from air_reg.images import write_image
 from air_reg.models import contract
 from air_reg.models.components.air import AiR
 from air_reg.models.components.dirnet import DIRNet

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from air_reg import CheckpointError, __version__
 from air_reg.data.idx import IdxFileError
 from air_reg.errors import ConfigError, DataError, OutputError, UserError
-from air_reg.io import ImageError
+from air_reg.images import ImageError
 from air_reg.models.contract import ContractError
 from air_reg.models.registration_module import NonFiniteLossError
 from air_reg.refine import RefineSettingsError

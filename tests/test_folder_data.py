@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from air_reg.data import FolderDataModule
-from air_reg.io import ImageError
+from air_reg.images import ImageError
 
 H, W = 20, 28  # non-square on purpose
 

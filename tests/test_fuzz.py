@@ -30,7 +30,7 @@ import air_reg
 from air_reg.checkpoint import WEIGHTS_DIR, read_checkpoint
 from air_reg.data.readers import read_array
 from air_reg.errors import UserError
-from air_reg.io import PIL_SUFFIXES, ImageError, read_image
+from air_reg.images import PIL_SUFFIXES, ImageError, read_image
 
 SCALES = {"default": 1, "long": 20}
 PROFILE = os.environ.get("AIR_REG_FUZZ", "default")
@@ -358,7 +358,7 @@ def test_headers_claiming_huge_images_are_refused_without_allocating(folder, suf
 def test_files_above_the_size_limit_are_refused_before_reading(folder, seed, monkeypatch):
     if seed not in ARRAY_SEEDS:
         pytest.skip("nibabel is not installed")
-    monkeypatch.setattr("air_reg.io.MAX_PIXELS", 63)  # the seeds hold 64 values or more
+    monkeypatch.setattr("air_reg.images.MAX_PIXELS", 63)  # the seeds hold 64 values or more
     suffix, valid = ARRAY_SEEDS[seed]
     path = folder / f"big{suffix}"
     path.write_bytes(valid)
@@ -541,7 +541,7 @@ def _code(marker: Path) -> dict[str, bytes]:
     def target(net) -> bytes:
         return saved({"state_dict": {}, "air_reg": {"model": {"net": net}}})
 
-    save_npy = "air_reg.io.save_npy"
+    save_npy = "air_reg.images.save_npy"
     return {
         "legacy-pickle": protocol0,
         "zip-pickle": rezip({"data.pkl": protocol0}),

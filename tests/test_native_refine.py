@@ -12,7 +12,7 @@ import air_reg
 from air_reg import warp
 from air_reg.checkpoint import shipped_weights
 from air_reg.errors import ConfigError
-from air_reg.io import write_image
+from air_reg.images import write_image
 from air_reg.losses import MSE, MutualInformation
 from air_reg.metrics import folding
 from air_reg.models.components.spatial_transformer import CoarseToDense, integrate_velocity
@@ -187,7 +187,7 @@ def test_api_and_cli_give_the_same_flow_for_the_same_settings(tmp_path):
     register(compose_config("register", [*args, "refine_steps=8", "figures=false"], tmp_path))
     cli = torch.from_numpy(np.load(tmp_path / "flow.npy"))
     model = air_reg.load_model(shipped_weights("mapt_tuned_mnist"), refine_steps=8)
-    images = [air_reg.io.read_image(tmp_path / n) for n in ("f.png", "m.png")]  # 8-bit, as read
+    images = [air_reg.images.read_image(tmp_path / n) for n in ("f.png", "m.png")]  # 8-bit, as read
     api = model(*images)[0]
     torch.testing.assert_close(api, cli, atol=1e-5, rtol=0)
 

@@ -17,7 +17,7 @@ from air_reg import classical, warp
 from air_reg.data.synthetic import make_flows
 from air_reg.errors import ConfigError
 from air_reg.eval import evaluate
-from air_reg.io import write_image
+from air_reg.images import write_image
 from air_reg.models import contract
 from air_reg.models.components import voxelmorph as vxm_adapter
 from air_reg.register import register

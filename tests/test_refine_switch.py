@@ -10,7 +10,7 @@ from test_register import synthetic_pairs, trained_checkpoint
 import air_reg
 from air_reg import metrics
 from air_reg.eval import evaluate
-from air_reg.io import write_image
+from air_reg.images import write_image
 from air_reg.refine import Refiner
 from air_reg.register import register
 

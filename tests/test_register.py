@@ -15,7 +15,7 @@ from PIL import Image
 
 import air_reg
 from air_reg.data.synthetic import SyntheticDataModule
-from air_reg.io import read_image, save_npy, write_image
+from air_reg.images import read_image, save_npy, write_image
 from air_reg.register import register, resize_flow
 from air_reg.train import train
 from air_reg.viz import pair_figure

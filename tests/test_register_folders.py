@@ -15,7 +15,7 @@ import pytest
 from conftest import compose_config
 from PIL import Image
 
-from air_reg.io import ImageError
+from air_reg.images import ImageError
 from air_reg.pairlog import PROGRESS
 from air_reg.register import register
 

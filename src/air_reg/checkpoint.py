@@ -17,13 +17,13 @@ from torch.overrides import TorchFunctionMode
 from air_reg import speed
 from air_reg.errors import UserError
 from air_reg.models import contract
+from air_reg.zoo import WEIGHTS_DIR
 
 # A checkpoint's stored config may only name classes from these packages, and from the
 # module prefixes listed in $AIR_REG_TRUST (comma-separated, e.g. "mylab.nets."): loading a
 # checkpoint never runs code from elsewhere (tensors are read with ``weights_only=True`` too).
 SAFE_TARGETS = ("air_reg.", "torch.optim.", "torch.nn.")
 TRUST_ENV = "AIR_REG_TRUST"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # shipped checkpoints (package data)
 # Speed settings that older checkpoints stored in the network's config (now ``speed.*``).
 LEGACY_NET_KEYS = ("impl", "fast_dropout", "attn_kernel")
 TRAINED = "use a .ckpt written by `python -m air_reg.train`"

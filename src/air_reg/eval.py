@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from air_reg.checkpoint import CheckpointError, load_configured, shipped_weights
 from air_reg.config import CONFIG_DIR
 from air_reg.errors import ConfigError
-from air_reg.evaluation import (
+from air_reg.scoring import (
     identity_method,
     markdown_table,
     score,

@@ -33,7 +33,7 @@ from torch import nn
 
 from air_reg.config import CONFIG_DIR
 from air_reg.errors import ConfigError
-from air_reg.io import resize
+from air_reg.images import resize
 from air_reg.losses import MSE, NCC, Diffusion, LocalNCC, MutualInformation
 from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import (
@@ -199,6 +199,18 @@ def per_pair(similarity: nn.Module, warped: torch.Tensor, fixed: torch.Tensor) -
     return torch.stack(
         [similarity(warped[i : i + 1], fixed[i : i + 1]) for i in range(len(fixed))]
     )
+
+
+@torch.no_grad()
+def keep_if_better(
+    flow: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, similarity=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guard: ``flow`` for each pair it leaves more similar (by ``GUARD_TOL``) than the
+    unregistered images, the identity for the others; and which pairs got the identity (B,)."""
+    similarity = _similarity(similarity)
+    after = per_pair(similarity, warp(moving, flow), fixed)
+    worse = after > per_pair(similarity, moving, fixed) - GUARD_TOL  # the identity is simpler
+    return torch.where(worse[:, None, None, None], 0.0, flow), worse
 
 
 def _check(steps: int, integration_steps: int, optimizer: str, levels: int = 1) -> None:
@@ -423,13 +435,10 @@ def refine(
             flow = dense_flow((h, w), _upsampler(shape, (h, w), grid_mode, param),
                               extra).detach()  # fmt: skip
             if guard:
-                after = per_pair(similarity, warp(moving, flow), fixed)
-                before = per_pair(similarity, moving, fixed)
-                worse = after > before - GUARD_TOL  # not better: the identity is simpler
+                flow, worse = keep_if_better(flow, fixed, moving, similarity)
                 if worse.any():
                     log.info("refine: %d of %d pair(s) ended less similar than unregistered: "
                              "identity returned for them", int(worse.sum()), b)  # fmt: skip
-                flow = torch.where(worse[:, None, None, None], 0.0, flow)
             return flow
 
 

@@ -20,18 +20,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from air_reg import zoo
 from air_reg.checkpoint import load_configured, shipped_weights
 from air_reg.config import CONFIG_DIR
 from air_reg.errors import ConfigError, UserError
-from air_reg.io import IMAGE_SUFFIXES, ImageError, read_image, resize, save_npy, write_image
+from air_reg.images import IMAGE_SUFFIXES, ImageError, read_image, resize, save_npy, write_image
 from air_reg.metrics import mse, smooth_dice
 from air_reg.models.components.spatial_transformer import warp
 from air_reg.pairlog import PairLog
-from air_reg.refine import GUARD_TOL, resize_flow
+from air_reg.refine import GUARD_TOL, keep_if_better, resize_flow
 from air_reg.utils import check_writable, run_cli
 
 log = logging.getLogger(__name__)
-DEFAULT_WEIGHTS = "air_unet_{dataset}"  # the best shipped network (docs/results.md, peers)
 METRICS = ("mse_before", "mse_after", "smooth_dice_before", "smooth_dice_after")
 FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS, "worse", "identity")
 WORSE_TOL = GUARD_TOL  # MSE rise (absolute, on [0, 1] images) below which a pair is not "worse"
@@ -64,7 +64,7 @@ def weights_name(cfg: DictConfig) -> str:
             dataset,
         )
         return f"{net}_{dataset}"
-    return DEFAULT_WEIGHTS.format(dataset=dataset)
+    return zoo.default_weights(dataset)
 
 
 def resolve_checkpoint(cfg: DictConfig) -> Path | None:
@@ -164,11 +164,8 @@ def register_batch(
         m = torch.cat([resize(x, size) for x in moving]).to(device)
         for i, flow in enumerate(model(f, m).cpu()):  # (2, h, w) on the model's grid
             flows[i] = resize_flow(flow[None], tuple(moving[i].shape[-2:]))  # (1, 2, H, W)
-            if (
-                guard
-                and mse(warp(moving[i], flows[i]), fixed[i]) > mse(moving[i], fixed[i]) - GUARD_TOL
-            ):
-                flows[i] = torch.zeros_like(flows[i])  # not more similar: the identity
+            if guard:  # not more similar than doing nothing: the identity
+                flows[i] = keep_if_better(flows[i], fixed[i], moving[i])[0]
     return [(warp(mov, flow), flow) for flow, mov in zip(flows, moving, strict=True)]
 
 

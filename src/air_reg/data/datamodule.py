@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from air_reg.data.idx import checksums, load_dataset
 from air_reg.data.pairs import PAIRINGS, PairDataset, PairSampler, collate_batch, draw_pairs
 from air_reg.errors import ConfigError
-from air_reg.io import resize
+from air_reg.images import resize
 
 log = logging.getLogger(__name__)
 

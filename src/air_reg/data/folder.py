@@ -42,7 +42,7 @@ from air_reg.data.readers import (
     suffix_of,
 )
 from air_reg.errors import ConfigError
-from air_reg.io import ImageError, resize
+from air_reg.images import ImageError, resize
 from air_reg.models.contract import as_size
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from air_reg.io import PIL_SUFFIXES, ImageError, _check_size, _load_npy, _load_pil, _reason
+from air_reg.images import PIL_SUFFIXES, ImageError, _check_size, _load_npy, _load_pil, _reason
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 FOLDER_SUFFIXES = (*PIL_SUFFIXES, ".npy", *NIFTI_SUFFIXES)
