@@ -1,7 +1,7 @@
 """Speed of native-size refinement: air-reg's CPU kernels vs the same computation in torch ops,
 beside SimpleITK Demons, interleaved in one run on the same brain MRI pairs.
 
-    python experiments/brain_data.py       # once: data/brain_mni152/ from nilearn's wheel
+    python -m air_reg.data.brain           # once: data/brain_mni152/ from nilearn's wheel
     python experiments/refine_speed.py     # -> experiments/results/refine_speed/
     python experiments/refine_speed.py --pairs 8 --rounds 2   # quicker
 
@@ -25,30 +25,21 @@ import time
 from pathlib import Path
 
 import torch
-from benchmark_report import cpu_name
-from brain_mri import DEMONS, HEAD, known_flow, load_split
 
+from air_reg.bench import brain
+from air_reg.bench.machine import cpu_name
+from air_reg.bench.refinement import (
+    interleaved_times,
+    median_ratio,
+    model_free,
+    refine_preset,
+    torch_ops,
+)
 from air_reg.classical import demons, has_simpleitk
 from air_reg.models.components.spatial_transformer import warp
-from air_reg.refine import load_preset, refine
-from air_reg.speed import warp as fast
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("refine_speed")
-
-
-def known_pairs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fixed, moving, target flow), each (n, ., 233, 197): test slices warped by known fields."""
-    _, slices = load_split("test")
-    g = torch.Generator().manual_seed(0)
-    moving = torch.stack([torch.from_numpy(slices[k]) for k in sorted(slices)[:n]])[:, None]
-    targets = torch.cat([known_flow("bspline", tuple(moving.shape[-2:]), g) for _ in range(n)])
-    return warp(moving, targets), moving, targets
-
-
-def epe(flow: torch.Tensor, target: torch.Tensor, fixed: torch.Tensor) -> float:
-    head = fixed[:, 0] > HEAD
-    return (flow - target).norm(dim=1)[head].mean().item()
 
 
 def main() -> None:
@@ -59,35 +50,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "experiments/results/refine_speed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    fixed, moving, targets = known_pairs(args.pairs)
-    settings = load_preset("default")
+    # (n, 1, 233, 197) test slices, each warped by one known B-spline field
+    _, slices = brain.load_split(brain.data_root(REPO / "data" / "brain_mni152"), "test")
+    g = torch.Generator().manual_seed(0)
+    moving = torch.stack([torch.from_numpy(slices[k]) for k in sorted(slices)[: args.pairs]])
+    moving = moving[:, None]
+    targets = torch.cat(
+        [brain.known_flow("bspline", tuple(moving.shape[-2:]), g) for _ in range(len(moving))]
+    )
+    fixed = warp(moving, targets)
+    settings = refine_preset("default")
 
     def ours():
-        return refine(fixed, moving, steps=args.steps, **settings)
-
-    def torch_ops():
-        with fast.torch_ops():
-            return ours()
+        return model_free(fixed, moving, args.steps, settings)
 
     def peer():
-        return torch.cat([demons(fixed[i : i + 1], moving[i : i + 1], **DEMONS)
+        return torch.cat([demons(fixed[i : i + 1], moving[i : i + 1], **brain.DEMONS)
                           for i in range(len(fixed))])  # fmt: skip
 
-    rows = {"air-reg kernels": ours, "torch ops (same maths)": torch_ops}
+    def epe(flow):  # over every head pixel of every pair
+        return (flow - targets).norm(dim=1)[fixed[:, 0] > brain.HEAD].mean().item()
+
+    rows = {"air-reg kernels": ours, "torch ops (same maths)": torch_ops(ours)}
     if has_simpleitk():
         rows["SimpleITK Demons"] = peer
     ours()  # warm-up: the kernels' build or load, torch's first calls
     load = os.getloadavg()[0]
-    times = {name: [] for name in rows}
-    errors = {}
-    for r in range(args.rounds):
-        names = list(rows)[r % len(rows) :] + list(rows)[: r % len(rows)]
-        for name in names:
-            tic = time.perf_counter()
-            flow = rows[name]()
-            times[name].append(1000 * (time.perf_counter() - tic) / len(fixed))
-            errors[name] = epe(flow, targets, fixed)
-        log.info("round %d: %s", r, {n: round(t[-1]) for n, t in times.items()})
+    times, errors = interleaved_times(rows, args.rounds, len(fixed), epe)
     base = times["air-reg kernels"]
     lines = [
         f"# Native-size refinement speed, {time.strftime('%Y-%m-%d %H:%M')}",
@@ -103,9 +92,8 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name, t in times.items():
-        ratio = statistics.median(a / b for a, b in zip(t, base, strict=True))
         lines.append(f"| {name} | {statistics.median(t):.0f} | {min(t):.0f}-{max(t):.0f} | "
-                     f"{ratio:.2f} | {errors[name]:.4f} |")  # fmt: skip
+                     f"{median_ratio(t, base):.2f} | {errors[name]:.4f} |")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "refine_speed.md").write_text("\n".join(lines) + "\n")
     with open(args.out / "refine_speed.csv", "w", newline="") as fh:

@@ -141,13 +141,13 @@ def test_one_epoch_of_training_and_a_load_model_round_trip(tmp_path):
     assert model.image_size == (28, 28)
     assert model.integration_steps == 5
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)
-    weights = {k[4:]: v for k, v in stored["state_dict"].items() if k.startswith("net.")}
+    state = {k[4:]: v for k, v in stored["state_dict"].items() if k.startswith("net.")}
     for name, value in model.net.state_dict().items():
-        assert torch.equal(value, weights[name]), name
+        assert torch.equal(value, state[name]), name
     # the meta-device probe load_model uses for large configs fits these weights
     net_cfg, _ = checkpoint.network_config(stored["air_reg"])
-    probe = checkpoint._instantiate(net_cfg, weights, ckpt, meta=True)
-    checkpoint._check_fit(probe, weights, ckpt)
+    probe = checkpoint._instantiate(net_cfg, state, ckpt, meta=True)
+    checkpoint._check_fit(probe, state, ckpt)
     fixed, moving = pair(28, 28, batch=4)
     with torch.no_grad():
         flow = model(fixed, moving)

@@ -40,6 +40,12 @@ def npy(path: Path, array: np.ndarray) -> Path:
     return path
 
 
+def nifti(path: Path, array: np.ndarray) -> Path:
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), path)
+    return path
+
+
 def raw_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -138,6 +144,16 @@ CASES = [
          lambda t, c: reg(t, *folder_args(folders(t, ["a.png", "b.png"], ["a.png", "c.png"]))),
          ImageError, "do not pair up by file name", "only in fixed: b.png",
          "only in moving: c.png", "same file name in both folders"),
+    case("nifti-volume", lambda t, c: reg(t, fixed=nifti(t / "v.nii.gz", np.zeros((28, 28, 3)))),
+         ImageError, "v.nii.gz is a 3-D volume of shape (28, 28, 3)", "2-D images only",
+         "save the slice to register as its own file"),
+    case("register-npy-volume",
+         lambda t, c: reg(t, fixed=npy(t / "v.npy", np.zeros((3, 28, 28), np.float32))),
+         ImageError, "v.npy is a 3-D volume of shape (3, 28, 28)", "np.save('slice.npy'"),
+    case("nifti-out-of-range",
+         lambda t, c: reg(t, fixed=nifti(t / "s.nii", np.linspace(0, 700, 784).reshape(28, 28))),
+         ImageError, "s.nii: values lie in [0, 700], outside [0, 1]", "normalize=none",
+         "rescale the image to [0, 1]"),
     case("folder-and-file",
          lambda t, c: reg(t, fixed=folders(t, ["a.png"], [])[0]), ImageError,
          "fixed is a folder but moving is not", "two image files or two folders"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from air_reg import evaluation, metrics, warp
+from air_reg import metrics, scoring, warp
 from air_reg.models.registration_module import LABEL_METRICS
 
 
@@ -161,23 +161,23 @@ def test_score_and_summary_carry_label_metrics(tmp_path):
         "fixed_labels": fixed_labels,
         "moving_labels": moving_labels,
     }
-    methods = {"identity": evaluation.identity_method, "shift": shift_method}
-    per_pair, _ = evaluation.score(methods, [batch], progress=False)
+    methods = {"identity": scoring.identity_method, "shift": shift_method}
+    per_pair, _ = scoring.score(methods, [batch], progress=False)
     assert per_pair["identity"]["dice_labels"][0].item() == pytest.approx(0.8)
     assert per_pair["identity"]["hd95"][0].item() == pytest.approx(2.0)
     assert per_pair["shift"]["dice_labels"][0].item() == pytest.approx(1.0)
     assert per_pair["shift"]["hd95"][0].item() == pytest.approx(0.0)
     assert per_pair["shift"]["dice_labels"][1].isnan()
-    summary = evaluation.summarise(per_pair)  # the unscored pair 2 is left out
+    summary = scoring.summarise(per_pair)  # the unscored pair 2 is left out
     assert summary["identity"]["dice_labels"]["mean"] == pytest.approx(0.85)
     assert summary["identity"]["dice_labels"]["n"] == 2
     assert summary["identity"]["hd95"]["mean"] == pytest.approx(1.5)
     # 30 % quantile of (0.8, 0.9) and of (1.0, 0.9): 0.83 and 0.93
     assert summary["identity"]["dsc30"] == {"mean": pytest.approx(0.83), "std": None, "n": 2}
     assert summary["shift"]["dsc30"]["mean"] == pytest.approx(0.93)
-    table = evaluation.markdown_table(summary, {"identity": 1.0, "shift": 1.0})
+    table = scoring.markdown_table(summary, {"identity": 1.0, "shift": 1.0})
     assert "| dsc30 | 0.8300 | 0.9300 |" in table
-    evaluation.write_per_pair_csv(tmp_path / "p.csv", per_pair)
+    scoring.write_per_pair_csv(tmp_path / "p.csv", per_pair)
     header = (tmp_path / "p.csv").read_text().splitlines()[0]
     assert header.endswith("dice_labels,hd95,dice_label_1,dice_label_2")
     per_label = per_pair["identity"]["dice_label_1"]  # label 1: pairs 1 and 3; 2: none scored
@@ -192,12 +192,10 @@ def test_score_and_summary_carry_label_metrics(tmp_path):
 
 def test_score_without_labels_has_no_label_rows():
     batch = {"fixed": torch.rand(2, 1, 16, 16), "moving": torch.rand(2, 1, 16, 16)}
-    per_pair, _ = evaluation.score(
-        {"identity": evaluation.identity_method}, [batch], progress=False
-    )
-    summary = evaluation.summarise(per_pair)
+    per_pair, _ = scoring.score({"identity": scoring.identity_method}, [batch], progress=False)
+    summary = scoring.summarise(per_pair)
     assert list(summary["identity"]) == OLD_KEYS[:-1]  # no target flow: no epe
-    assert "dsc30" not in evaluation.markdown_table(summary)
+    assert "dsc30" not in scoring.markdown_table(summary)
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to")  # self.log without a Trainer

@@ -74,7 +74,7 @@ def test_folding_and_jacobian():
 
 def test_negative_jacobian_penalises_only_folds():
     ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
-    penalty = losses.NegativeJacobian(eps=0.05)
+    penalty = losses.NegativeJacobian(fold_margin=0.05)
     shrink = torch.stack([-0.5 * ys, -0.5 * xs])[None]  # det = 0.25 everywhere: no fold
     assert penalty(shrink).item() == 0
     flip = torch.stack([-2 * ys, torch.zeros(6, 6)])[None]  # det = -1: 0.05 - (-1) per pixel
@@ -83,7 +83,7 @@ def test_negative_jacobian_penalises_only_folds():
 
 def test_diffusion_fold_adds_the_weighted_fold_term_only_where_it_folds():
     ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
-    reg = losses.DiffusionFold(fold_weight=3.0, margin=0.05)
+    reg = losses.DiffusionFold(fold_weight=3.0, fold_margin=0.05)
     shrink = torch.stack([-0.5 * ys, -0.5 * xs])[None]  # no fold: plain diffusion
     assert reg(shrink).item() == pytest.approx(losses.Diffusion()(shrink).item())
     flip = torch.stack([-2 * ys, torch.zeros(6, 6)])[None]
@@ -101,4 +101,4 @@ def test_the_diffusion_fold_config_builds_the_module(tmp_path):
     reg = instantiate(cfg.model.regularizer)
     assert isinstance(reg, losses.DiffusionFold)
     assert reg.fold_weight == 20.0
-    assert reg.fold.eps == 0.05
+    assert reg.fold.fold_margin == 0.05

@@ -17,12 +17,13 @@ from air_reg.losses import MSE, MutualInformation
 from air_reg.metrics import folding
 from air_reg.models.components.spatial_transformer import CoarseToDense, integrate_velocity
 from air_reg.refine import (
-    Refiner,
+    LEGACY_DEFAULTS,
+    RefineSettings,
+    Registrar,
     affine_flow,
     control_grid,
     estimate_affine,
     field_size,
-    load_preset,
     pyramid,
     refine,
 )
@@ -71,8 +72,7 @@ def test_pyramid_and_control_grid_sizes():
 
 def test_native_refinement_lowers_the_loss_recovers_the_field_and_does_not_fold():
     fixed, moving, flow = known_pairs(3)
-    preset = load_preset()
-    out = refine(fixed, moving, steps=30, **preset)
+    out = refine(fixed, moving, None, RefineSettings(steps=30))  # the default preset
     assert out.shape == (3, 2, H, W)
     assert MSE()(warp(moving, out), fixed) < 0.2 * MSE()(moving, fixed)
     assert epe(out, flow) < 0.35 * epe(torch.zeros_like(flow), flow)
@@ -84,9 +84,9 @@ def test_a_coarser_field_grid_recovers_the_field_as_well():
     assert field_size((72, 60), 2) == (36, 30)
     assert field_size((28, 28), 2) == (28, 28)  # 14 < min_size: full size
     fixed, moving, flow = known_pairs(2, seed=4)
-    settings = {"steps": 30, "spacing": 6, "levels": 2, "integration_steps": 4, "lr": 0.5}
-    full = epe(refine(fixed, moving, **settings), flow)
-    coarse = refine(fixed, moving, field_stride=2, **settings)
+    settings = LEGACY_DEFAULTS.replace(steps=30, spacing=6, levels=2, integration_steps=4, lr=0.5)
+    full = epe(refine(fixed, moving, None, settings), flow)
+    coarse = refine(fixed, moving, None, settings.replace(field_stride=2))
     assert coarse.shape == (2, 2, H, W)
     assert epe(coarse, flow) < 1.2 * full + 0.02
 
@@ -95,13 +95,10 @@ def test_default_preset_on_digits_is_one_level_on_the_former_grid():
     """On 28 x 28 the native preset (spacing 4, 3 levels, stride 2) is the 7 x 7 grid."""
     g = torch.Generator().manual_seed(0)
     fixed, moving = torch.rand(2, 1, 28, 28, generator=g), torch.rand(2, 1, 28, 28, generator=g)
-    new = load_preset()
-    old = load_preset("diffeomorphic")
-    new.pop("guard")
-    old |= {k: new[k] for k in ("lr", "lr_decay", "reg_weight")}  # the same objective
-    torch.testing.assert_close(
-        refine(fixed, moving, steps=5, **new), refine(fixed, moving, steps=5, **old)
-    )
+    new = RefineSettings(steps=5, guard=False)
+    same = {k: getattr(new, k) for k in ("lr", "lr_decay", "reg_weight")}  # the same objective
+    old = RefineSettings.preset("diffeomorphic", steps=5, **same)
+    torch.testing.assert_close(refine(fixed, moving, None, new), refine(fixed, moving, None, old))
 
 
 def test_affine_stage_recovers_a_known_affine_map():
@@ -115,8 +112,10 @@ def test_affine_stage_recovers_a_known_affine_map():
 
 def test_mutual_information_registers_images_of_inverted_contrast():
     fixed, moving, flow = known_pairs(2, seed=5)
-    out = refine(fixed, 1 - moving, steps=40, spacing=12, levels=2, lr=0.5, reg_weight=0.001,
-                 similarity="mi")  # fmt: skip
+    settings = LEGACY_DEFAULTS.replace(
+        steps=40, spacing=12, levels=2, lr=0.5, reg_weight=0.001, similarity="mi"
+    )
+    out = refine(fixed, 1 - moving, None, settings)
     assert epe(out, flow) < 0.6 * epe(torch.zeros_like(flow), flow)
     mi = MutualInformation()
     assert mi(warp(1 - moving, out), fixed) < mi(1 - moving, fixed)
@@ -124,19 +123,21 @@ def test_mutual_information_registers_images_of_inverted_contrast():
 
 def test_guard_returns_the_identity_for_images_registered_to_themselves():
     images = smooth_images(2)
-    preset = load_preset()
-    assert torch.equal(refine(images, images, steps=20, **preset), torch.zeros(2, 2, H, W))
+    zero = torch.zeros(2, 2, H, W)
+    assert torch.equal(refine(images, images, None, RefineSettings(steps=20)), zero)
     # a start worse than doing nothing is not where the optimisation begins
     bad = torch.full((2, 2, H, W), 3.0)
-    assert torch.equal(refine(images, images, bad, steps=5, **preset), torch.zeros(2, 2, H, W))
+    assert torch.equal(refine(images, images, bad, RefineSettings(steps=5)), zero)
 
 
-# -- Refiner, load_model and the CLI -------------------------------------------------------
+# -- load_model's Registrar and the CLI -------------------------------------------------------
 def test_model_free_refiner_needs_steps_and_registers_any_size():
     with pytest.raises(ConfigError, match="refine_steps"):
         air_reg.load_model(None)
     model = air_reg.load_model(None, refine_steps=20)
-    assert isinstance(model, Refiner)
+    assert isinstance(model, Registrar)
+    assert model.net is None
+    assert model.accepts_any_size
     assert model.image_size is None
     fixed, moving, flow = known_pairs(2)
     out = model(fixed, moving)
@@ -167,7 +168,7 @@ def _write_pair(folder, fixed, moving):
         ["refine_steps=10"],
         ["weights=mapt_mnist"],
         ["weights=dirnet_fashion", "refine_steps=5"],
-        ["model=none", "refine_steps=10"],
+        ["weights=none", "refine_steps=10"],
     ],  # fmt: skip
 )
 def test_register_an_image_to_itself_gives_the_identity(tmp_path, extra):
@@ -187,7 +188,9 @@ def test_api_and_cli_give_the_same_flow_for_the_same_settings(tmp_path):
     register(compose_config("register", [*args, "refine_steps=8", "figures=false"], tmp_path))
     cli = torch.from_numpy(np.load(tmp_path / "flow.npy"))
     model = air_reg.load_model(shipped_weights("mapt_tuned_mnist"), refine_steps=8)
-    images = [air_reg.images.read_image(tmp_path / n) for n in ("f.png", "m.png")]  # 8-bit, as read
+    images = [
+        air_reg.images.read_image(tmp_path / n) for n in ("f.png", "m.png")
+    ]  # 8-bit, as read
     api = model(*images)[0]
     torch.testing.assert_close(api, cli, atol=1e-5, rtol=0)
 

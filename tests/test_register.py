@@ -16,7 +16,7 @@ from PIL import Image
 import air_reg
 from air_reg.data.synthetic import SyntheticDataModule
 from air_reg.images import read_image, save_npy, write_image
-from air_reg.register import register, resize_flow
+from air_reg.register import register, resize_flow, weights_name
 from air_reg.train import train
 from air_reg.viz import pair_figure
 
@@ -53,8 +53,8 @@ def synthetic_pairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images[:k], images[k:]
 
 
-def run_register(tmp_path: Path, fixed, moving, ckpt: Path, *extra: str) -> dict:
-    overrides = [f"fixed={fixed}", f"moving={moving}", f"ckpt_path={ckpt}"]
+def run_register(tmp_path: Path, fixed, moving, ckpt: Path | None, *extra: str) -> dict:
+    overrides = [f"fixed={fixed}", f"moving={moving}"] + [f"ckpt_path={ckpt}"] * bool(ckpt)
     return register(compose_config("register", [*overrides, *extra], tmp_path))
 
 
@@ -195,3 +195,56 @@ def test_pair_figure_draws_one_row_per_pair(tmp_path):
         width, height = fig.size
     assert height > width / 2  # three rows of five panels
     assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]
+
+
+def nifti(path: Path, array: np.ndarray) -> Path:
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), path)
+    return path
+
+
+def test_2d_nifti_registers_as_the_same_pixels_saved_as_npy(tmp_path):
+    """register reads every format data=folder reads: a 2-D NIfTI (nibabel) pairs by its name
+    without the double suffix, and gives the flow its pixels give as .npy."""
+    fixed, moving = synthetic_pairs(2)
+    for side, images in (("fixed", fixed), ("moving", moving)):
+        (tmp_path / side).mkdir()
+        nifti(tmp_path / side / "brain.nii.gz", images[0, 0].numpy())
+        nifti(tmp_path / side / "plain.nii", images[1, 0].numpy())
+        save_npy(tmp_path / side / "same.npy", images[0, 0])
+    out = tmp_path / "out"
+    result = run_register(tmp_path, tmp_path / "fixed", tmp_path / "moving", None,
+                          "weights=dirnet_mnist", "figures=false", f"out_dir={out}")  # fmt: skip
+    assert [r["name"] for r in result["pairs"]] == ["brain", "plain", "same"]
+    assert result["failed"] == 0
+    flows = {n: np.load(out / "flow" / f"{n}.npy") for n in ("brain", "plain", "same")}
+    assert flows["brain"].shape == (2, 28, 28)
+    np.testing.assert_array_equal(flows["brain"], flows["same"])
+
+
+def test_register_prints_the_summary_and_writes_the_config_to_the_run_folder(tmp_path, caplog):
+    fixed, moving = synthetic_pairs(1)
+    write_image(tmp_path / "f.png", fixed[0])
+    write_image(tmp_path / "m.png", moving[0])
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="air_reg.register"):
+        run_register(tmp_path, tmp_path / "f.png", tmp_path / "m.png", None,
+                     "weights=dirnet_mnist", f"out_dir={out}")  # fmt: skip
+    config = (out / "config.yaml").read_text()
+    assert "fixed:" in config
+    assert "refine:" in config
+    assert "refine:" not in caplog.text  # the 40-line config is not in the terminal
+    assert "1 pair(s): MSE" in caplog.text
+    assert f"wrote warped.png flow.npy figure.png summary.csv config.yaml to {out}" in caplog.text
+    assert len(caplog.records) <= 3
+
+
+def test_model_none_still_registers_model_free_with_a_deprecation_warning(tmp_path, caplog):
+    cfg = compose_config("register", ["fixed=a.png", "moving=b.png", "model=none"], tmp_path)
+    with caplog.at_level("WARNING"):
+        assert weights_name(cfg) == "none"
+    assert "model=none is deprecated; use weights=none" in caplog.text
+    cfg = compose_config("register", ["fixed=a.png", "moving=b.png", "weights=none"], tmp_path)
+    caplog.clear()
+    assert weights_name(cfg) == "none"
+    assert "deprecated" not in caplog.text

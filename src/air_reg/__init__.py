@@ -1,8 +1,8 @@
 """air-reg: unsupervised deformable image registration with attention (AiR, MAPT, DIRNet)."""
 
-__version__ = "0.1.0"
+from air_reg._version import __version__
+from air_reg.checkpoint import CheckpointError, load_model
+from air_reg.models.components.spatial_transformer import warp
+from air_reg.refine import RefineSettings, Registrar
 
-from air_reg.checkpoint import CheckpointError, load_model  # noqa: E402
-from air_reg.models.components.spatial_transformer import warp  # noqa: E402
-
-__all__ = ["CheckpointError", "__version__", "load_model", "warp"]
+__all__ = ["CheckpointError", "RefineSettings", "Registrar", "__version__", "load_model", "warp"]

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from air_reg import speed
+from air_reg import deprecation, speed
 from air_reg.errors import UserError
-from air_reg.models import contract
+from air_reg.refine import RefineSettings, Registrar
 from air_reg.zoo import WEIGHTS_DIR
 
 # A checkpoint's stored config may only name classes from these packages, and from the
@@ -26,6 +25,8 @@ SAFE_TARGETS = ("air_reg.", "torch.optim.", "torch.nn.")
 TRUST_ENV = "AIR_REG_TRUST"
 # Speed settings that older checkpoints stored in the network's config (now ``speed.*``).
 LEGACY_NET_KEYS = ("impl", "fast_dropout", "attn_kernel")
+# Network settings renamed since a checkpoint may have been written: {class: {old: new}}.
+RENAMED_NET_KEYS = {"air_reg.models.components.mapt.MAPT": {"weights": "mix_weights"}}
 TRAINED = "use a .ckpt written by `python -m air_reg.train`"
 MAX_DEPTH = 64  # how deep a stored config may nest (a corrupt one may nest forever or loop)
 # Building a stored network config may make 8x its weights' values plus MAX_EXTRA; one with
@@ -105,32 +106,10 @@ def _check_classes(node, where: str = "model.net") -> None:
             _check_classes(value, f"{where}[{i}]")
 
 
-class TrainedModel(nn.Module):
-    """A trained registration network as ``load_model`` returns it (eval mode, no Lightning).
-
-    ``model(fixed, moving)`` is ``net(fixed, moving)``: the flow (B, 2, H, W) in pixels;
-    ``build_config`` is the checkpoint's record (model and data configs, versions).
-    """
-
-    def __init__(self, net: nn.Module, build_config: dict) -> None:
-        super().__init__()
-        self.net, self.build_config = net, build_config
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return contract.image_size(self.net)
-
-    @property
-    def integration_steps(self) -> int:
-        return contract.integration_steps(self.net)
-
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        return self.net(fixed, moving)
-
-
 def network_config(record: dict) -> tuple[dict, dict]:
     """The network's config from a checkpoint record, and the speed settings it trained with
-    (older records kept ``impl``/``fast_dropout``/``attn_kernel`` in the network's config)."""
+    (older records kept ``impl``/``fast_dropout``/``attn_kernel`` in the network's config, and
+    settings since renamed under their former names: ``RENAMED_NET_KEYS``)."""
     model = record.get("model")
     net_cfg = model.get("net") if isinstance(model, dict) else None
     if not isinstance(net_cfg, dict) or "_target_" not in net_cfg:
@@ -139,6 +118,9 @@ def network_config(record: dict) -> tuple[dict, dict]:
             "by `python -m air_reg.train`"
         )
     net_cfg = dict(net_cfg)
+    for old, new in RENAMED_NET_KEYS.get(net_cfg["_target_"], {}).items():
+        if old in net_cfg and new not in net_cfg:
+            net_cfg[new] = net_cfg.pop(old)
     legacy = {k: net_cfg.pop(k) for k in LEGACY_NET_KEYS if k in net_cfg}
     if not all(v is None or isinstance(v, str | bool) for v in legacy.values()):
         raise CheckpointError(
@@ -211,33 +193,58 @@ def load_model(
     refine_steps: int = 0,
     cascade: int = 1,
     preset: str | None = "default",
-    **refine_kwargs,
-):
-    """Rebuild the network stored in ``path`` as a ``TrainedModel``, eval mode, on ``device``.
+    **refine_overrides,
+) -> Registrar:
+    """Rebuild the network stored in ``path`` as a ``Registrar``, eval mode, on ``device``.
 
     ``model(fixed, moving)`` takes (B, 1, H, W) images in [0, 1] and returns the flow
-    (B, 2, H, W) in pixels (channel 0 rows, channel 1 columns), on the fixed grid.
-    ``attention`` is the CLI's ``speed.attention`` (``air_reg.speed``).
-    ``refine_steps > 0`` (or ``cascade > 1``) returns an ``air_reg.refine.Refiner`` with the
-    same contract that takes pairs at their own size and refines each pair's flow there, with
-    the settings of ``air_reg/conf/refinement/<preset>.yaml`` -- the CLI's for the same
-    ``refine_steps`` -- unless ``refine_kwargs`` (lr, spacing, levels, similarity, ...) say
-    otherwise. ``path=None`` (or ``"none"``) is model-free registration: the refinement alone.
+    (B, 2, H, W) in pixels (channel 0 rows, channel 1 columns), on the fixed grid: the
+    network's own flow, at its trained size (``model.image_size``). ``attention`` is the CLI's
+    ``speed.attention`` (``air_reg.speed``). ``refine_steps > 0`` (or ``cascade > 1``, or
+    ``affine_steps``) makes it refine: it then takes pairs at their own size
+    (``model.accepts_any_size``) and refines each pair's flow there with
+    ``model.settings``: those of ``air_reg/conf/refinement/<preset>.yaml`` -- the CLI's for the
+    same ``refine_steps`` -- unless ``refine_overrides`` (lr, spacing, levels, similarity, ...)
+    say otherwise (``preset=None``: the overrides over ``RefineSettings()``). ``path=None``
+    (or ``"none"``) is model-free registration: the refinement alone.
     """
-    model_free = path is None or str(path) == "none"
-    if not model_free:
-        module = _load_network(Path(path), attention).to(device)
-        if not refine_steps and cascade == 1 and not refine_kwargs.get("affine_steps"):
-            return module
-    from air_reg.refine import Refiner, load_preset
-
-    # preset=None: refine_kwargs are all the settings (the CLI's whole refine block)
-    settings = ({} if preset is None else load_preset(preset)) | refine_kwargs
-    return Refiner(None if model_free else module, steps=refine_steps, cascade=cascade,
-                   **settings)  # fmt: skip
+    settings = None
+    if _refines(path, refine_steps, cascade, refine_overrides.get("affine_steps")):
+        overrides = {"steps": refine_steps, **refine_overrides}
+        if preset is None:
+            settings = RefineSettings.from_config(overrides)
+        else:
+            settings = RefineSettings.preset(preset, **overrides)
+    return _registrar(path, device, attention, settings, cascade)
 
 
-def _load_network(path: Path, attention: str) -> TrainedModel:
+def load_configured(path: str | Path | None, cfg):
+    """``load_model`` with an entry point's device and refinement settings (eval, register):
+    the composed ``cfg.refine`` goes through ``RefineSettings.from_config``, as a preset does."""
+    settings = None
+    if _refines(path, cfg.refine_steps, cfg.cascade, cfg.refine.get("affine_steps")):
+        settings = RefineSettings.from_config(cfg.refine, steps=cfg.refine_steps)
+    attention = speed.settings_of(cfg)["attention"]
+    return _registrar(path, cfg.device, attention, settings, cfg.cascade)
+
+
+def _model_free(path) -> bool:
+    return path is None or str(path) == "none"
+
+
+def _refines(path, steps: int, cascade: int, affine_steps) -> bool:
+    """Whether the switches ask for the refinement (a cascade runs through it, at the images'
+    size, even with 0 steps)."""
+    return bool(_model_free(path) or steps or cascade != 1 or affine_steps)
+
+
+def _registrar(path, device, attention: str, settings, cascade: int) -> Registrar:
+    net, record = (None, None) if _model_free(path) else _load_network(Path(path), attention)
+    return Registrar(net, settings, cascade=cascade, build_config=record).to(device).eval()
+
+
+def _load_network(path: Path, attention: str) -> tuple[nn.Module, dict]:
+    """The network stored in ``path`` (eval mode, CPU) and the checkpoint's record."""
     ckpt = read_checkpoint(path)
     record = ckpt["air_reg"]
     try:
@@ -246,28 +253,29 @@ def _load_network(path: Path, attention: str) -> TrainedModel:
         _check_classes(net_cfg)
     except CheckpointError as err:  # one line, even for keys or targets with newlines in them
         raise CheckpointError(f"{path}: {' '.join(str(err).split())}") from None
-    weights = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net = _build(net_cfg, weights, path)
+    state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    net = _build(net_cfg, state, path)
     speed.accelerate(net, attention=attention)
-    return TrainedModel(net, record).eval()
+    return net.eval(), record
 
 
-def load_configured(path: str | Path | None, cfg):
-    """``load_model`` with an entry point's device and refinement settings (eval, register)."""
-    return load_model(
-        path,
-        device=cfg.device,
-        attention=speed.settings_of(cfg)["attention"],
-        refine_steps=cfg.refine_steps,
-        cascade=cfg.cascade,
-        preset=None,  # cfg.refine is the whole preset the config chose (refinement=<name>)
-        **OmegaConf.to_container(cfg.refine, resolve=True),
-    )
+def __getattr__(name: str):
+    if name == "TrainedModel":
+        deprecation.warn("air_reg.checkpoint.TrainedModel is deprecated; use air_reg.Registrar")
+        return _TrainedModel
+    raise AttributeError(f"module 'air_reg.checkpoint' has no attribute {name!r}")
 
 
-def _build(net_cfg: dict, weights: dict, path: Path) -> nn.Module:
-    """The network ``net_cfg`` describes, holding ``weights``; a corrupt config is refused
-    before it builds for ever or allocates much more than its weights."""
+class _TrainedModel(Registrar):
+    """The former plain-network return type: ``TrainedModel(net, build_config)``."""
+
+    def __init__(self, net: nn.Module, build_config: dict) -> None:
+        super().__init__(net, None, build_config=build_config)
+
+
+def _build(net_cfg: dict, state: dict, path: Path) -> nn.Module:
+    """The network ``net_cfg`` describes, holding the tensors ``state``; a corrupt config is
+    refused before it builds for ever or allocates much more than its weights."""
     largest = _largest_int(net_cfg)
     if largest > MAX_INT:
         raise CheckpointError(
@@ -275,10 +283,10 @@ def _build(net_cfg: dict, weights: dict, path: Path) -> nn.Module:
             f"beyond any network setting (corrupt or edited); {TRAINED}"
         )
     if largest > SMALL_INT:  # check its shapes on the meta device first: no memory
-        _check_fit(_instantiate(net_cfg, weights, path, meta=True), weights, path)
-    net = _instantiate(net_cfg, weights, path)
+        _check_fit(_instantiate(net_cfg, state, path, meta=True), state, path)
+    net = _instantiate(net_cfg, state, path)
     try:
-        net.load_state_dict(weights, strict=True)
+        net.load_state_dict(state, strict=True)
     except Exception as err:
         raise _misfit(path, str(err)) from err
     return net
@@ -307,11 +315,11 @@ class _Budget(TorchFunctionMode):
         return out
 
 
-def _instantiate(net_cfg: dict, weights: dict, path: Path, meta: bool = False) -> nn.Module:
+def _instantiate(net_cfg: dict, state: dict, path: Path, meta: bool = False) -> nn.Module:
     """``instantiate(net_cfg)`` within a budget of torch calls and tensor values set by
-    ``weights``: a corrupt depth or width would build for ever or fill the memory."""
-    numel = sum(v.numel() for v in weights.values() if torch.is_tensor(v))
-    budget = _Budget(calls=20 * len(weights) + 2000, values=8 * numel + MAX_EXTRA)
+    ``state``: a corrupt depth or width would build for ever or fill the memory."""
+    numel = sum(v.numel() for v in state.values() if torch.is_tensor(v))
+    budget = _Budget(calls=20 * len(state) + 2000, values=8 * numel + MAX_EXTRA)
     try:
         with torch.device("meta") if meta else nullcontext(), budget:
             net = instantiate(net_cfg)
@@ -330,17 +338,17 @@ def _instantiate(net_cfg: dict, weights: dict, path: Path, meta: bool = False) -
     return net
 
 
-def _check_fit(probe: nn.Module, weights: dict, path: Path) -> None:
-    """Refuse ``weights`` unless they are ``probe``'s tensors, plus at most ``MAX_EXTRA``
+def _check_fit(probe: nn.Module, state: dict, path: Path) -> None:
+    """Refuse ``state`` unless it holds ``probe``'s tensors, plus at most ``MAX_EXTRA``
     values of other buffers (shapes only: ``probe`` may live on the meta device)."""
     want = {k: tuple(v.shape) for k, v in probe.state_dict().items() if torch.is_tensor(v)}
-    have = {k: tuple(v.shape) for k, v in weights.items() if torch.is_tensor(v)}
+    have = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
     if want != have:
         wrong = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         shown = ", ".join(f"{k}: model {want.get(k)}, checkpoint {have.get(k)}" for k in wrong[:3])
         raise _misfit(path, f"{len(wrong)} tensor(s) differ ({shown})")
     total = sum(t.numel() for t in chain(probe.parameters(), probe.buffers()))
-    if total - sum(weights[k].numel() for k in have) > MAX_EXTRA:
+    if total - sum(state[k].numel() for k in have) > MAX_EXTRA:
         raise CheckpointError(
             f"{path}: the checkpoint's stored network config describes buffers far larger "
             f"than its weights (corrupt or edited); {TRAINED}"

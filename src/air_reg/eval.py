@@ -1,5 +1,10 @@
 """Score a trained checkpoint on its test pairs: ``python -m air_reg.eval ckpt_path=...``
-(or ``weights=<name>`` for a shipped one)."""
+(or ``weights=<name>`` for a shipped one).
+
+The test pairs come from the data config the checkpoint recorded, so they are read,
+normalised and sized as in training (``air_reg.data.preprocess``); a ``data=`` given on the
+command line must preprocess the images as that record says.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from air_reg.checkpoint import CheckpointError, load_configured, shipped_weights
 from air_reg.config import CONFIG_DIR
+from air_reg.data.preprocess import Preprocessing
 from air_reg.errors import ConfigError
+from air_reg.models.contract import as_size
 from air_reg.scoring import (
     identity_method,
     markdown_table,
@@ -20,7 +27,6 @@ from air_reg.scoring import (
     summarise,
     write_per_pair_csv,
 )
-from air_reg.models.contract import as_size
 from air_reg.utils import (
     check_writable,
     run_cli,
@@ -46,7 +52,31 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError("weights=none (model-free) has no stored data config: add data=mnist")
     path = None if model_free else cfg.ckpt_path or shipped_weights(cfg.weights)
     model = load_configured(path, cfg)
-    data_cfg = cfg.get("data") or OmegaConf.create(model.build_config["data"])
+    datamodule = eval_datamodule(cfg, model)
+    device = torch.device(cfg.device)
+    batches = ({k: v.to(device) for k, v in b.items()} for b in datamodule.test_dataloader())
+    name = "model-free" if model_free else "model"
+    per_pair, ms = score({"identity": identity_method, name: model}, batches)
+    summary = summarise(per_pair)
+    table = markdown_table(summary, ms)
+    log.info("Test pairs (%s):\n%s", datamodule.hparams.get("dataset"), table)
+    write_json(
+        output_dir / "summary.json", {"summary": summary, "ms_per_pair": ms, **run_record(cfg)}
+    )
+    write_text(output_dir / "summary.md", table)
+    write_with(output_dir / "per_pair.csv", lambda p: write_per_pair_csv(p, per_pair))
+    log.info("Wrote %s", output_dir)
+    return summary
+
+
+def eval_datamodule(cfg: DictConfig, model):
+    """The data module of the test pairs, set up: built from the data config ``model`` recorded
+    (``cfg.data`` when given, which must preprocess the images as that record says), with
+    ``num_pairs`` test pairs and the ``batch_size`` of ``cfg``."""
+    record = getattr(model, "build_config", None) or {}
+    data_cfg = cfg.get("data") or OmegaConf.create(record["data"])
+    if cfg.get("data") and record.get("data"):
+        _check_preprocessing(Preprocessing.of(cfg.data), Preprocessing.of(record["data"]))
     data_cfg.num_test_pairs = cfg.get("num_pairs")  # null = one pair per test image
     if cfg.get("batch_size"):
         data_cfg.eval_batch_size = cfg.batch_size
@@ -58,20 +88,23 @@ def evaluate(cfg: DictConfig) -> dict:
             f"{'x'.join(map(str, as_size(datamodule.image_size)))}; set data.image_size=[{h},{w}]"
         )
     datamodule.setup("test")
-    device = torch.device(cfg.device)
-    batches = ({k: v.to(device) for k, v in b.items()} for b in datamodule.test_dataloader())
-    name = "model-free" if model_free else "model"
-    per_pair, ms = score({"identity": identity_method, name: model}, batches)
-    summary = summarise(per_pair)
-    table = markdown_table(summary, ms)
-    log.info("Test pairs (%s):\n%s", data_cfg.get("dataset"), table)
-    write_json(
-        output_dir / "summary.json", {"summary": summary, "ms_per_pair": ms, **run_record(cfg)}
-    )
-    write_text(output_dir / "summary.md", table)
-    write_with(output_dir / "per_pair.csv", lambda p: write_per_pair_csv(p, per_pair))
-    log.info("Wrote %s", output_dir)
-    return summary
+    return datamodule
+
+
+def _check_preprocessing(given: Preprocessing, trained: Preprocessing) -> None:
+    """Refuse a ``data=`` that normalises or sizes the images otherwise than training did."""
+    fixes = []
+    if given.normalize != trained.normalize:
+        fixes.append(f"data.normalize={trained.normalize}")
+    elif trained.normalize == "percentile" and given.percentiles != trained.percentiles:
+        fixes.append(f"data.percentiles=[{trained.percentiles[0]},{trained.percentiles[1]}]")
+    if (given.sizing == "pad") != (trained.sizing == "pad"):
+        fixes.append(f"data.pad_to={trained.pad_to}" if trained.pad_to else "data.pad_to=null")
+    if fixes:
+        raise ConfigError(
+            f"the model was trained on images normalised or sized otherwise than this data= "
+            f"gives them; add {' '.join(fixes)}, or leave data= out to use its stored data config"
+        )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -1,6 +1,10 @@
 """Read and write single grayscale images: PNG/JPEG/TIFF (via PIL) and ``.npy`` arrays.
 
-Images come back as (1, 1, H, W) float32 tensors in [0, 1]; every failure is one clear
+The loaders here (``_load_pil``, ``_load_npy``) are the ones every reader shares:
+``data=folder``, ``eval`` and ``register`` read a file through ``air_reg.data.preprocess``
+(``readers.read_array`` on top of these loaders, then the model's recorded normalisation).
+``read_image`` is the strict reader of the Python API: one 2-D image already in [0, 1] (8-bit
+/ 255, 16-bit / 65535), as a (1, 1, H, W) float32 tensor. Every failure is one clear
 ``ImageError`` line naming the problem and the fix. Writes are atomic (temp name, rename).
 """
 

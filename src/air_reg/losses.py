@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from air_reg import deprecation
 from air_reg.errors import ConfigError
 from air_reg.metrics import jacobian_determinant, ncc
 
@@ -79,38 +80,47 @@ class BendingEnergy(nn.Module):
 
 
 class DiffusionFold(nn.Module):
-    """:class:`Diffusion` plus ``fold_weight`` x :class:`NegativeJacobian` (``margin``).
+    """:class:`Diffusion` plus ``fold_weight`` x :class:`NegativeJacobian` (``fold_margin``).
 
     For training a network whose field may fold on hard pairs: the fold term is zero wherever
     det J keeps the margin, so ordinary pairs see plain diffusion. Scaled, as every
-    regulariser, by ``model.reg_weight``.
+    regulariser, by ``model.reg_weight``. ``margin`` is the former name of ``fold_margin``
+    (the shipped AiR-UNet checkpoints record it).
     """
 
-    def __init__(self, fold_weight: float = 20.0, margin: float = 0.05) -> None:
+    def __init__(
+        self, fold_weight: float = 20.0, fold_margin: float = 0.05, *, margin: float | None = None
+    ) -> None:
         super().__init__()
         if fold_weight < 0:
             raise ConfigError(f"fold_weight must be >= 0, got {fold_weight}")
+        fold_margin = deprecation.renamed(
+            "DiffusionFold", "margin", "fold_margin", margin, fold_margin
+        )
         self.fold_weight = fold_weight
-        self.diffusion, self.fold = Diffusion(), NegativeJacobian(margin)
+        self.diffusion, self.fold = Diffusion(), NegativeJacobian(fold_margin)
 
     def forward(self, flow: torch.Tensor) -> torch.Tensor:
         return self.diffusion(flow) + self.fold_weight * self.fold(flow)
 
 
 class NegativeJacobian(nn.Module):
-    """Mean of ``relu(eps - det J)`` of p -> p + flow(p): penalises folding (det <= 0).
+    """Mean of ``relu(fold_margin - det J)`` of p -> p + flow(p): penalises folding (det <= 0).
 
-    Zero wherever the field keeps a margin ``eps`` from folding, so it leaves ordinary pairs
-    alone; it is what keeps scaling-and-squaring refinement at 0 % folding on the few pairs
-    whose optimum is an extreme compression (measured in experiments/refine_benchmark.py).
+    Zero wherever the field keeps a margin ``fold_margin`` from folding, so it leaves ordinary
+    pairs alone; it is what keeps scaling-and-squaring refinement at 0 % folding on the few
+    pairs whose optimum is an extreme compression (measured in experiments/refine_benchmark.py).
+    ``eps`` is the former name of ``fold_margin``.
     """
 
-    def __init__(self, eps: float = 0.05) -> None:
+    def __init__(self, fold_margin: float = 0.05, *, eps: float | None = None) -> None:
         super().__init__()
-        self.eps = eps
+        self.fold_margin = deprecation.renamed(
+            "NegativeJacobian", "eps", "fold_margin", eps, fold_margin
+        )
 
     def forward(self, flow: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.eps - jacobian_determinant(flow)).mean()
+        return torch.relu(self.fold_margin - jacobian_determinant(flow)).mean()
 
 
 class MutualInformation(nn.Module):

@@ -1,12 +1,15 @@
 """Register images with a trained model: ``python -m air_reg.register fixed=a.png moving=b.png``.
 
-``fixed``/``moving`` are two image files or two folders whose files pair up by name. The network
-runs at its trained size (the images resampled to it) and its flow is brought back to the
-images' own size; with ``refine_steps`` it is then refined there (``air_reg.refine``), and
-``weights=none`` (or ``model=none``) registers by that optimisation alone. The ORIGINAL moving
-image is warped. A pair whose result is not more similar than the unregistered images gets the
-identity (``refine.guard``; column ``identity`` of the summary). Writes the warped PNG, the flow
-``.npy`` ((2, H, W) pixels, channel 0 rows), a figure per pair and ``summary.csv``.
+``fixed``/``moving`` are two image files or two folders whose files pair up by name, in any
+format ``data=folder`` reads (PNG, JPEG, TIFF, ``.npy``, 2-D NIfTI). Each image is read and
+normalised as the model was trained (``air_reg.data.preprocess.Preprocessing``, from the
+checkpoint's data record); the network runs at its trained size -- the pair padded to it
+(``data.pad_to``: the flow cropped back) or resized (the flow resized back) -- and the flow is
+on the images' own grid; with ``refine_steps`` it is then refined there (``air_reg.refine``),
+and ``weights=none`` registers by that optimisation alone. The moving image at its own size is
+warped. A pair whose result is not more similar than the unregistered images gets the identity
+(``refine.guard``; column ``identity`` of the summary). Writes the warped PNG, the flow ``.npy``
+((2, H, W) pixels, channel 0 rows), a figure per pair, ``summary.csv`` and ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -24,19 +27,21 @@ from air_reg import zoo
 from air_reg.checkpoint import load_configured, shipped_weights
 from air_reg.config import CONFIG_DIR
 from air_reg.errors import ConfigError, UserError
-from air_reg.images import IMAGE_SUFFIXES, ImageError, read_image, resize, save_npy, write_image
+from air_reg.images import ImageError, save_npy, write_image
 from air_reg.metrics import mse, smooth_dice
 from air_reg.models.components.spatial_transformer import warp
 from air_reg.pairlog import PairLog
-from air_reg.refine import GUARD_TOL, keep_if_better, resize_flow
-from air_reg.utils import check_writable, run_cli
+from air_reg.refine import GUARD_TOL, keep_if_better, resize_flow  # noqa: F401 (API)
+from air_reg.utils import check_writable, run_cli, write_text
 
 log = logging.getLogger(__name__)
 METRICS = ("mse_before", "mse_after", "smooth_dice_before", "smooth_dice_after")
 FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS, "worse", "identity")
 WORSE_TOL = GUARD_TOL  # MSE rise (absolute, on [0, 1] images) below which a pair is not "worse"
 MAX_BATCH_PIXELS = 2**22  # pairs refined at once at their own size: at most this many pixels
-MODEL_FREE = "none"  # weights=none / model=none: the refinement alone, no network
+MODEL_FREE = "none"  # weights=none: the refinement alone, no network (model=none: deprecated)
+# ``air_reg.data`` (readers, preprocess) is imported where it is used: the package loads
+# Lightning, which ``python -m air_reg.register`` should not wait for at start-up.
 
 
 def model_choice(target: str) -> str:
@@ -54,6 +59,7 @@ def weights_name(cfg: DictConfig) -> str:
     if cfg.get("weights"):
         return str(cfg.weights)
     if cfg.get("model") is not None and cfg.model.get("net") is None:  # model=none
+        log.warning("model=none is deprecated; use weights=none (model-free registration)")
         return MODEL_FREE
     dataset = cfg.data.dataset if cfg.get("data") else "mnist"
     if cfg.get("model"):
@@ -91,8 +97,10 @@ def find_pairs(fixed: Path, moving: Path) -> list[tuple[str, Path, Path]]:
             f"{folder} is a folder but {other} is not ({fixed}, {moving}); "
             f"pass two image files or two folders"
         )
+    from air_reg.data.readers import FOLDER_SUFFIXES, stem_of
+
     if not fixed.is_dir():
-        return [(fixed.stem, fixed, moving)]
+        return [(stem_of(fixed), fixed, moving)]
     found = [_images_in(fixed), _images_in(moving)]
     only = [sorted(found[0].keys() - found[1].keys()), sorted(found[1].keys() - found[0].keys())]
     if only[0] or only[1]:
@@ -103,22 +111,24 @@ def find_pairs(fixed: Path, moving: Path) -> list[tuple[str, Path, Path]]:
         )
     if not found[0]:
         raise ImageError(
-            f"no images ({' '.join(IMAGE_SUFFIXES)}) in {fixed} or {moving}; put the pairs "
+            f"no images ({' '.join(FOLDER_SUFFIXES)}) in {fixed} or {moving}; put the pairs "
             f"there under the same file names, or pass two image files"
         )
     names = sorted(found[0])
-    stems = [Path(n).stem for n in names]
+    stems = [stem_of(Path(n)) for n in names]
     if len(set(stems)) < len(stems):
-        twins = sorted(n for n in names if stems.count(Path(n).stem) > 1)
+        twins = sorted(n for n, stem in zip(names, stems, strict=True) if stems.count(stem) > 1)
         raise ImageError(f"{_listing(twins)} share a name: outputs would clash; rename them")
-    return [(Path(n).stem, found[0][n], found[1][n]) for n in names]
+    return [(stem, found[0][n], found[1][n]) for stem, n in zip(stems, names, strict=True)]
 
 
 def _images_in(folder: Path) -> dict[str, Path]:
+    from air_reg.data.readers import FOLDER_SUFFIXES, suffix_of
+
     return {
         p.name: p
         for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        if p.is_file() and suffix_of(p) in FOLDER_SUFFIXES and not p.name.startswith(".")
     }
 
 
@@ -127,15 +137,34 @@ def _listing(names: list[str], limit: int = 10) -> str:
     return (", ".join(names[:limit]) + more) or "none"
 
 
-def read_pair(fixed_path: Path, moving_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both images, (1, 1, H, W) each; refuses pairs of different sizes."""
-    fixed, moving = read_image(fixed_path), read_image(moving_path)
+def preprocessing_of(model):
+    """How ``model`` reads images (``Preprocessing`` from its checkpoint's data record) and the
+    size its network takes: None for a model that takes pairs at their own size."""
+    from air_reg.data.preprocess import Preprocessing
+
+    any_size = getattr(model, "accepts_any_size", False)
+    return Preprocessing.of_model(model), None if any_size else tuple(model.image_size)
+
+
+def read_pair(
+    fixed_path: Path, moving_path: Path, prep=None, size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both images read and normalised by ``prep`` (a ``Preprocessing``; default: [0, 1]
+    images as they are), (1, 1, H, W) each; refuses pairs of different sizes, and pairs
+    larger than the ``size`` a network trained on padded images takes."""
+    if prep is None:
+        from air_reg.data.preprocess import Preprocessing
+
+        prep = Preprocessing()
+    fixed, moving = prep.load(fixed_path), prep.load(moving_path)
     if fixed.shape != moving.shape:
         (fh, fw), (mh, mw) = fixed.shape[-2:], moving.shape[-2:]
         raise ImageError(
             f"fixed {fixed_path} is {fh}x{fw} but moving {moving_path} is {mh}x{mw} (HxW); "
             f"resample one of them to the other's size first"
         )
+    if size is not None:
+        prep.check_fits(fixed.shape, size, f"fixed {fixed_path}")
     return fixed, moving
 
 
@@ -146,8 +175,9 @@ def register_batch(
     """(warped, flow) per pair at its own size; pairs may differ in size from one another.
 
     A refiner (``accepts_any_size``) gets the pairs at their own size, those of one size
-    together (at most ``MAX_BATCH_PIXELS`` at once); a plain network gets them resized to its
-    trained size, and ``guard`` gives the identity to a pair it leaves no more similar.
+    together (at most ``MAX_BATCH_PIXELS`` at once); a plain network gets them at its trained
+    size, padded or resized as it was trained (``preprocessing_of``), its flows brought back
+    (cropped or resized), and ``guard`` gives the identity to a pair it leaves no more similar.
     """
     params = next(model.parameters(), None)
     device = params.device if params is not None else torch.device("cpu")
@@ -159,11 +189,11 @@ def register_batch(
             for i, flow in zip(group, model(f, m).cpu(), strict=True):
                 flows[i] = flow[None]
     else:
-        size = tuple(model.image_size)
-        f = torch.cat([resize(x, size) for x in fixed]).to(device)  # (B, 1, h, w)
-        m = torch.cat([resize(x, size) for x in moving]).to(device)
+        prep, size = preprocessing_of(model)
+        f = torch.cat([prep.to_model(x, size) for x in fixed]).to(device)  # (B, 1, h, w)
+        m = torch.cat([prep.to_model(x, size) for x in moving]).to(device)
         for i, flow in enumerate(model(f, m).cpu()):  # (2, h, w) on the model's grid
-            flows[i] = resize_flow(flow[None], tuple(moving[i].shape[-2:]))  # (1, 2, H, W)
+            flows[i] = prep.from_model(flow[None], tuple(moving[i].shape[-2:]))  # (1, 2, H, W)
             if guard:  # not more similar than doing nothing: the identity
                 flows[i] = keep_if_better(flows[i], fixed[i], moving[i])[0]
     return [(warp(mov, flow), flow) for flow, mov in zip(flows, moving, strict=True)]
@@ -208,9 +238,9 @@ def register(cfg: DictConfig) -> dict:
     Folders: a pair that cannot be read is recorded and skipped (``on_error=skip``, the
     default for folders) or stops the run (``stop``, the default for two files); either way
     ``summary.csv`` lists every pair, with an ``error`` column. ``resume=true`` skips the pairs
-    a previous run into the same ``out_dir`` finished (``air_reg.pairlog``).
+    a previous run into the same ``out_dir`` finished (``air_reg.pairlog``). The composed
+    config goes to ``out_dir/config.yaml`` with the summary, not to the terminal.
     """
-    log.info("Composed config:\n%s", OmegaConf.to_yaml(cfg))
     start = time.perf_counter()
     out_dir = check_writable(cfg.out_dir)
     fixed_in, moving_in = Path(cfg.fixed).expanduser(), Path(cfg.moving).expanduser()
@@ -223,6 +253,7 @@ def register(cfg: DictConfig) -> dict:
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}; e.g. batch_size=32")
     model = load_configured(resolve_checkpoint(cfg), cfg)
+    prep, size = preprocessing_of(model)
     guard = bool(cfg.refine.get("guard", True))
     draw = None
     if cfg.figures:
@@ -234,7 +265,7 @@ def register(cfg: DictConfig) -> dict:
                disable=not folders)  # fmt: skip
     try:
         for i in range(0, len(todo), batch_size):
-            chunk = _read_chunk(todo[i : i + batch_size], pairlog, on_error)
+            chunk = _read_chunk(todo[i : i + batch_size], pairlog, on_error, prep, size)
             if chunk:
                 tic = time.perf_counter()
                 results = register_batch(
@@ -262,16 +293,22 @@ def register(cfg: DictConfig) -> dict:
                 if not pairlog.done(name):
                     pairlog.rows[name] = {"name": name, "fixed": str(f_path),
                                           "moving": str(m_path), "error": why}  # fmt: skip
-        pairlog.close(write=folders or stopped is None)  # two files: all or nothing
-    return _report(pairlog, compute_s, time.perf_counter() - start, out_dir)
+        if folders or stopped is None:  # two files: all or nothing
+            write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+            pairlog.close(write=True)
+        else:
+            pairlog.close(write=False)
+    outputs = [*_outputs(Path(), "<name>", folders).values(), "summary.csv", "config.yaml"]
+    shown = " ".join(str(o) for o in outputs if cfg.figures or "figure" not in str(o))
+    return _report(pairlog, compute_s, time.perf_counter() - start, out_dir, shown)
 
 
-def _read_chunk(chunk, pairlog: PairLog, on_error: str) -> list[tuple]:
+def _read_chunk(chunk, pairlog: PairLog, on_error: str, prep, size) -> list[tuple]:
     """(name, fixed path, moving path, fixed, moving) of the pairs that read; failures logged."""
     out = []
     for name, f_path, m_path in chunk:
         try:
-            out.append((name, f_path, m_path, *read_pair(f_path, m_path)))
+            out.append((name, f_path, m_path, *read_pair(f_path, m_path, prep, size)))
         except UserError as err:
             if on_error == "stop":
                 raise
@@ -298,7 +335,9 @@ def _row(name, f_path, m_path, fix, mov, warped, flow) -> dict:
     }
 
 
-def _report(pairlog: PairLog, compute_s: float, total_s: float, out_dir: Path) -> dict:
+def _report(
+    pairlog: PairLog, compute_s: float, total_s: float, out_dir: Path, outputs: str
+) -> dict:
     ok = [r for r in pairlog.rows.values() if not r["error"]]
     means = {k: sum(float(r[k]) for r in ok) / len(ok) if ok else float("nan") for k in METRICS}
     failed = len(pairlog.rows) - len(ok)
@@ -330,10 +369,11 @@ def _report(pairlog: PairLog, compute_s: float, total_s: float, out_dir: Path) -
             means["smooth_dice_after"],
         )
     log.info(
-        "Registration took %.3f s (%.1f ms per pair), %.2f s in all with I/O; wrote %s",
+        "Registration took %.3f s (%.1f ms per pair), %.2f s in all with I/O; wrote %s to %s",
         compute_s,
         1000 * compute_s / max(len(ok), 1),
         total_s,
+        outputs,
         out_dir,
     )
     return {

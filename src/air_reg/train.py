@@ -31,8 +31,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("Composed config:\n%s", OmegaConf.to_yaml(cfg))
     if cfg.model.get("net") is None:
         raise ConfigError(
-            "model=none is registration without a network: nothing to train; use it in "
-            "`python -m air_reg.register model=none refine_steps=50 ...` or air_reg.eval"
+            "model=none is registration without a network: nothing to train; register "
+            "without one with `python -m air_reg.register weights=none refine_steps=50 ...` "
+            "(or `python -m air_reg.eval weights=none data=mnist refine_steps=50`)"
         )
     output_dir = check_writable(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)

@@ -152,7 +152,7 @@ def git_commit() -> str | None:
 
 def run_record(cfg: DictConfig, extra: dict | None = None) -> dict:
     """What a run needs to be reproduced: config, versions, commit, data checksums."""
-    from air_reg import __version__
+    from air_reg._version import __version__
 
     return {
         "air_reg_version": __version__,
@@ -224,7 +224,7 @@ def user_error(err: BaseException) -> BaseException | None:
 
 
 def bug_report_line() -> str:
-    from air_reg import __version__
+    from air_reg._version import __version__
 
     return (
         "this looks like a bug in air-reg, not in your input: please report it with the "

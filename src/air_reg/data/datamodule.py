@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader
 
 from air_reg.data.idx import checksums, load_dataset
 from air_reg.data.pairs import PAIRINGS, PairDataset, PairSampler, collate_batch, draw_pairs
+from air_reg.data.preprocess import Preprocessing
 from air_reg.errors import ConfigError
-from air_reg.images import resize
+from air_reg.models.contract import as_size
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class PairDataModule(L.LightningDataModule):
     ``split_seed``: ``train_fraction`` for training, the rest for testing (the paper's
     80/20); validation is carved out of the training part. Training pairs are redrawn
     every epoch from ``(pair_seed, epoch)``; validation and test pairs are one fixed seeded
-    list, so every method is scored on the same pairs.
+    list, so every method is scored on the same pairs. The images are 8-bit, read / 255 and
+    resized to ``image_size`` (``preprocessing``: what ``register`` applies to a file).
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class PairDataModule(L.LightningDataModule):
         if image_size < 4:
             raise ConfigError(f"data.image_size must be >= 4, got {image_size}")
         self.save_hyperparameters(logger=False)
+        self.preprocessing = Preprocessing(sizing="resize", size=as_size(image_size))
         self.dataset: PairDataset | None = None
         self.partner: torch.Tensor | None = None  # preset moving partner (synthetic data)
 
@@ -72,7 +75,8 @@ class PairDataModule(L.LightningDataModule):
         """Images (N, 1, H, W) in [0, 1], labels (N,), optional flows, and how many of the
         first images form the split pool (the rest are partners)."""
         raw, labels = load_dataset(self.hparams.dataset, self.hparams.root, self.hparams.download)
-        images = resize(raw[:, None].float().div_(255), self.hparams.image_size)
+        size = self.preprocessing.size
+        images = self.preprocessing.to_model(raw[:, None].float().div_(255), size)
         return images, labels, None, len(images)
 
     def file_checksums(self) -> dict[str, str]:

@@ -7,9 +7,12 @@ volumes, optional): same relative name under ``path/<labels>/`` (any supported s
 ``<name><label_suffix>`` beside the image; they travel with the pairs as ``fixed_labels`` /
 ``moving_labels`` (B, 1, H, W) and are warped with nearest-neighbour sampling for the metrics.
 
-Sizes: all images keep their own size when they share one; ``image_size: [H, W]`` resizes
-every image (bilinear; labels nearest); ``pad_to: N`` zero-pads each image, centred, to the
-largest height and width rounded up to a multiple of N (so patch sizes dividing N fit).
+Reading, normalising (``normalize``: minmax, percentile or none, per image) and sizing go
+through ``air_reg.data.preprocess.Preprocessing``, the record ``register`` applies too. Sizes:
+all images keep their own size when they share one; ``image_size: [H, W]`` resizes every image
+(bilinear; labels nearest); ``pad_to: N`` zero-pads each image, centred, to the largest height
+and width rounded up to a multiple of N (so patch sizes dividing N fit), or to ``image_size``
+when both are set (``train`` records the padded size as ``image_size``).
 
 Pairing: ``random``; ``group`` (within a group: the image's sub-folder, or a CSV ``groups``
 with columns ``file,group``); ``atlas`` (``atlas`` names the one fixed image, every other image
@@ -29,20 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from air_reg.data.datamodule import PairDataModule, seeded_split
 from air_reg.data.pairs import PairDataset, draw_pairs
-from air_reg.data.readers import (
-    FOLDER_SUFFIXES,
-    normalise,
-    read_array,
-    slices,
-    stem_of,
-    suffix_of,
-)
+from air_reg.data.preprocess import Preprocessing
+from air_reg.data.readers import FOLDER_SUFFIXES, read_array, slices, stem_of, suffix_of
 from air_reg.errors import ConfigError
-from air_reg.images import ImageError, resize
+from air_reg.images import ImageError
 from air_reg.models.contract import as_size
 
 log = logging.getLogger(__name__)
@@ -102,6 +98,9 @@ class FolderDataModule(PairDataModule):
         if pad_to is not None and pad_to < 1:
             raise ConfigError(f"data.pad_to must be a positive integer, got {pad_to}")
         self.save_hyperparameters(logger=False)
+        self.preprocessing = Preprocessing.folder(
+            normalize=normalize, percentiles=percentiles, image_size=image_size, pad_to=pad_to
+        )
         self.hparams.dataset = f"folder {path}"
         self.root = Path(path).expanduser()
         self.dataset, self.partner = None, None
@@ -160,8 +159,9 @@ class FolderDataModule(PairDataModule):
                 f"{len(missing)} image(s) have no label map ({', '.join(missing[:5])}...), "
                 f"the other {len(with_labels)} do; give every image one, or none"
             )
+        prep = self.preprocessing
         for f in image_files:
-            array, seg = read_array(f, unit=True), None
+            array, seg = prep.read(f), None
             lab = label_files[f]
             if lab is not None:
                 seg = read_array(lab)
@@ -185,7 +185,7 @@ class FolderDataModule(PairDataModule):
             seg_parts = cut(seg) if seg is not None else [(None, None)] * len(parts)
             for (i, image), (_, s) in zip(parts, seg_parts, strict=True):
                 names.append(str(rel) if i is None else f"{rel}#{i}")
-                images.append(normalise(image, hp.normalize, hp.percentiles))
+                images.append(prep.normalise(image, self.root / names[-1]))
                 segs.append(s)
                 groups.append(group)
         images, segs = self._common_size(names, images, segs if with_labels else None)
@@ -193,29 +193,26 @@ class FolderDataModule(PairDataModule):
 
     def _common_size(self, names, images, segs):
         """(N, 1, H, W) tensors at one size: resized, padded, or refused (module docstring)."""
-        hp = self.hparams
-        sizes = Counter(a.shape for a in images)
-        if hp.image_size is None and hp.pad_to is None and len(sizes) > 1:
+        prep, shapes = self.preprocessing, [a.shape for a in images]
+        sizes = Counter(shapes)
+        size = prep.common_size(sizes)
+        if size is None and len(sizes) > 1:
             listing = ", ".join(
-                f"{h}x{w} ({n} image(s), e.g. {names[[a.shape for a in images].index((h, w))]})"
+                f"{h}x{w} ({n} image(s), e.g. {names[shapes.index((h, w))]})"
                 for (h, w), n in sizes.most_common(4)
             )
             raise ImageError(
                 f"images of different sizes in {self.root}: {listing}; set data.image_size="
                 f"[H,W] to resize them all, or data.pad_to=N to pad them to a common size"
             )
+        for name, shape in zip(names, shapes, strict=True) if size is not None else ():
+            prep.check_fits(shape, size, self.root / name)
         out = [torch.from_numpy(a)[None, None] for a in images]
         seg_out = [torch.from_numpy(s)[None, None] for s in segs] if segs is not None else None
-        if hp.image_size is not None:
-            size = as_size(hp.image_size)
-            out = [resize(x, size) for x in out]
+        if size is not None:
+            out = [prep.to_model(x, size) for x in out]
             if seg_out is not None:
-                seg_out = [F.interpolate(s, size=size, mode="nearest") for s in seg_out]
-        elif hp.pad_to:
-            n = hp.pad_to
-            size = tuple(-(-max(s[i] for s in sizes) // n) * n for i in (0, 1))
-            out = [_pad(x, size) for x in out]
-            seg_out = [_pad(s, size) for s in seg_out] if seg_out is not None else None
+                seg_out = [prep.to_model(s, size, labels=True) for s in seg_out]
         return torch.cat(out), torch.cat(seg_out) if seg_out is not None else None
 
     @property
@@ -342,12 +339,6 @@ class FolderDataModule(PairDataModule):
             return super().train_pairs(epoch)
         g = torch.Generator().manual_seed(self.hparams.pair_seed * 1_000_003 + epoch)
         return self.csv_train[torch.randperm(len(self.csv_train), generator=g)]
-
-
-def _pad(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Zero-pad (1, 1, h, w) to ``size``, centred (the extra pixel, if any, bottom/right)."""
-    dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
-    return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
 
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:

@@ -33,8 +33,8 @@ def read_array(path: Path, unit: bool = False) -> np.ndarray:
     """The pixels of one file as a float32 array: (H, W), or (X, Y, Z) for a NIfTI volume.
 
     ``unit``: 8- and 16-bit images and arrays (not NIfTI) are scaled by 1/255 or 1/65535 to
-    [0, 1], as ``register`` reads them (so ``data.normalize=none`` takes a 16-bit PNG); label
-    maps keep their values."""
+    [0, 1], the one reading of an image (``air_reg.data.preprocess``: training, eval and
+    register; so ``data.normalize=none`` takes a 16-bit PNG); label maps keep their values."""
     if not path.is_file() or path.stat().st_size == 0:
         what = "does not exist" if not path.exists() else "is empty (0 bytes)"
         raise ImageError(f"{path} {what}; re-export or remove it")

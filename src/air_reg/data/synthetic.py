@@ -1,15 +1,28 @@
-"""A tiny generated dataset of shapes with known smooth warps, for fast tests and EPE."""
+"""Known smooth deformations and a tiny generated dataset of shapes warped by them.
+
+The one home of known deformations: ``make_flows`` (a smooth random field: the synthetic data's
+warps) and ``known_flows`` (a smooth random velocity integrated to a diffeomorphism: the
+benchmarks' "known" pairs, ``air_reg.bench.pairs``, and the brain benchmark's,
+``air_reg.bench.brain``), so an end-point error means the same thing everywhere.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from air_reg.data.datamodule import PairDataModule
-from air_reg.models.components.spatial_transformer import CoarseToDense, identity_grid, warp
+from air_reg.models.components.spatial_transformer import (
+    CoarseToDense,
+    identity_grid,
+    integrate_velocity,
+    warp,
+)
 
 SHAPES = ("ellipse", "rectangle", "ring")
+KINDS = ("bspline", "gaussian")  # families of known_flows' random velocities
 
 
 def make_shapes(
@@ -35,11 +48,65 @@ def make_shapes(
 
 
 def make_flows(
-    n: int, size: int, magnitude: float, generator: torch.Generator, grid: int = 4
+    n: int,
+    size: int | tuple[int, int],
+    magnitude: float,
+    generator: torch.Generator,
+    grid: int = 4,
 ) -> torch.Tensor:
-    """Smooth random flows (n, 2, size, size): a coarse Gaussian grid, B-spline upsampled."""
+    """Smooth random flows (n, 2, H, W) (``size``: H = W, or (H, W)): a ``grid`` x ``grid``
+    Gaussian grid of std ``magnitude`` px, cubic-B-spline upsampled."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
     coarse = torch.randn(n, 2, grid, grid, generator=generator) * magnitude
-    return CoarseToDense(in_size=(grid, grid), out_size=(size, size), mode="bspline")(coarse)
+    return CoarseToDense(in_size=(grid, grid), out_size=size, mode="bspline")(coarse)
+
+
+def smoothed_noise(
+    n: int, size: tuple[int, int], generator: torch.Generator, sigma: float = 12.0
+) -> torch.Tensor:
+    """White noise (n, 2, H, W) smoothed by a Gaussian of ``sigma`` px (reflected borders, so
+    H and W must exceed 6 ``sigma``): a second family of smooth fields, with no control grid."""
+    h, w = size
+    noise = torch.randn(n, 2, h, w, generator=generator)
+    r = torch.arange(-3 * int(sigma), 3 * int(sigma) + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (r / sigma) ** 2)
+    k = k / k.sum()
+    pad = len(k) // 2
+    rows = F.conv2d(F.pad(noise, (0, 0, pad, pad), mode="reflect"),
+                    k.view(1, 1, -1, 1).expand(2, 1, -1, 1), groups=2)  # fmt: skip
+    return F.conv2d(F.pad(rows, (pad, pad, 0, 0), mode="reflect"),
+                    k.view(1, 1, 1, -1).expand(2, 1, 1, -1), groups=2)  # fmt: skip
+
+
+@torch.no_grad()
+def known_flows(
+    n: int,
+    size: int | tuple[int, int],
+    generator: torch.Generator,
+    *,
+    magnitude: float = 1.0,
+    kind: str = "bspline",
+    max_px: float | None = None,
+    integration_steps: int = 7,
+) -> torch.Tensor:
+    """Known smooth diffeomorphisms (n, 2, H, W) in pixels, folding-free by construction: a
+    random stationary velocity integrated by scaling and squaring.
+
+    ``kind="bspline"``: ``make_flows``' velocity (std ``magnitude`` px on a 4 x 4 grid);
+    ``kind="gaussian"``: ``smoothed_noise`` times ``magnitude``. ``max_px``: each flow is then
+    scaled so that its largest displacement is ``max_px`` (the brain benchmark's 6 px).
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if kind == "bspline":
+        velocity = make_flows(n, size, magnitude, generator)
+    elif kind == "gaussian":
+        velocity = smoothed_noise(n, size, generator) * magnitude
+    else:
+        raise ValueError(f"known_flows: kind={kind!r}; choose one of {KINDS}")
+    flow = integrate_velocity(velocity, integration_steps)
+    if max_px is not None:  # each flow's own largest displacement -> max_px
+        flow = flow * (max_px / flow.norm(dim=1).flatten(1).amax(1).view(-1, 1, 1, 1))
+    return flow
 
 
 @torch.no_grad()

@@ -2,12 +2,12 @@
 
 ``air_reg.refine`` spends nearly all of a step in three computations over dense fields:
 
-- ``upwarp(moving, flow)``: the image warped by a flow on a coarser grid, i.e.
+- ``warp_by_coarse_flow(moving, flow)``: the image warped by a flow on a coarser grid, i.e.
   ``warp(moving, resize_flow(flow, moving's size))`` (bilinear upsampling, then bilinear
   sampling with border padding);
 - ``integrate(velocity, steps)``: scaling and squaring, ``integrate_velocity``;
-- ``penalty(flow, reg_weight, fold_weight, margin)``: ``reg_weight * Diffusion()(flow) +
-  fold_weight * NegativeJacobian(margin)(flow)``, value and gradient in one pass.
+- ``penalty(flow, reg_weight, fold_weight, fold_margin)``: ``reg_weight * Diffusion()(flow)
+  + fold_weight * NegativeJacobian(fold_margin)(flow)``, value and gradient in one pass.
 
 In torch each is a dozen passes over the field (channel selects, scales, a stacked grid,
 ``grid_sample``, ``interpolate`` and their backwards, which fill zero tensors first); the
@@ -15,7 +15,8 @@ kernels do each forward and each backward in one pass, on torch's threads. Same 
 float32 rounding differs (tested against the torch ops). The kernels take CPU float32 tensors
 in eager mode, an image that needs no gradient (the refinement's constant moving image) and a
 flow no larger than the image; anything else, or no compiler, runs the torch ops.
-``torch_ops()`` forces the torch ops (benchmarks, tests).
+``torch_ops()`` forces the torch ops (benchmarks, tests). ``upwarp`` is the former name of
+``warp_by_coarse_flow`` (deprecated).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import torch
 from torch.autograd.function import once_differentiable
 
+from air_reg import deprecation
 from air_reg.losses import Diffusion, NegativeJacobian
 from air_reg.models.components.spatial_transformer import integrate_velocity, resize_flow, warp
 from air_reg.speed import kernels
@@ -35,7 +37,8 @@ _state = {"kernels": True}
 
 @contextlib.contextmanager
 def torch_ops():
-    """Within this block, ``upwarp``, ``integrate`` and ``penalty`` run torch's ops."""
+    """Within this block ``warp_by_coarse_flow``, ``integrate`` and ``penalty`` run torch's
+    ops."""
     before, _state["kernels"] = _state["kernels"], False
     try:
         yield
@@ -102,8 +105,9 @@ class _Square(torch.autograd.Function):
         return grad_u
 
 
-def upwarp(moving: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """``warp(moving, resize_flow(flow, (H, W)))`` for an (h, w) flow with h <= H, w <= W."""
+def warp_by_coarse_flow(moving: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """``warp(moving, resize_flow(flow, (H, W)))`` for an (h, w) flow with h <= H, w <= W:
+    the (B, C, H, W) image warped by a flow computed on a coarser grid."""
     size = tuple(moving.shape[-2:])
     fits = flow.ndim == 4 and flow.shape[:2] == (moving.shape[0], 2)
     if (
@@ -113,10 +117,16 @@ def upwarp(moving: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         and not moving.requires_grad
         and _kernel_ok(moving, flow)
     ):
-        kernels.count("upwarp", "kernel")
+        kernels.count("warp_by_coarse_flow", "kernel")
         return _UpWarp.apply(moving, flow)
-    kernels.count("upwarp", "torch")
+    kernels.count("warp_by_coarse_flow", "torch")
     return warp(moving, resize_flow(flow, size))
+
+
+def upwarp(moving: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Deprecated name of ``warp_by_coarse_flow``."""
+    deprecation.warn("air_reg.speed.warp.upwarp is deprecated; use warp_by_coarse_flow")
+    return warp_by_coarse_flow(moving, flow)
 
 
 def integrate(velocity: torch.Tensor, steps: int) -> torch.Tensor:
@@ -136,14 +146,14 @@ class _Penalty(torch.autograd.Function):
     """Value and gradient come from one kernel pass; the backward scales the gradient."""
 
     @staticmethod
-    def forward(ctx, flow: torch.Tensor, reg_weight: float, fold_weight: float, margin: float):
+    def forward(ctx, flow: torch.Tensor, reg_weight: float, fold_weight: float, fold_margin):
         flow = flow.detach().contiguous()
         b, _, h, w = flow.shape
         grad = torch.zeros_like(flow)
         value = torch.zeros(b, dtype=torch.float64)
         fn, threads = kernels.library().air_flow_penalty, _threads(b)
         args = (flow.data_ptr(), grad.data_ptr(), value.data_ptr(), b, h, w,
-                reg_weight, fold_weight, margin, threads)  # fmt: skip
+                reg_weight, fold_weight, fold_margin, threads)  # fmt: skip
         kernels.run_shares(lambda t0, t1: fn(*args, t0, t1), threads)
         ctx.save_for_backward(grad)
         return value.sum().to(flow.dtype)
@@ -159,12 +169,15 @@ def penalty(
     flow: torch.Tensor,
     reg_weight: float,
     fold_weight: float,
-    margin: float,
+    fold_margin: float = 0.05,
     regularizer: torch.nn.Module | None = None,
+    *,
+    margin: float | None = None,
 ) -> torch.Tensor:
-    """``reg_weight * regularizer(flow) + fold_weight * NegativeJacobian(margin)(flow)``;
+    """``reg_weight * regularizer(flow) + fold_weight * NegativeJacobian(fold_margin)(flow)``;
     ``regularizer`` defaults to ``Diffusion()``, the one the kernel computes (any other runs
-    in torch ops)."""
+    in torch ops). ``margin`` is the former name of ``fold_margin``."""
+    fold_margin = deprecation.renamed("penalty", "margin", "fold_margin", margin, fold_margin)
     diffusion = regularizer is None or type(regularizer) is Diffusion
     if (
         diffusion
@@ -174,12 +187,12 @@ def penalty(
         and (_kernel_ok(flow))
     ):
         kernels.count("penalty", "kernel")
-        return _Penalty.apply(flow, float(reg_weight), float(fold_weight), float(margin))
+        return _Penalty.apply(flow, float(reg_weight), float(fold_weight), float(fold_margin))
     kernels.count("penalty", "torch")
     regularizer = Diffusion() if regularizer is None else regularizer
     value = flow.new_zeros(())
     if reg_weight:
         value = value + reg_weight * regularizer(flow)
     if fold_weight:
-        value = value + fold_weight * NegativeJacobian(margin)(flow)
+        value = value + fold_weight * NegativeJacobian(fold_margin)(flow)
     return value

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from air_reg import deprecation
 from air_reg.errors import ConfigError
 from air_reg.models.components.air import AiRBranch, check_branch_kwargs
 from air_reg.models.components.spatial_transformer import (
@@ -20,9 +21,11 @@ class MAPT(nn.Module):
     """Parallel AiR branches; their coarse fields are resampled to the finest branch grid
     and summed with normalised weights, then made dense by the shared ``FlowField``.
 
-    ``weights`` sets the initial (``learn_weights=True``, softmax-normalised so they stay
+    ``mix_weights`` sets the initial (``learn_weights=True``, softmax-normalised so they stay
     positive and sum to 1) or fixed (normalised once) mixing weights; default uniform.
     ``image_size`` is an int (square) or (H, W); every patch size must divide both sides.
+    ``weights`` is the former name of ``mix_weights`` (``load_model`` maps it in stored
+    configs; elsewhere it warns).
     """
 
     def __init__(
@@ -30,14 +33,16 @@ class MAPT(nn.Module):
         *,
         image_size: int | Sequence[int] = 28,
         patch_sizes: Sequence[int] = (2, 4, 7),
-        weights: Sequence[float] | None = None,
+        mix_weights: Sequence[float] | None = None,
         learn_weights: bool = True,
         interpolation: str = "bicubic",
         branch_interpolation: str = "bicubic",
         integration_steps: int = 0,
+        weights: Sequence[float] | None = None,
         **branch_kwargs,
     ) -> None:
         super().__init__()
+        weights = deprecation.renamed("MAPT", "weights", "mix_weights", weights, mix_weights)
         check_branch_kwargs(MAPT, branch_kwargs, fixed=("patch_size",))
         patch_sizes = [int(p) for p in patch_sizes]
         size = check_patch_sizes(image_size, patch_sizes)  # (H, W); an int is square
@@ -45,7 +50,8 @@ class MAPT(nn.Module):
             weights = [1.0] * len(patch_sizes)
         if len(weights) != len(patch_sizes) or min(weights) <= 0:
             raise ConfigError(
-                f"weights {list(weights)} must be positive, one per patch size {patch_sizes}"
+                f"model.net.mix_weights {list(weights)} must be positive, one per patch size "
+                f"{patch_sizes}"
             )
         self.patch_sizes = patch_sizes
         self.branches = nn.ModuleList(
@@ -74,14 +80,20 @@ class MAPT(nn.Module):
         return self.field.integration_steps
 
     @property
-    def weights(self) -> torch.Tensor:
+    def mix_weights(self) -> torch.Tensor:
         """The normalised mixing weights (positive, summing to 1)."""
         if hasattr(self, "weight_logits"):
             return self.weight_logits.softmax(0)
         return self.fixed_weights
 
+    @property
+    def weights(self) -> torch.Tensor:
+        """Deprecated name of ``mix_weights``."""
+        deprecation.warn("MAPT.weights is deprecated; use MAPT.mix_weights")
+        return self.mix_weights
+
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        w = self.weights
+        w = self.mix_weights
         coarse = sum(
             w[i] * up(branch(fixed, moving))  # (B, 2, H/pmin, W/pmin)
             for i, (branch, up) in enumerate(zip(self.branches, self.resample, strict=True))

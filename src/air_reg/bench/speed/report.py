@@ -1,47 +1,21 @@
-"""The benchmark's report: targets, markdown and CSV tables, the plot."""
+"""The speed report: the targets, one titled section per table, and the plot."""
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import platform
 import time
 from pathlib import Path
 
 import torch
-from benchmark_jobs import MAX_MB, MAX_STEP_S, Profile
 
+from air_reg.bench.machine import cpu_name
 from air_reg.utils import write_with
 
+from .profiles import MAX_MB, MAX_STEP_S, Profile
+from .tables import md_table
 
-def fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
-    return str(v)
-
-
-def columns(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(k for r in rows for k in r))
-
-
-def md_table(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    cols = columns(rows)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns(rows), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+COMMAND = "python experiments/benchmark.py"  # how the report says it was made
 
 
 def targets(res: dict[str, list[dict]]) -> list[dict]:
@@ -65,47 +39,6 @@ def targets(res: dict[str, list[dict]]) -> list[dict]:
             target = "memory per pair of ours no faster than linear in tokens (slope <= 1)"
             rows.append({"target": target, "measured": f"{x:.2f}", "met": x <= 1.05})
     return rows
-
-
-def bars(ax, rows: list[dict], metric: str, title: str) -> None:
-    rows = [r for r in rows if (r.get(metric) or 0) > 0]
-    ax.barh([r["model"] for r in rows], [r[metric] for r in rows], color="tab:blue")
-    ax.set(xscale="log" if rows else "linear", xlabel=metric, title=title)
-    ax.tick_params(axis="x", which="minor", labelbottom=False)  # they overlap on short ranges
-    ax.invert_yaxis()
-
-
-def lines(ax, rows: list[dict], metric: str) -> None:
-    for impl, style in (("ours", "o-"), ("naive", "s--")):
-        pts = [r for r in rows if r["impl"] == impl and (r.get(metric) or 0) > 0]
-        ax.plot([p["tokens"] for p in pts], [p[metric] for p in pts], style, label=impl)
-        if pts:
-            ax.set(xscale="log", yscale="log")
-    ax.set(xlabel="tokens", ylabel=metric, title=f"AiR-single training step: {metric}")
-    ax.legend()
-
-
-def plot(path: Path, res: dict[str, list[dict]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
-    bars(axes[0, 0], res["training"], "pairs/s", "training throughput (log scale)")
-    bars(axes[0, 1], res["inference"], "ms/pair", "batched inference vs Demons (log scale)")
-    lines(axes[1, 0], res["scaling"], "ms/pair")
-    lines(axes[1, 1], res["scaling"], "MB/pair")
-    fig.tight_layout()
-    write_with(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 NOTES = {
@@ -153,9 +86,10 @@ TITLES = {
 
 
 def report(name: str, profile: Profile, res: dict, loads: dict, took: dict) -> str:
+    """``benchmark.md``: the machine, the targets, then every section's note and table."""
     load = ", ".join(f"{k} {v[0]:.2f}" for k, v in loads.items())
     policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    command = "python experiments/benchmark.py" + {"full": ""}.get(name, f" --{name}")
+    command = COMMAND + {"full": ""}.get(name, f" --{name}")
     lines = [
         f"# Speed and memory benchmark ({name})",
         "",
@@ -175,3 +109,38 @@ def report(name: str, profile: Profile, res: dict, loads: dict, took: dict) -> s
         lines += [f"Took {took[key]:.0f} s." if key in took else "", ""]
         lines.append(md_table(res[key]) or "(nothing measured)")
     return "\n".join(lines) + "\n"
+
+
+def _bars(ax, rows: list[dict], metric: str, title: str) -> None:
+    rows = [r for r in rows if (r.get(metric) or 0) > 0]
+    ax.barh([r["model"] for r in rows], [r[metric] for r in rows], color="tab:blue")
+    ax.set(xscale="log" if rows else "linear", xlabel=metric, title=title)
+    ax.tick_params(axis="x", which="minor", labelbottom=False)  # they overlap on short ranges
+    ax.invert_yaxis()
+
+
+def _lines(ax, rows: list[dict], metric: str) -> None:
+    for impl, style in (("ours", "o-"), ("naive", "s--")):
+        pts = [r for r in rows if r["impl"] == impl and (r.get(metric) or 0) > 0]
+        ax.plot([p["tokens"] for p in pts], [p[metric] for p in pts], style, label=impl)
+        if pts:
+            ax.set(xscale="log", yscale="log")
+    ax.set(xlabel="tokens", ylabel=metric, title=f"AiR-single training step: {metric}")
+    ax.legend()
+
+
+def plot(path: Path, res: dict[str, list[dict]]) -> None:
+    """``benchmark.png``: throughput, inference against Demons, and scaling in time and memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    _bars(axes[0, 0], res["training"], "pairs/s", "training throughput (log scale)")
+    _bars(axes[0, 1], res["inference"], "ms/pair", "batched inference vs Demons (log scale)")
+    _lines(axes[1, 0], res["scaling"], "ms/pair")
+    _lines(axes[1, 1], res["scaling"], "MB/pair")
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)

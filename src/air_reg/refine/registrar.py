@@ -1,0 +1,140 @@
+"""``Registrar``: what ``air_reg.load_model`` returns, one type for every case.
+
+A network (or none: model-free) and, optionally, refinement settings. Without settings it is
+the network itself: ``registrar(fixed, moving) == net(fixed, moving)`` at the network's trained
+size. With settings it takes pairs of any one size (B, 1, H, W): the network runs at its
+trained size (the images resized to it, ``cascade`` times, after the affine stage if the
+settings have one), its flow is brought to (H, W) and ``refine`` works there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from air_reg import deprecation
+from air_reg.data.preprocess import Preprocessing
+from air_reg.errors import ConfigError
+from air_reg.models import contract
+from air_reg.refine.flows import apply_repeatedly
+from air_reg.refine.optimise import refine
+from air_reg.refine.settings import LEGACY_DEFAULTS, RefineSettings
+
+
+class Registrar(nn.Module):
+    """A network's flow, refined per pair at the images' own size when ``settings`` is given.
+
+    ``net``: a registration network (``air_reg.models.contract``; a ``RegistrationModule``
+    also works), or None for model-free registration, which needs ``settings`` with
+    ``steps`` or ``affine_steps``. ``settings.integration_steps=None`` takes the network's
+    own (a diffeomorphic net stays diffeomorphic). ``cascade=k`` applies the net k times,
+    composed. ``build_config``: the checkpoint's record (model and data configs, versions).
+    A refining registrar keeps its network in eval mode without gradients: the starting flow
+    is the deterministic prediction and the parameters never change.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | None,
+        settings: RefineSettings | None = None,
+        *,
+        cascade: int = 1,
+        build_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(net, Registrar):  # a plain one: its network and record
+            if net.settings is not None:
+                raise ConfigError("a Registrar that refines cannot be refined again")
+            build_config = build_config if build_config is not None else net.build_config
+            net = net.net
+        if cascade < 1:
+            raise ConfigError(f"cascade needs k >= 1, got {cascade}")
+        if settings is not None and not isinstance(settings, RefineSettings):
+            raise ConfigError(f"settings must be a RefineSettings, got {type(settings).__name__}")
+        if net is None and (settings is None or not (settings.steps or settings.affine_steps)):
+            raise ConfigError(
+                "model-free registration (no network) with refine_steps=0 would return the "
+                "identity; set refine_steps (e.g. refine_steps=50)"
+            )
+        if settings is not None and settings.integration_steps is None:
+            own = 0 if net is None else contract.integration_steps(_inner(net))
+            settings = settings.replace(integration_steps=own)
+        self.net, self.settings, self.cascade = net, settings, cascade
+        self.build_config = build_config
+        if settings is not None and net is not None:
+            net.eval()
+
+    @property
+    def accepts_any_size(self) -> bool:
+        """True when it refines: ``register`` then passes the images at their own size."""
+        return self.settings is not None
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """The network's trained size; None without a network (any size)."""
+        return None if self.net is None else contract.image_size(_inner(self.net))
+
+    @property
+    def integration_steps(self) -> int:
+        """Squaring steps of the flows it returns (the refinement's, else the network's)."""
+        if self.settings is not None:
+            return self.settings.integration_steps
+        return contract.integration_steps(_inner(self.net))
+
+    def train(self, mode: bool = True) -> Registrar:
+        super().train(mode)
+        if self.settings is not None and self.net is not None:
+            self.net.eval()  # no dropout: the starting flow is the deterministic prediction
+        return self
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        if self.settings is None:  # the network alone, at its trained size
+            return apply_repeatedly(self.net, fixed, moving, self.cascade)
+        start = None if self.net is None else self.network_flow
+        return refine(fixed, moving, start, self.settings)
+
+    def network_flow(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """The network's flow for pairs of any size: the images brought to its trained size
+        as it was trained (resized, or padded for a ``data.pad_to`` network: the recorded
+        ``Preprocessing``), run ``cascade`` times (composed), the flow brought back to the
+        images' (H, W)."""
+        size, prep = self.image_size, Preprocessing.of_model(self)
+        with torch.no_grad():
+            flow = apply_repeatedly(self.net, prep.to_model(fixed, size),
+                                    prep.to_model(moving, size), self.cascade)  # fmt: skip
+        return prep.from_model(flow, tuple(fixed.shape[-2:]))
+
+    def extra_repr(self) -> str:
+        return f"cascade={self.cascade}, settings={self.settings}"
+
+
+def _inner(net: nn.Module) -> nn.Module:
+    return getattr(net, "net", net)  # a RegistrationModule holds its network as .net
+
+
+class _RefinerType(type(nn.Module)):
+    """``isinstance(x, Refiner)``: any ``Registrar`` that refines (what Refiner was)."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, Registrar) and obj.settings is not None
+
+
+class Refiner(Registrar, metaclass=_RefinerType):
+    """Deprecated: ``Registrar(net, RefineSettings(...), cascade=k)``. Keywords apply to
+    ``LEGACY_DEFAULTS`` (refine's former keyword defaults); ``integration_steps=None`` (the
+    default) keeps the network's."""
+
+    def __init__(
+        self, net: nn.Module | None, *, integration_steps: int | None = None, cascade: int = 1,
+        **settings,
+    ) -> None:  # fmt: skip
+        deprecation.warn(
+            "air_reg.refine.Refiner is deprecated; use Registrar(net, RefineSettings(...), "
+            "cascade=k) or air_reg.load_model(path, refine_steps=N)"
+        )
+        if {"fixed", "moving", "init_flow", "init_velocity", "affine"} & settings.keys():
+            raise ConfigError(
+                f"Refiner takes refine's settings, not its inputs: {sorted(settings)}"
+            )
+        settings = LEGACY_DEFAULTS.replace(integration_steps=integration_steps, **settings)
+        super().__init__(net, settings, cascade=cascade)
