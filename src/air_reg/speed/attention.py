@@ -25,7 +25,8 @@ from air_reg.speed import kernels
 
 HEAD_SIZES = (1, 2, 4, 8, 16)  # what the kernel takes (speed.attention=kernel)
 AUTO_HEAD_SIZES = (1, 2, 4, 8)  # where speed.attention=auto uses it: faster than SDPA
-# (experiments/attention_kernels.py; at 16 its accumulators no longer fit in registers)
+# (experiments/attention_kernels.py at commit d20ba67, since removed; at 16 its accumulators
+# no longer fit in registers)
 MODES = ("auto", "kernel", "sdpa")  # the ``speed.attention`` choices
 
 
