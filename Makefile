@@ -10,7 +10,7 @@ help: ## Show this help
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PYTHON) -m pip install -e ".[dev,brain,classical,nifti,peers,sweep,tensorboard]"
+	$(PYTHON) -m pip install -e ".[dev,brain,classical,families,nifti,peers,sweep,tensorboard]"
 	-$(PYTHON) -m air_reg.speed build  # air-reg's CPU kernels; without a compiler: PyTorch ops
 	@touch $(STAMP)
 

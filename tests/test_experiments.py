@@ -18,7 +18,9 @@ SCRIPTS = sorted(EXPERIMENTS.glob("*.py"))
 # soon as it is thin. Empty means every script follows the rule.
 STILL_BEING_MOVED: set[str] = set()
 # The scripts whose command lines this suite runs (--help): the benchmark ones have their own.
-COMMANDS = ("reproduce", "converge", "refine_benchmark", "brain_mri", "refine_speed")
+COMMANDS = (
+    "reproduce", "converge", "refine_benchmark", "brain_mri", "refine_speed", "refine_families",
+)  # fmt: skip
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -11,5 +11,8 @@ here. The registry of methods is ``air_reg.zoo``.
 - ``refinement``: one-shot vs cascade vs refined, refinement speed (the one door to
   ``air_reg.refine`` for the benchmarks);
 - ``brain``, ``brain_report``: the brain MRI benchmark (``experiments/brain_mri.py``);
+- ``families``, ``family_bench``: 2-D pairs with known fields (small, large, contrast change)
+  from images inside the installed wheels, and the benchmark over them
+  (``experiments/refine_families.py``);
 - ``machine``: what a report says about the machine; ``speed``: the speed benchmark.
 """

@@ -1,0 +1,156 @@
+"""The benchmark over the 2-D families (``experiments/refine_families.py``): identity, model-free
+refinement (MSE, mutual information, with an affine stage), ANTs SyN (with and without its
+affine stage) and SimpleITK Demons on the same pairs of ``air_reg.bench.families``, pair by
+pair, the method order rotating every pair (the host is shared and noisy).
+
+Scores per pair and method: ``epe`` (px, mean over every pixel), ``epe_edges`` (over the pixels
+of the batch's ``edges`` mask: the fixed image's strongest 20 % gradients whose true target is
+inside the moving image, where a registration can be judged), ``folding`` (% of pixels with
+det J <= 0) and ``ms`` (the call, one pair, after one untimed warm-up call per method).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from air_reg import metrics as M
+from air_reg.bench.families import FAMILIES, MNI, family
+from air_reg.classical import ants_syn, demons, has_ants, has_simpleitk
+
+log = logging.getLogger(__name__)
+STEPS = 60  # refine_steps of the refined rows (the CLI preset's)
+DEMONS = {"iterations": 100, "smoothing_sigma": 1.5}  # the brain benchmark's (air_reg.bench.brain)
+MATTES = {"syn_metric": "mattes", "syn_sampling": 32}  # ANTs' Mattes MI, 32 bins
+# --methods key -> the row's label ({steps}: refine_steps)
+LABELS = {
+    "identity": "identity",
+    "refine": "refine {steps} (MSE)",
+    "refine_mi": "refine {steps}, similarity=mi",
+    "refine_affine": "refine {steps}, affine_steps=100",
+    "syn": "ANTs SyNOnly",
+    "syn_affine": "ANTs SyN (affine + SyN)",
+    "demons": "SimpleITK Demons",
+}
+FAST = ("identity", "refine", "demons")  # the smoke test's
+FIELDS = ("family", "pair", "source", "contrast", "method", "label", "epe", "epe_edges",
+          "folding", "ms")  # fmt: skip
+
+
+def make_method(key: str, family_name: str, steps: int = STEPS) -> Callable | None:
+    """``(fixed, moving) -> flow`` for (1, 1, H, W) pairs, or None when its package is
+    missing. ANTs uses Mattes mutual information (32 bins) on the contrast family, its
+    cross-correlation defaults elsewhere; its affine stage is Mattes MI in both (antspyx's)."""
+    import air_reg  # the public API, as a user calls it
+
+    if key == "identity":
+        return lambda f, m: torch.zeros(len(f), 2, *f.shape[-2:])
+    if key == "refine":
+        return air_reg.load_model(None, refine_steps=steps)
+    if key == "refine_mi":
+        settings = air_reg.RefineSettings.preset("default", steps=steps, similarity="mi")
+        return air_reg.Registrar(None, settings)
+    if key == "refine_affine":
+        return air_reg.load_model(None, refine_steps=steps, affine_steps=100)
+    if key in ("syn", "syn_affine"):
+        if not has_ants():
+            return None
+        extra = MATTES if family_name == "contrast" else {}
+        transform = "SyN" if key == "syn_affine" else "SyNOnly"
+        return lambda f, m: ants_syn(f, m, transform=transform, **extra)
+    if key == "demons":
+        return (lambda f, m: demons(f, m, **DEMONS)) if has_simpleitk() else None
+    raise ValueError(f"unknown method {key!r}; choose from {sorted(LABELS)}")
+
+
+def score(flow: torch.Tensor, target: torch.Tensor, edges: torch.Tensor) -> dict:
+    """One pair's scores: flow, target (1, 2, H, W), edges (1, 1, H, W) bool."""
+    err = (flow - target).norm(dim=1)  # (1, H, W)
+    mask = edges[:, 0]
+    return {
+        "epe": err.mean().item(),
+        "epe_edges": err[mask].mean().item() if mask.any() else float("nan"),
+        "folding": M.folding(flow).item(),
+    }
+
+
+def run(
+    families: list[str],
+    n: int,
+    size: tuple[int, int],
+    split: str,
+    methods: list[str],
+    *,
+    seed: int = 0,
+    steps: int = STEPS,
+    sink: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Every method on the first ``n`` pairs of each family: one row (``FIELDS``) per (pair,
+    method); ``sink`` gets each pair's rows as they come (a run cut short keeps them)."""
+    rows, turn = [], 0
+    for name in families:
+        batch = family(name, n, size, seed, split=split)[0]
+        fns = {k: make_method(k, name, steps) for k in methods}
+        for k in [k for k, fn in fns.items() if fn is None]:
+            log.warning("%s: its package is missing, row left out", k)
+            del fns[k]
+        for fn in fns.values():  # warm-up: kernel builds, ITK's threads, first calls
+            fn(batch["fixed"][:1], batch["moving"][:1])
+        for i in range(n):
+            one = {k: batch[k][i : i + 1] for k in ("fixed", "moving", "flow", "edges")}
+            keys = list(fns)[turn % len(fns) :] + list(fns)[: turn % len(fns)]
+            turn += 1
+            for k in keys:
+                tic = time.perf_counter()
+                flow = fns[k](one["fixed"], one["moving"]).detach()
+                ms = 1000 * (time.perf_counter() - tic)
+                rows.append({
+                    "family": name, "pair": i, "source": batch["source"][i],
+                    "contrast": batch["contrast"][i], "method": k,
+                    "label": LABELS[k].format(steps=steps),
+                    **score(flow, one["flow"], one["edges"]), "ms": ms,
+                })  # fmt: skip
+            if sink is not None:
+                sink(rows[-len(keys) :])
+            log.info("%s pair %d (%s): %s", name, i, batch["source"][i],
+                     {r["method"]: round(r["epe"], 2) for r in rows[-len(keys):]})  # fmt: skip
+    return rows
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v == v]  # NaN (no edge pixel) left out
+    return sum(values) / len(values) if values else float("nan")
+
+
+def tables(rows: list[dict]) -> str:
+    """Markdown: EPE (all pixels) methods x families with ms per pair; then per family and
+    method EPE on edges, on MNI152 and on scikit-image pairs, folding and ms."""
+    families = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    label = {r["method"]: r["label"] for r in rows}
+    pick = lambda f, m: [r for r in rows if r["family"] == f and r["method"] == m]  # noqa: E731
+    head = " | ".join(f"{f} EPE" for f in families)
+    lines = [f"| method | {head} | ms/pair (median, all pairs) |",
+             "|---" * (len(families) + 2) + "|"]  # fmt: skip
+    for m in methods:
+        cells = [f"{_mean([r['epe'] for r in pick(f, m)]):.3f}" for f in families]
+        ms = statistics.median(r["ms"] for r in rows if r["method"] == m)
+        lines.append(f"| {label[m]} | " + " | ".join(cells) + f" | {ms:.0f} |")
+    lines += ["", "| family | method | EPE | EPE edges | EPE MNI152 | EPE scikit-image | "
+              "folding % | ms/pair (median) | pairs |", "|---" * 9 + "|"]  # fmt: skip
+    for f in families:
+        for m in methods:
+            p = pick(f, m)
+            mni = [r["epe"] for r in p if r["source"].startswith(MNI)]
+            ski = [r["epe"] for r in p if not r["source"].startswith(MNI)]
+            lines.append(
+                f"| {f} | {label[m]} | {_mean([r['epe'] for r in p]):.3f} | "
+                f"{_mean([r['epe_edges'] for r in p]):.3f} | {_mean(mni):.3f} | "
+                f"{_mean(ski):.3f} | {_mean([r['folding'] for r in p]):.3f} | "
+                f"{statistics.median(r['ms'] for r in p):.0f} | {len(p)} |"
+            )
+    return "\n".join(lines) + "\n"
