@@ -26,7 +26,7 @@ PRESET_DIR = Path(CONFIG_DIR) / "refinement"
 DEFAULT_PRESET = "default"
 OPTIMIZERS = ("adam", "lbfgs")
 DEFAULT_LR = {"adam": 0.5, "lbfgs": 1.0}  # Adam: pixels per step; L-BFGS: first line-search step
-SIMILARITY_NAMES = ("mse", "ncc", "lncc", "mi")  # air_reg.refine.optimise.SIMILARITIES
+SIMILARITY_NAMES = ("mse", "ncc", "lncc", "mi", "ngf")  # air_reg.refine.optimise.SIMILARITIES
 NOT_IN_PRESET = ("steps", "regularizer")  # the CLI's refine_steps; a module, not a YAML value
 
 
@@ -45,7 +45,7 @@ class RefineSettings:
     """
 
     steps: int = 50  # Adam steps at full size (level k halvings down gets steps * (1 + k))
-    similarity: str | nn.Module = "mse"  # mse | ncc | lncc | mi, or a module (warped, fixed)
+    similarity: str | nn.Module = "mse"  # mse | ncc | lncc | mi | ngf or a module (warped, fixed)
     levels: int = 3  # pyramid of halvings, coarse to fine
     min_size: int = 16  # coarsest side of a level, and of the field grid
     spacing: float | str | None = "auto"  # control points this many px apart, or auto
@@ -91,7 +91,7 @@ class RefineSettings:
             self,
             "similarity",
             self.similarity in SIMILARITY_NAMES or isinstance(self.similarity, nn.Module),
-            f"one of {SIMILARITY_NAMES} (mi for images of different contrast) or a module",
+            f"one of {SIMILARITY_NAMES} (mi or ngf for images of different contrast) or a module",
         )
         _check(self, "grid", self.grid is None or _is_int(self.grid, 2), "an integer >= 2 or null")
         _check(
