@@ -119,16 +119,7 @@ class Preprocessing:
 
     def normalise(self, image: np.ndarray, where: str | Path) -> np.ndarray:
         """``image`` (H, W) mapped to [0, 1] float32 by ``normalize``; ``where`` names it."""
-        if self.normalize == "none":
-            lo, hi = float(image.min()), float(image.max())
-            if lo < 0 or hi > 1:
-                raise ImageError(
-                    f"{where}: values lie in [{lo:.4g}, {hi:.4g}], outside [0, 1], and "
-                    f"normalize=none (data.normalize, recorded with a model) takes them as "
-                    f"they are; rescale the image to [0, 1], e.g. (a - a.min()) / (a.max() - "
-                    f"a.min()), or train with data.normalize=minmax"
-                )
-        return normalise(image, self.normalize, self.percentiles)
+        return normalise(image, self.normalize, self.percentiles, where)
 
     def load(self, path: str | Path) -> torch.Tensor:
         """One 2-D image file read and normalised: (1, 1, H, W) float32 in [0, 1] (register)."""

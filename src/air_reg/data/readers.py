@@ -106,17 +106,22 @@ def slices(volume: np.ndarray, axis: int, first: int | None, last: int | None) -
     return [(i, moved[i]) for i in range(len(moved))[first:last]]
 
 
-def normalise(image: np.ndarray, mode: str, percentiles=(1.0, 99.0)) -> np.ndarray:
+def normalise(
+    image: np.ndarray, mode: str, percentiles=(1.0, 99.0), where: str | Path = "an image"
+) -> np.ndarray:
     """``image`` mapped to [0, 1]: ``minmax``, ``percentile`` (clip to the percentiles, then
-    min-max) or ``none`` (the values must already lie in [0, 1]). A constant image gives 0."""
+    min-max) or ``none`` (the values must already lie in [0, 1]; ``where`` names the image in
+    the error). A constant image gives 0."""
     if mode not in NORMALISATIONS:
         raise ValueError(f"data.normalize must be one of {NORMALISATIONS}, got {mode!r}")
     if mode == "none":
         lo, hi = float(image.min()), float(image.max())
         if lo < 0 or hi > 1:
-            raise ValueError(
-                f"data.normalize=none needs values in [0, 1], got [{lo:.4g}, {hi:.4g}]; "
-                f"use data.normalize=minmax or percentile"
+            raise ImageError(
+                f"{where}: values lie in [{lo:.4g}, {hi:.4g}], outside [0, 1], and "
+                f"normalize=none (data.normalize, recorded with a model) takes them as "
+                f"they are; rescale the image to [0, 1], e.g. (a - a.min()) / (a.max() - "
+                f"a.min()), or train with data.normalize=minmax"
             )
         return image.astype(np.float32)
     if mode == "percentile":
