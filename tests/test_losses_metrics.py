@@ -102,3 +102,14 @@ def test_the_diffusion_fold_config_builds_the_module(tmp_path):
     assert isinstance(reg, losses.DiffusionFold)
     assert reg.fold_weight == 20.0
     assert reg.fold.fold_margin == 0.05
+
+
+def test_epe_over_a_mask_counts_only_its_pixels():
+    flow, target = torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 4, 4)
+    target[:, 0, :2] = 3.0  # top half off by 3 px, bottom half exact
+    mask = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    mask[0, 0, :2] = True  # pair 0: the top half only; pair 1: no pixel
+    assert metrics.epe(flow, target).tolist() == [1.5, 1.5]
+    masked = metrics.epe(flow, target, mask)
+    assert masked[0].item() == 3.0
+    assert masked[1].isnan()

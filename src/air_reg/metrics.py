@@ -73,9 +73,15 @@ def sd_log_jacobian(flow: torch.Tensor, clip: tuple[float, float] = JAC_CLIP) ->
     return jacobian_determinant(flow).clamp(*clip).log().flatten(1).std(1)
 
 
-def epe(flow: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean end-point error in pixels against a ground-truth flow."""
-    return (flow - target).square().sum(1).sqrt().flatten(1).mean(1)
+def epe(
+    flow: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean end-point error in pixels against a ground-truth flow, (B,); with ``mask``
+    (B, 1, H, W) bool, over the masked pixels only (NaN for a pair whose mask is empty)."""
+    err = (flow - target).square().sum(1).sqrt()  # (B, H, W)
+    if mask is None:
+        return err.flatten(1).mean(1)
+    return torch.stack([e[m].mean() for e, m in zip(err, mask[:, 0], strict=True)])
 
 
 def _label_ints(labels: torch.Tensor, name: str) -> torch.Tensor:

@@ -183,19 +183,13 @@ def score_real(flows, fixed, moving, fixed_labels, moving_labels) -> list[dict]:
     return rows
 
 
-def epe_on_head(flow: torch.Tensor, target: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    """(B,) end-point error (px) averaged where ``fixed`` (B, 1, H, W) > HEAD."""
-    err = (flow - target).norm(dim=1)  # (B, H, W)
-    head = fixed[:, 0] > HEAD
-    return torch.stack([e[h].mean() for e, h in zip(err, head, strict=True)])
-
-
 def score_known(flows, targets, fixed) -> list[dict]:
     """Per known pair: the end-point error on the head and folding %."""
     rows = []
     for flow, target, f in zip(flows, targets, fixed, strict=True):
         flow_t = torch.from_numpy(flow)[None]
-        epe = epe_on_head(flow_t, target, torch.from_numpy(f)[None, None])
+        head = torch.from_numpy(f)[None, None] > HEAD  # (1, 1, H, W): EPE on the head only
+        epe = M.epe(flow_t, target, head)
         rows.append({"epe": epe.item(), "folding": M.folding(flow_t).item()})
     return rows
 

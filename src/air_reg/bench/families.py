@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from air_reg.data import brain
 from air_reg.data.synthetic import affine_after, multiscale_flows, random_affines
 from air_reg.errors import ConfigError
+from air_reg.images import resize
 from air_reg.models.components.spatial_transformer import warp
 
 FAMILIES = ("small", "large", "contrast")
@@ -117,13 +118,6 @@ def mni_slice(z: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- pairs -------------------------------------------------------------------------------------
-def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(C, h, w) -> (C, H, W), bilinear with antialiasing when shrinking."""
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
-                         antialias=shrink)[0]  # fmt: skip
-
-
 def stretch(x: torch.Tensor) -> torch.Tensor:
     """Percentiles 0.5 and 99.5 of ``x`` to 0 and 1, clipped: one scale for every source."""
     lo, hi = torch.quantile(x.flatten(), torch.tensor([0.005, 0.995]))
@@ -139,7 +133,7 @@ def crop(image: np.ndarray, size: tuple[int, int], g: torch.Generator) -> torch.
     top = int(torch.randint(h - wh + 1, (), generator=g))
     left = int(torch.randint(w - ww + 1, (), generator=g))
     window = torch.from_numpy(np.ascontiguousarray(image[top : top + wh, left : left + ww]))
-    return stretch(resize(window[None], size))
+    return stretch(resize(window[None, None], size)[0])
 
 
 def fit(images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
@@ -147,7 +141,7 @@ def fit(images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
     h, w = images[0].shape
     s = min(size[0] / h, size[1] / w)
     inner = (max(2, round(h * s)), max(2, round(w * s)))
-    x = resize(torch.from_numpy(np.stack(images)), inner).clamp(0, 1)
+    x = resize(torch.from_numpy(np.stack(images))[None], inner)[0]  # clamped to [0, 1]
     top, left = (size[0] - inner[0]) // 2, (size[1] - inner[1]) // 2
     return F.pad(x, (left, size[1] - inner[1] - left, top, size[0] - inner[0] - top))
 

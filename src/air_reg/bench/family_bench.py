@@ -69,11 +69,9 @@ def make_method(key: str, family_name: str, steps: int = STEPS) -> Callable | No
 
 def score(flow: torch.Tensor, target: torch.Tensor, edges: torch.Tensor) -> dict:
     """One pair's scores: flow, target (1, 2, H, W), edges (1, 1, H, W) bool."""
-    err = (flow - target).norm(dim=1)  # (1, H, W)
-    mask = edges[:, 0]
     return {
-        "epe": err.mean().item(),
-        "epe_edges": err[mask].mean().item() if mask.any() else float("nan"),
+        "epe": M.epe(flow, target).item(),
+        "epe_edges": M.epe(flow, target, edges).item(),  # NaN without an edge pixel
         "folding": M.folding(flow).item(),
     }
 
