@@ -8,7 +8,6 @@ The one place the benchmarks reach into ``air_reg.refine``: ``RefineSettings``,
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,11 +74,6 @@ def interleaved_times(rows: dict[str, Callable], rounds: int, per: int, score: C
             scores[name] = score(out)
         log.info("round %d: %s", r, {n: round(t[-1]) for n, t in times.items()})
     return times, scores
-
-
-def median_ratio(times: list[float], base: list[float]) -> float:
-    """The median over rounds of the per-round ratio ``times / base``."""
-    return statistics.median(a / b for a, b in zip(times, base, strict=True))
 
 
 def plot_quality_vs_time(rows: list[dict], path: Path) -> None:
