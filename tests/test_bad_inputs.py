@@ -20,6 +20,7 @@ from test_register import trained_checkpoint
 
 from air_reg import CheckpointError
 from air_reg.data.idx import FILES, default_data_root, load_dataset
+from air_reg.errors import DataError
 from air_reg.images import ImageError, read_image, save_npy, write_image
 from air_reg.register import register
 
@@ -40,9 +41,11 @@ def npy(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def nifti(path: Path, array: np.ndarray) -> Path:
+def nifti(path: Path, array: np.ndarray, shift: float = 0.0) -> Path:
     nib = pytest.importorskip("nibabel")
-    nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), path)
+    affine = np.eye(4)
+    affine[0, 3] = shift
+    nib.save(nib.Nifti1Image(array.astype(np.float32), affine), path)
     return path
 
 
@@ -138,8 +141,15 @@ CASES = [
     case("npy-int64", lambda t, c: read_image(npy(t / "a.npy", np.zeros((4, 4), np.int64))),
          ImageError, "unsupported pixel type int64", "save uint8 (0-255)"),
     # -- register: pairs and folders ---------------------------------------------------------
-    case("sizes-differ", lambda t, c: reg(t, moving=png(t / "m.png", 32), ckpt=c()), ImageError,
-         "is 28x28 but moving", "is 32x32", "resample one of them", slow=True),
+    case("no-overlap",
+         lambda t, c: reg(t, "weights=none", "refine_steps=2",
+                          fixed=nifti(t / "f.nii.gz", np.random.rand(28, 28)),
+                          moving=nifti(t / "m.nii.gz", np.random.rand(28, 28), shift=500.0)),
+         ImageError, "do not overlap in physical space", "check their headers"),
+    case("init-flow-wrong-size",
+         lambda t, c: reg(t, "weights=none", "refine_steps=2",
+                          f"init_flow={npy(t / 'w.npy', np.zeros((2, 20, 20), np.float32))}"),
+         DataError, "w.npy is (2, 20, 20) but the fixed image needs (2, 28, 28)"),
     case("folders-unmatched",
          lambda t, c: reg(t, *folder_args(folders(t, ["a.png", "b.png"], ["a.png", "c.png"]))),
          ImageError, "do not pair up by file name", "only in fixed: b.png",
@@ -267,14 +277,14 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_failed_register_leaves_no_half_written_files(tmp_path, ckpt, monkeypatch):
-    fixed, moving, big = (
+    fixed, moving, bad = (
         png(tmp_path / "f.png"),
         png(tmp_path / "m.png"),
-        png(tmp_path / "b.png", 32),
+        raw_bytes(tmp_path / "b.png", b"not an image"),
     )
     # refused before any output: the output folder stays empty
     with pytest.raises(ImageError):
-        reg(tmp_path, fixed=fixed, moving=big, ckpt=ckpt)
+        reg(tmp_path, fixed=fixed, moving=bad, ckpt=ckpt)
     assert _leftovers(tmp_path / "out") == []
 
     # the disk fills up while the warped PNG is written: only complete files remain
@@ -285,5 +295,4 @@ def test_failed_register_leaves_no_half_written_files(tmp_path, ckpt, monkeypatc
     monkeypatch.setattr(Image.Image, "save", partial_then_fail)
     with pytest.raises(OSError, match="No space left"):
         reg(tmp_path, fixed=fixed, moving=moving, ckpt=ckpt)
-    assert _leftovers(tmp_path / "out") == ["flow.npy"]  # written first, complete
-    assert np.load(tmp_path / "out" / "flow.npy").shape == (2, 28, 28)
+    assert _leftovers(tmp_path / "out") == []  # the warped image is written first

@@ -77,7 +77,9 @@ def _load_npy(path: Path) -> np.ndarray:
         ) from err
 
 
-def _load_pil(path: Path) -> np.ndarray:
+def _load_pil(path: Path, colour: bool = False) -> np.ndarray:
+    """A PIL-readable file's pixels: (H, W) grey, or with ``colour`` (H, W, 3) uint8 RGB for
+    a colour file (alpha dropped)."""
     try:
         with Image.open(path) as img:
             _check_size(path, img.size)
@@ -96,6 +98,8 @@ def _load_pil(path: Path) -> np.ndarray:
                         f"{img.width} x {img.height} pixels; re-export or re-copy the file"
                     )
             img.load()  # decode now: truncated files fail here, not later
+            if colour and (img.mode in COLOUR_MODES or len(img.getbands()) > 1):
+                return np.asarray(img.convert("RGB"))
             return _pil_to_array(img, path)
     except ImageError:
         raise

@@ -61,11 +61,26 @@ def _flow_differences(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Diffusion(nn.Module):
-    """Mean squared spatial gradient of the flow (``Grad`` in VoxelMorph), pixels^2."""
+    """Mean squared spatial gradient of the flow (``Grad`` in VoxelMorph), pixels^2.
+
+    ``spacing`` (mm per pixel, per axis): the gradient in physical units, i.e. component i
+    differentiated along axis j weighs (spacing_i / spacing_j)^2; isotropic spacing (or None)
+    gives the plain pixel form, so a 0.5 x 2 mm slice is not regularised as if square.
+    """
+
+    def __init__(self, spacing: tuple[float, ...] | None = None) -> None:
+        super().__init__()
+        self.spacing = None if spacing is None or len(set(spacing)) == 1 else tuple(spacing)
 
     def forward(self, flow: torch.Tensor) -> torch.Tensor:
         dy, dx = _flow_differences(flow)
-        return dy.square().mean() + dx.square().mean()
+        if self.spacing is None:
+            return dy.square().mean() + dx.square().mean()
+        s = torch.tensor(self.spacing, dtype=flow.dtype, device=flow.device)  # (2,)
+        wy, wx = (s / s[0]).square(), (s / s[1]).square()  # per component, along y / x
+        return (dy.square().mean((0, 2, 3)) * wy).mean() + (
+            dx.square().mean((0, 2, 3)) * wx
+        ).mean()
 
 
 class BendingEnergy(nn.Module):
@@ -268,3 +283,28 @@ class NormalisedGradientFields(nn.Module):
         fy, fx, fn = self._gradients(fixed)
         cos2 = (wy * fy + wx * fx).square() / (wn * fn)
         return (1 - cos2).mean()
+
+
+class SoftDice(nn.Module):
+    """1 - mean soft Dice over channels 1.. of (B, K + 1, H, W) label probabilities (channel 0,
+    the background, left out): label overlap, SynthMorph's contrast-free objective
+    (``RegistrationModule(supervision="labels")`` warps one-hot moving labels bilinearly)."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        w, f = warped[:, 1:].flatten(2), fixed[:, 1:].flatten(2)  # (B, K, N)
+        inter, total = (w * f).sum(-1), w.sum(-1) + f.sum(-1)
+        present = f.sum(-1) > 0  # labels absent from the fixed map do not count
+        dice = (2 * inter + self.eps) / (total + self.eps)
+        return 1 - dice[present].mean() if present.any() else warped.sum() * 0
+
+
+class EndPointError(nn.Module):
+    """Mean end-point error (pixels) of a flow against the true one: the field-supervised
+    objective of pairs with known fields (``RegistrationModule(supervision="field")``)."""
+
+    def forward(self, flow: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (flow - target).square().sum(1).add(1e-8).sqrt().mean()

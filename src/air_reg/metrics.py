@@ -74,11 +74,19 @@ def sd_log_jacobian(flow: torch.Tensor, clip: tuple[float, float] = JAC_CLIP) ->
 
 
 def epe(
-    flow: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    flow: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    spacing: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """Mean end-point error in pixels against a ground-truth flow, (B,); with ``mask``
-    (B, 1, H, W) bool, over the masked pixels only (NaN for a pair whose mask is empty)."""
-    err = (flow - target).square().sum(1).sqrt()  # (B, H, W)
+    (B, 1, H, W) bool, over the masked pixels only (NaN for a pair whose mask is empty); with
+    ``spacing`` (mm per pixel, per axis) in millimetres."""
+    diff = flow - target
+    if spacing is not None:
+        shape = (1, -1) + (1,) * (diff.ndim - 2)
+        diff = diff * torch.tensor(spacing, dtype=diff.dtype, device=diff.device).view(shape)
+    err = diff.square().sum(1).sqrt()  # (B, H, W)
     if mask is None:
         return err.flatten(1).mean(1)
     return torch.stack([e[m].mean() for e, m in zip(err, mask[:, 0], strict=True)])

@@ -14,6 +14,7 @@ warped. A pair whose result is not more similar than the unregistered images get
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -27,17 +28,20 @@ from air_reg import zoo
 from air_reg.checkpoint import load_configured, shipped_weights
 from air_reg.config import CONFIG_DIR
 from air_reg.data.files import find_pairs, preprocessing_of, read_pair
+from air_reg.data.image_file import output_suffix
 from air_reg.errors import ConfigError, UserError
-from air_reg.images import save_npy, write_image
+from air_reg.fields import read_field
 from air_reg.metrics import mse, smooth_dice
 from air_reg.models.components.spatial_transformer import warp
+from air_reg.outputs import LANDMARK_FIELDS, Landmarks, has_nibabel, paths_for, write_pair_outputs
 from air_reg.pairlog import PairLog
 from air_reg.refine import GUARD_TOL, keep_if_better, resize_flow  # noqa: F401 (API)
 from air_reg.utils import check_writable, run_cli, write_text
 
 log = logging.getLogger(__name__)
 METRICS = ("mse_before", "mse_after", "smooth_dice_before", "smooth_dice_after")
-FIELDS = ("name", "fixed", "moving", "height", "width", *METRICS, "worse", "identity")
+FIELDS = ("name", "fixed", "moving", "height", "width", "spacing", *METRICS, "worse", "identity",
+          *LANDMARK_FIELDS)  # fmt: skip
 WORSE_TOL = GUARD_TOL  # MSE rise (absolute, on [0, 1] images) below which a pair is not "worse"
 MAX_BATCH_PIXELS = 2**22  # pairs refined at once at their own size: at most this many pixels
 MODEL_FREE = "none"  # weights=none: the refinement alone, no network (model=none: deprecated)
@@ -90,25 +94,38 @@ def resolve_checkpoint(cfg: DictConfig) -> Path | None:
 
 @torch.no_grad()
 def register_batch(
-    model, fixed: list[torch.Tensor], moving: list[torch.Tensor], guard: bool = True
+    model,
+    fixed: list[torch.Tensor],
+    moving: list[torch.Tensor],
+    guard: bool = True,
+    spacings: list[tuple[float, ...]] | None = None,
+    init_flow: torch.Tensor | None = None,
 ) -> list:
     """(warped, flow) per pair at its own size; pairs may differ in size from one another.
 
-    A refiner (``accepts_any_size``) gets the pairs at their own size, those of one size
-    together (at most ``MAX_BATCH_PIXELS`` at once); a plain network gets them at its trained
-    size, padded or resized as it was trained (``preprocessing_of``), its flows brought back
-    (cropped or resized), and ``guard`` gives the identity to a pair it leaves no more similar.
+    A refiner (``accepts_any_size``) gets the pairs at their own size, those of one size and
+    pixel spacing together (at most ``MAX_BATCH_PIXELS`` at once; ``spacings``, mm per pixel,
+    make its regularisation physical), starting from ``init_flow`` (one pair) when given; a
+    plain network gets them at its trained size, padded or resized as it was trained
+    (``preprocessing_of``), its flows brought back (cropped or resized), and ``guard`` gives
+    the identity to a pair it leaves no more similar.
     """
     params = next(model.parameters(), None)
     device = params.device if params is not None else torch.device("cpu")
     flows: list[torch.Tensor | None] = [None] * len(fixed)
+    spacings = spacings or [None] * len(fixed)
     if getattr(model, "accepts_any_size", False):
-        for group in _same_size_groups(fixed):
+        for group in _same_size_groups(fixed, spacings):
             f = torch.cat([fixed[i] for i in group]).to(device)  # (B, 1, H, W)
             m = torch.cat([moving[i] for i in group]).to(device)
-            for i, flow in zip(group, model(f, m).cpu(), strict=True):
+            extra = {} if init_flow is None else {"init_flow": init_flow.to(device)}
+            if spacings[group[0]] is not None:
+                extra["spacing"] = spacings[group[0]]
+            for i, flow in zip(group, model(f, m, **extra).cpu(), strict=True):
                 flows[i] = flow[None]
     else:
+        if init_flow is not None:
+            raise ConfigError("init_flow starts the refinement: set refine_steps, e.g. 50")
         prep, size = preprocessing_of(model)
         f = torch.cat([prep.to_model(x, size) for x in fixed]).to(device)  # (B, 1, h, w)
         m = torch.cat([prep.to_model(x, size) for x in moving]).to(device)
@@ -119,30 +136,18 @@ def register_batch(
     return [(warp(mov, flow), flow) for flow, mov in zip(flows, moving, strict=True)]
 
 
-def _same_size_groups(images: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of the images by size, each group at most ``MAX_BATCH_PIXELS`` pixels."""
+def _same_size_groups(images: list[torch.Tensor], spacings=None) -> list[list[int]]:
+    """Indices of the images by size (and spacing), each group at most ``MAX_BATCH_PIXELS``
+    pixels."""
+    spacings = spacings or [None] * len(images)
     by_size: dict[tuple, list[int]] = {}
     for i, x in enumerate(images):
-        by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
+        by_size.setdefault((*x.shape[-2:], spacings[i]), []).append(i)
     groups = []
-    for (h, w), idx in by_size.items():
+    for (h, w, _), idx in by_size.items():
         per_call = max(1, MAX_BATCH_PIXELS // (h * w))
         groups += [idx[j : j + per_call] for j in range(0, len(idx), per_call)]
     return groups
-
-
-def _outputs(out_dir: Path, name: str, folders: bool) -> dict[str, Path]:
-    if folders:  # one file per pair in each of warped/ flow/ figures/
-        return {
-            "warped": out_dir / "warped" / f"{name}.png",
-            "flow": out_dir / "flow" / f"{name}.npy",
-            "figure": out_dir / "figures" / f"{name}.png",
-        }
-    return {
-        "warped": out_dir / "warped.png",
-        "flow": out_dir / "flow.npy",
-        "figure": out_dir / "figure.png",
-    }
 
 
 ON_ERROR = ("skip", "stop")
@@ -174,6 +179,16 @@ def register(cfg: DictConfig) -> dict:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}; e.g. batch_size=32")
     model = load_configured(resolve_checkpoint(cfg), cfg)
     prep, size = preprocessing_of(model)
+    if cfg.get("normalize"):
+        prep = dataclasses.replace(prep, normalize=str(cfg.normalize))
+    init_flow = cfg.get("init_flow")
+    if init_flow and folders:
+        raise ConfigError("init_flow= starts one pair: pass two image files, not folders")
+    itk_field = bool(cfg.get("itk_field", True)) and has_nibabel()
+    landmarks = Landmarks.of(cfg)
+    landmarks.check()
+    if landmarks and folders:
+        raise ConfigError("labels and points go with one pair: pass two image files")
     guard = bool(cfg.refine.get("guard", True))
     draw = None
     if cfg.figures:
@@ -185,22 +200,38 @@ def register(cfg: DictConfig) -> dict:
                disable=not folders)  # fmt: skip
     try:
         for i in range(0, len(todo), batch_size):
-            chunk = _read_chunk(todo[i : i + batch_size], pairlog, on_error, prep, size)
+            chunk = _read_chunk(todo[i : i + batch_size], pairlog, on_error, prep, size,
+                                cfg.get("channel"))  # fmt: skip
             if chunk:
+                start_flow = None
+                if init_flow:  # one pair: on the fixed image's grid, in its pixels
+                    fixed_file = chunk[0][3].fixed_file
+                    start_flow = read_field(init_flow, fixed_file.geometry,
+                                            tuple(fixed_file.values.shape))  # fmt: skip
                 tic = time.perf_counter()
                 results = register_batch(
-                    model, [c[3] for c in chunk], [c[4] for c in chunk], guard
+                    model,
+                    [c[3].fixed for c in chunk],
+                    [c[3].moving for c in chunk],
+                    guard,
+                    [c[3].spacing for c in chunk],
+                    start_flow,
                 )
                 compute_s += time.perf_counter() - tic
-                for (name, f_path, m_path, fix, mov), (warped, flow) in zip(
+                for (name, f_path, m_path, pair), (warped, flow) in zip(
                     chunk, results, strict=True
                 ):
-                    paths = _outputs(out_dir, name, folders)
-                    save_npy(paths["flow"], flow[0])  # (2, H, W) pixels, channel 0 rows
-                    write_image(paths["warped"], warped)
+                    if not pair.same_grid:  # one interpolation from the moving file's grid
+                        warped = pair.warp(pair.moving_native, flow)
+                    paths = paths_for(out_dir, name, folders, output_suffix(pair.fixed_file))
+                    extra, writes = landmarks.measure(out_dir, pair, flow)  # checked first
+                    write_pair_outputs(paths, pair, warped, flow, itk_field)
+                    for path, write in writes.items():
+                        write(path)
                     if draw is not None:
-                        draw(fix, mov, warped, flow, paths["figure"], titles=[name])
-                    pairlog.add(_row(name, f_path, m_path, fix, mov, warped, flow))
+                        draw(pair.fixed, pair.moving, warped, flow, paths["figure"],
+                             titles=[name])  # fmt: skip
+                    pairlog.add({**_row(name, f_path, m_path, pair, warped, flow), **extra})
             bar.update(min(batch_size, len(todo) - i))
     except BaseException as err:
         stopped = err
@@ -218,17 +249,18 @@ def register(cfg: DictConfig) -> dict:
             pairlog.close(write=True)
         else:
             pairlog.close(write=False)
-    outputs = [*_outputs(Path(), "<name>", folders).values(), "summary.csv", "config.yaml"]
-    shown = " ".join(str(o) for o in outputs if cfg.figures or "figure" not in str(o))
+    outputs = [*paths_for(Path(), "<name>", folders).values(), "summary.csv", "config.yaml"]
+    shown = " ".join(str(o) for o in outputs if (cfg.figures or "figure" not in str(o))
+                     and (itk_field or "field" not in str(o)))  # fmt: skip
     return _report(pairlog, compute_s, time.perf_counter() - start, out_dir, shown)
 
 
-def _read_chunk(chunk, pairlog: PairLog, on_error: str, prep, size) -> list[tuple]:
-    """(name, fixed path, moving path, fixed, moving) of the pairs that read; failures logged."""
+def _read_chunk(chunk, pairlog: PairLog, on_error: str, prep, size, channel) -> list[tuple]:
+    """(name, fixed path, moving path, ``Pair``) of the pairs that read; failures logged."""
     out = []
     for name, f_path, m_path in chunk:
         try:
-            out.append((name, f_path, m_path, *read_pair(f_path, m_path, prep, size)))
+            out.append((name, f_path, m_path, read_pair(f_path, m_path, prep, size, channel)))
         except UserError as err:
             if on_error == "stop":
                 raise
@@ -238,7 +270,8 @@ def _read_chunk(chunk, pairlog: PairLog, on_error: str, prep, size) -> list[tupl
     return out
 
 
-def _row(name, f_path, m_path, fix, mov, warped, flow) -> dict:
+def _row(name, f_path, m_path, pair, warped, flow) -> dict:
+    fix, mov = pair.fixed, pair.moving
     before, after = mse(mov, fix).item(), mse(warped, fix).item()
     return {
         "name": name,
@@ -246,6 +279,7 @@ def _row(name, f_path, m_path, fix, mov, warped, flow) -> dict:
         "moving": str(m_path),
         "height": fix.shape[-2],
         "width": fix.shape[-1],
+        "spacing": "x".join(f"{s:g}" for s in pair.spacing),
         "mse_before": before,
         "mse_after": after,
         "smooth_dice_before": smooth_dice(mov, fix).item(),

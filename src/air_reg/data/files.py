@@ -3,13 +3,17 @@ name (any format ``data=folder`` reads), and reading a pair the way the model wa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from air_reg.data.image_file import ImageFile, read_image_file
 from air_reg.data.preprocess import Preprocessing
 from air_reg.data.readers import FOLDER_SUFFIXES, stem_of, suffix_of
+from air_reg.geometry import Geometry, identity_points, moving_index, sample, warp_through
 from air_reg.images import ImageError
+from air_reg.models.components.spatial_transformer import warp
 
 
 def find_pairs(fixed: Path, moving: Path) -> list[tuple[str, Path, Path]]:
@@ -63,21 +67,77 @@ def preprocessing_of(model):
     return Preprocessing.of_model(model), None if any_size else tuple(model.image_size)
 
 
+@dataclass(frozen=True)
+class Pair:
+    """A fixed and a moving image as ``register`` uses them: ``fixed`` and ``moving`` (1, 1,
+    H, W) normalised on the fixed grid (the moving one resampled there through physical space
+    when its grid differs: another size, spacing, origin or direction, as ITK resamples), and
+    the files (``ImageFile``: geometry, header, colour) the outputs are written for."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_file: ImageFile
+    moving_file: ImageFile
+    moving_native: torch.Tensor  # (1, 1, h, w) normalised on the moving image's own grid
+
+    @property
+    def same_grid(self) -> bool:
+        return self.moving_native.shape == self.fixed.shape and (
+            self.fixed_file.geometry.same_grid(self.moving_file.geometry)
+        )
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """The fixed image's pixel spacing (mm), per axis."""
+        return self.fixed_file.geometry.spacing
+
+    def warp(self, image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear"):
+        """A moving-side ``image`` (1, C, h, w) on the moving grid warped by ``flow`` (1, 2,
+        H, W) onto the fixed grid: one interpolation."""
+        if self.same_grid:
+            return warp(image, flow, mode=mode)
+        fixed_g, moving_g = self.fixed_file.geometry, self.moving_file.geometry
+        return warp_through(image, flow, fixed_g, moving_g, mode=mode)
+
+
 def read_pair(
-    fixed_path: Path, moving_path: Path, prep=None, size: tuple[int, int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both images read and normalised by ``prep`` (a ``Preprocessing``; default: [0, 1]
-    images as they are), (1, 1, H, W) each; refuses pairs of different sizes, and pairs
-    larger than the ``size`` a network trained on padded images takes."""
+    fixed_path: Path,
+    moving_path: Path,
+    prep=None,
+    size: tuple[int, int] | None = None,
+    channel: str | int | None = None,
+) -> Pair:
+    """Both files read (``read_image_file``) and normalised by ``prep`` (a ``Preprocessing``;
+    default: [0, 1] images as they are); the moving image resampled onto the fixed grid when
+    the grids differ (pixel files: unit spacing, a shared origin at the first pixel). Refuses
+    a fixed image larger than the ``size`` a network trained on padded images takes."""
     if prep is None:
         prep = Preprocessing()
-    fixed, moving = prep.load(fixed_path), prep.load(moving_path)
-    if fixed.shape != moving.shape:
-        (fh, fw), (mh, mw) = fixed.shape[-2:], moving.shape[-2:]
-        raise ImageError(
-            f"fixed {fixed_path} is {fh}x{fw} but moving {moving_path} is {mh}x{mw} (HxW); "
-            f"resample one of them to the other's size first"
-        )
+    files = [read_image_file(p, channel) for p in (fixed_path, moving_path)]
+    for f in files:
+        prep.check_2d(f.values, f.path)
+    fixed, moving = (torch.from_numpy(prep.normalise(f.values, f.path))[None, None]
+                     for f in files)  # fmt: skip
     if size is not None:
         prep.check_fits(fixed.shape, size, f"fixed {fixed_path}")
-    return fixed, moving
+    fixed_g, moving_g = files[0].geometry, files[1].geometry
+    on_fixed = moving
+    if moving.shape != fixed.shape or not fixed_g.same_grid(moving_g):
+        grid = identity_points(fixed.shape[2:], fixed)
+        on_fixed = sample(moving, moving_index(fixed_g, moving_g, grid))
+        if not _overlap(fixed.shape[2:], moving.shape[2:], fixed_g, moving_g):
+            raise ImageError(
+                f"fixed {fixed_path} and moving {moving_path} do not overlap in physical "
+                f"space (origin, spacing, direction); check their headers"
+            )
+    return Pair(fixed, on_fixed, files[0], files[1], moving)
+
+
+def _overlap(fixed_size, moving_size, fixed_g: Geometry, moving_g: Geometry) -> bool:
+    """Whether any fixed pixel centre falls inside the moving image."""
+    like = torch.zeros(1)
+    q = moving_index(fixed_g, moving_g, identity_points(fixed_size, like))[0]  # (D, *size)
+    inside = torch.ones(q.shape[1:], dtype=torch.bool)
+    for i, n in enumerate(moving_size):
+        inside &= (q[i] >= -0.5) & (q[i] <= n - 0.5)
+    return bool(inside.any())

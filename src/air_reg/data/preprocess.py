@@ -124,6 +124,12 @@ class Preprocessing:
     def load(self, path: str | Path) -> torch.Tensor:
         """One 2-D image file read and normalised: (1, 1, H, W) float32 in [0, 1] (register)."""
         array = self.read(path)
+        self.check_2d(array, path)
+        return torch.from_numpy(self.normalise(array, path))[None, None]
+
+    @staticmethod
+    def check_2d(array: np.ndarray, path: str | Path) -> None:
+        """Refuse a volume where a 2-D image is needed (the fix in the message)."""
         if array.ndim != 2:
             how = (
                 "nibabel.save(nibabel.Nifti1Image(volume[:, :, k], affine), 'slice.nii.gz')"
@@ -134,7 +140,6 @@ class Preprocessing:
                 f"{path} is a 3-D volume of shape {array.shape}; register takes 2-D images "
                 f"only: save the slice to register as its own file, e.g. {how}"
             )
-        return torch.from_numpy(self.normalise(array, path))[None, None]
 
     # -- sizes ----------------------------------------------------------------------------
     def common_size(self, sizes: Iterable[tuple[int, int]]) -> tuple[int, int] | None:

@@ -90,9 +90,13 @@ def field_size(size: tuple[int, int], stride: int, min_size: int = 16) -> tuple[
     return coarse if stride > 1 and min(coarse) >= min_size else tuple(size)
 
 
-def control_grid(size: tuple[int, int], grid: int | None, spacing) -> tuple[int, int] | None:
+def control_grid(
+    size: tuple[int, int], grid: int | None, spacing, pixel_spacing=None
+) -> tuple[int, int] | None:
     """(gh, gw) control points: ``grid`` x ``grid``, or ``spacing`` pixels apart (``"auto"``:
-    ``auto_spacing``); neither: None (one value per pixel)."""
+    ``auto_spacing``); neither: None (one value per pixel). ``pixel_spacing`` (mm per pixel,
+    per axis, anisotropic): the control points are as far apart in millimetres along every
+    axis, ``spacing`` pixels along the finest one."""
     if grid is not None and spacing is not None:
         raise ConfigError("give refine.grid (control points) or refine.spacing (px), not both")
     if grid is not None:
@@ -102,7 +106,11 @@ def control_grid(size: tuple[int, int], grid: int | None, spacing) -> tuple[int,
     if spacing is not None:
         if isinstance(spacing, str) or spacing <= 0:
             raise ConfigError(f"refine.spacing must be > 0 pixels or auto, got {spacing!r}")
-        return tuple(max(2, math.ceil(n / spacing)) for n in size)
+        mm = pixel_spacing or (1.0,) * len(size)
+        fine = min(mm)
+        return tuple(
+            max(2, math.ceil(n * m / (spacing * fine))) for n, m in zip(size, mm, strict=True)
+        )
     return None
 
 

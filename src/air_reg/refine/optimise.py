@@ -206,6 +206,7 @@ def refine(
     *,
     affine: torch.Tensor | None = None,
     init_velocity: torch.Tensor | None = None,
+    spacing: tuple[float, ...] | None = None,
     **legacy,
 ) -> torch.Tensor:
     """The flow (B, 2, H, W), detached, that ``settings`` (default: ``RefineSettings()``, the
@@ -220,7 +221,9 @@ def refine(
     less similar than the unregistered images gets the identity (``keep_if_better``).
     ``field_stride`` s > 1: the field, its integration and the penalties live on a grid s
     times coarser than each level while optimising (~s**2 less work); the result is
-    integrated at full size. Keywords (``steps=20, lr=0.5``) are deprecated: they apply to
+    integrated at full size. ``spacing`` (mm per pixel, per axis; the batch shares it): an
+    anisotropic one makes the diffusion and the control grid physical (``Diffusion(spacing)``,
+    ``control_grid``). Keywords (``steps=20, lr=0.5``) are deprecated: they apply to
     ``LEGACY_DEFAULTS``, the former keyword defaults.
     """
     if legacy:
@@ -236,10 +239,12 @@ def refine(
             f"RefineSettings.from_config(block) for a dict of settings"
         )
     similarity = similarity_module(s.similarity)
-    regularizer = Diffusion() if s.regularizer is None else s.regularizer
+    if spacing is not None and len(set(spacing)) == 1:
+        spacing = None  # isotropic: the pixel form is the physical one
+    regularizer = Diffusion(spacing) if s.regularizer is None else s.regularizer
     squarings, lr = s.integration_steps or 0, s.step_size
     b, _, h, w = fixed.shape
-    shape = control_grid((h, w), s.grid, s.spacing)
+    shape = control_grid((h, w), s.grid, s.spacing, spacing)
     # Lightning's test/predict loops run under inference_mode, which enable_grad alone does
     # not lift; clones made inside inference_mode(False) are ordinary tensors autograd can use.
     with torch.inference_mode(False), torch.enable_grad():

@@ -87,11 +87,32 @@ class Registrar(nn.Module):
             self.net.eval()  # no dropout: the starting flow is the deterministic prediction
         return self
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        *,
+        spacing: tuple[float, ...] | None = None,
+        init_flow: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The flow (B, 2, H, W). When it refines: ``spacing`` (mm per pixel, per axis) makes
+        the regularisation physical, and ``init_flow`` (B, 2, H, W) replaces the network's
+        flow as the start (e.g. an ANTs field read by ``air_reg.fields.read_field``)."""
         if self.settings is None:  # the network alone, at its trained size
+            if spacing is not None or init_flow is not None:
+                raise ConfigError(
+                    "spacing and init_flow act on the refinement: load the model with "
+                    "refine_steps (e.g. refine_steps=50)"
+                )
             return apply_repeatedly(self.net, fixed, moving, self.cascade)
-        start = None if self.net is None else self.network_flow
-        return refine(fixed, moving, start, self.settings)
+        start = (
+            init_flow
+            if init_flow is not None
+            else None
+            if self.net is None
+            else (self.network_flow)
+        )
+        return refine(fixed, moving, start, self.settings, spacing=spacing)
 
     def network_flow(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """The network's flow for pairs of any size: the images brought to its trained size

@@ -178,7 +178,9 @@ def penalty(
     ``regularizer`` defaults to ``Diffusion()``, the one the kernel computes (any other runs
     in torch ops). ``margin`` is the former name of ``fold_margin``."""
     fold_margin = deprecation.renamed("penalty", "margin", "fold_margin", margin, fold_margin)
-    diffusion = regularizer is None or type(regularizer) is Diffusion
+    diffusion = regularizer is None or (
+        type(regularizer) is Diffusion and regularizer.spacing is None  # pixels: the kernel's
+    )
     if (
         diffusion
         and flow.ndim == 4
