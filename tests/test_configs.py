@@ -47,13 +47,16 @@ def test_experiment_composes_instantiates_and_takes_a_step(experiment, make_cfg)
 
     h, w = _size(cfg.data.image_size)
     g = torch.Generator().manual_seed(0)
-    fixed, moving, _, _ = make_pairs(2, max(h, w), 1.5, g)
+    fixed, moving, flow, labels = make_pairs(2, max(h, w), 1.5, g)
     fixed, moving = fixed[..., :h, :w].contiguous(), moving[..., :h, :w].contiguous()
+    label = labels[:, None, None, None] + 1  # the shape's label inside it, 0 outside
+    batch = {"flow": flow[..., :h, :w].contiguous(), "moving_labels": label * (moving > 0.5),
+             "fixed_labels": label * (fixed > 0.5)}  # as data=synth's batches  # fmt: skip
     optimizer = model.optimizer_factory(params=model.parameters())
     if model.scheduler_factory is not None:
         scheduler = model.scheduler_factory(optimizer=optimizer, total_steps=10)
     model.train()
-    out = model.objective(fixed, moving, model(fixed, moving))
+    out = model.objective(fixed, moving, model(fixed, moving), batch)
     assert torch.isfinite(out["loss"]), out["loss"]
     out["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]

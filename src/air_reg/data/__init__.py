@@ -7,6 +7,7 @@ _WHERE = {
     "PairDataModule": "datamodule",
     "FolderDataModule": "folder",
     "SyntheticDataModule": "synthetic",
+    "SynthDataModule": "synth_module",
 }
 __all__ = sorted(_WHERE)
 

@@ -7,11 +7,12 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
 from air_reg import metrics as M
-from air_reg.errors import UserError
+from air_reg.errors import ConfigError, UserError
 from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import warp
 
@@ -21,6 +22,7 @@ STAGES = ("train", "val", "test")
 LABEL_METRICS = ("dice_labels", "hd95")
 METRICS = ("mse", "psnr", "smooth_dice", "folding", "dice", "ncc", "ssim", "sdlogj", "epe")
 METRICS += LABEL_METRICS
+SUPERVISIONS = ("image", "labels", "field")  # what the loss compares (objective)
 
 
 def cosine_schedule(
@@ -63,9 +65,14 @@ class RegistrationModule(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         check_finite: bool = True,
         compile: bool = False,
+        supervision: str = "image",
     ) -> None:
         super().__init__()
         contract.check_network(net)
+        if supervision not in SUPERVISIONS:
+            raise ConfigError(f"model.supervision must be one of {SUPERVISIONS}, got "
+                              f"{supervision!r}")  # fmt: skip
+        self.supervision = supervision
         self.save_hyperparameters(
             logger=False, ignore=["net", "loss", "regularizer", "optimizer", "scheduler"]
         )
@@ -90,9 +97,26 @@ class RegistrationModule(L.LightningModule):
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         return self.net(fixed, moving)
 
-    def objective(self, fixed, moving, flow) -> dict[str, torch.Tensor]:
+    def objective(self, fixed, moving, flow, batch=None) -> dict[str, torch.Tensor]:
+        """``loss`` on what ``supervision`` compares (images; one-hot label maps, the moving
+        one warped bilinearly; or the flow and the true one) + ``reg_weight`` x regulariser."""
         warped = warp(moving, flow)
-        sim = self.loss(warped, fixed)
+        if self.supervision == "image":
+            sim = self.loss(warped, fixed)
+        else:
+            labels = self.supervision == "labels"
+            needs = ("fixed_labels", "moving_labels") if labels else ("flow",)
+            missing = [k for k in needs if batch is None or batch.get(k) is None]
+            if missing:
+                raise ConfigError(f"model.supervision={self.supervision} needs batches with "
+                                  f"{missing} (data=synth has them)")  # fmt: skip
+            if self.supervision == "labels":
+                f_lab, m_lab = batch["fixed_labels"].long(), batch["moving_labels"].long()
+                k = int(max(f_lab.max(), m_lab.max())) + 1
+                one_hot = lambda x: F.one_hot(x[:, 0], k).permute(0, 3, 1, 2).to(flow.dtype)  # noqa: E731
+                sim = self.loss(warp(one_hot(m_lab), flow), one_hot(f_lab))
+            else:
+                sim = self.loss(flow, batch["flow"].to(flow.dtype))
         if self.regularizer is not None and self.reg_weight:
             reg = self.regularizer(flow)
         else:
@@ -102,7 +126,7 @@ class RegistrationModule(L.LightningModule):
     def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         fixed, moving = batch["fixed"], batch["moving"]
         flow = self.net(fixed, moving)
-        out = self.objective(fixed, moving, flow)
+        out = self.objective(fixed, moving, flow, batch)
         bs = fixed.shape[0]
         on_step = stage == "train"
         for k in ("loss", "sim", "reg"):

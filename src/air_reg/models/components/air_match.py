@@ -1,0 +1,208 @@
+"""AiR-Match: attention does the matching (GMFlow-style), coarse to fine, any image size.
+
+A shared conv encoder (instance-normed, so brightness and contrast matter little) gives
+features at 1/1 ... 1/2**L. At the coarsest scale a sine position encoding is added and a
+small Transformer (``MatchingLayer``: self-attention in each image, cross-attention between
+them) runs on both images' tokens; then each fixed token's softmax over ALL moving tokens
+gives its displacement as the weighted mean of their coordinates minus its own
+(``matching.global_match``): the attention weights are the match, there is no flow head.
+``FlowPropagation`` optionally smooths that flow by self-attention over the fixed features.
+At each finer scale in ``local_scales`` the flow is upsampled, the moving features warped
+by it, and a local window match (radius ``radius``) adds a residual. The field is resized
+bilinearly to the image and optionally integrated (a stationary velocity).
+
+Memory: the global match and the Transformer are (H/8 * W/8)^2 per image at 1/8. Above
+``max_tokens`` tokens the global match (and the propagation) goes in chunks of query rows,
+recomputed in the backward pass, so its scores never exceed a ``max_tokens``^2 matrix;
+the Transformer uses ``scaled_dot_product_attention`` (no N x N matrix on CPU). Measured
+(CPU, one thread, batch 1, defaults, peak RSS growth): inference 50 MB / 0.2 s at 256x256,
+0.22 GB / 1.3 s at 512x512, 0.64 GB / 15 s at 1024x1024 (2.4 GB without chunking);
+training 0.22 GB at 256x256, 0.8 GB at 512x512. Time grows as the square of the pixel
+count above ~512x512: about 1024x1024 is the practical top.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from air_reg.errors import ConfigError
+from air_reg.models.components.matching import (
+    FlowPropagation,
+    MatchingLayer,
+    global_match,
+    local_match,
+    sine_position_encoding,
+)
+from air_reg.models.components.spatial_transformer import integrate_velocity, resize_flow, warp
+from air_reg.models.contract import as_size
+
+MATCHINGS = ("global", "local")
+SCORES = ("l2", "dot")
+NORMS = ("instance", "group", "none")
+PADDINGS = ("replicate", "reflect", "constant")
+
+
+def conv_block(c_in: int, c_out: int, *, stride: int = 1, norm: str = "instance") -> nn.Sequential:
+    """3x3 conv (replicate padding) + norm + LeakyReLU(0.2)."""
+    conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, padding_mode="replicate")
+    if norm == "none":
+        return nn.Sequential(conv, nn.LeakyReLU(0.2))
+    groups = c_out if norm == "instance" else math.gcd(c_out, 8)  # instance = one per channel
+    return nn.Sequential(conv, nn.GroupNorm(groups, c_out), nn.LeakyReLU(0.2))
+
+
+class AiRMatch(nn.Module):
+    """Shared conv encoder -> Transformer + global (or local) match at 1/2**L -> local window
+    matches at ``local_scales`` -> flow.
+
+    ``channels``: encoder channels per level (level ``i`` at 1/2**i); the coarsest is the
+    token dimension (divisible by ``heads`` and by 4). ``matching``: ``global`` (softmax over
+    every moving token) or ``local`` (the ablation: a ``radius`` window from zero flow).
+    ``score``: ``l2`` (``-|f - m|^2 / 2``: an identical feature scores highest) or ``dot``
+    (GMFlow's ``f . m``), both / sqrt(C) times a ``temperature``; ``prior``: a Gaussian prior
+    ``-prior * |d|^2 / 2`` on a displacement d in that scale's pixels (0 = off), so that ties
+    (flat regions) resolve to zero; both per scale, learned (log space) if ``learn_scores``.
+    ``layers``: ``MatchingLayer``s before the match (0 allowed). ``propagate``: GMFlow's
+    self-attention propagation of the coarse flow. ``local_scales``: the finer factors (powers
+    of two below 2**L) that add a window-match residual. ``max_tokens``: above this many
+    coarse tokens the global match goes in chunks. ``integration_steps`` > 0: the field is a
+    stationary velocity, integrated at the end (and at each finer scale before warping, so
+    every level matches what the result will do).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int | Sequence[int] = 28,
+        channels: Sequence[int] = (16, 32, 48, 64),
+        matching: str = "global",
+        score: str = "l2",
+        layers: int = 1,
+        heads: int = 4,
+        ff_mult: int = 2,
+        propagate: bool = True,
+        local_scales: Sequence[int] = (4, 2),
+        radius: int = 3,
+        temperature: float = 1.0,
+        learn_scores: bool = True,
+        prior: float = 1.0,
+        max_tokens: int = 4096,
+        norm: str = "instance",
+        integration_steps: int = 0,
+        padding: str = "replicate",
+    ) -> None:
+        super().__init__()
+        channels = [int(c) for c in channels]
+        levels = len(channels) - 1
+        if levels < 1 or min(channels) < 1:
+            raise ConfigError(f"model.net.channels needs >= 2 positive ints, got {channels}")
+        for name, value, valid in [
+            ("matching", matching, MATCHINGS),
+            ("score", score, SCORES),
+            ("norm", norm, NORMS),
+            ("padding", padding, PADDINGS),
+        ]:
+            if value not in valid:
+                raise ConfigError(f"model.net.{name} must be one of {valid}, got {value!r}")
+        dim = channels[-1]
+        if dim % heads or dim % 4:
+            raise ConfigError(
+                f"the coarsest channels ({dim}) must be divisible by heads ({heads}) and by 4"
+            )
+        finer = [2**i for i in range(levels)]
+        scales = sorted({int(s) for s in local_scales}, reverse=True)
+        if any(s not in finer for s in scales):
+            raise ConfigError(
+                f"model.net.local_scales {list(local_scales)} must be among {finer} (powers of "
+                f"two below the coarsest factor {2**levels})"
+            )
+        for name, value, low in [
+            ("layers", layers, 0),
+            ("radius", radius, 1),
+            ("max_tokens", max_tokens, 1),
+            ("integration_steps", integration_steps, 0),
+        ]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"model.net.{name} must be an int >= {low}, got {value!r}")
+        if not temperature > 0:
+            raise ConfigError(f"model.net.temperature must be > 0, got {temperature!r}")
+        if not prior >= 0:
+            raise ConfigError(f"model.net.prior must be >= 0, got {prior!r}")
+        self.image_size = as_size(image_size)  # the contract (models/contract.py)
+        self.integration_steps = integration_steps
+        self.multiple, self.padding, self.matching = 2**levels, padding, matching
+        self.score = score
+        self.local_scales, self.radius, self.max_tokens = scales, radius, max_tokens
+        self.encoder = nn.ModuleList([nn.Sequential(conv_block(1, channels[0], norm=norm))])
+        for c_in, c_out in zip(channels, channels[1:], strict=False):
+            self.encoder.append(
+                nn.Sequential(
+                    conv_block(c_in, c_out, stride=2, norm=norm),
+                    conv_block(c_out, c_out, norm=norm),
+                )
+            )
+        self.project = nn.ModuleDict(  # matching features per scale, "8" = the tokens
+            {str(s): nn.Conv2d(channels[s.bit_length() - 1], channels[s.bit_length() - 1], 1)
+             for s in [self.multiple, *scales]}
+        )  # fmt: skip
+        self.layers = nn.ModuleList(
+            MatchingLayer(dim=dim, heads=heads, ff_dim=ff_mult * dim) for _ in range(layers)
+        )
+        self.propagation = FlowPropagation(dim=dim) if propagate else None
+        log_t = torch.full((1 + len(scales),), math.log(temperature))  # coarse, then finer
+        self.log_temperature = nn.Parameter(log_t, requires_grad=learn_scores)
+        log_p = torch.full_like(log_t, math.log(prior)) if prior > 0 else None
+        self.log_prior = None if log_p is None else nn.Parameter(log_p, requires_grad=learn_scores)
+
+    def _match(self, i: int, fixed: torch.Tensor, moving: torch.Tensor, kind: str):
+        """Flow (B, 2, h, w) from features (B, C, h, w) with scale ``i``'s scores."""
+        scale = self.log_temperature[i].exp() / math.sqrt(fixed.shape[1])
+        prior = 0.0 if self.log_prior is None else self.log_prior[i].exp()
+        kw = {"scale": scale, "score": self.score, "prior": prior}
+        if kind == "global":
+            return global_match(fixed, moving, max_tokens=self.max_tokens, **kw)
+        return local_match(fixed, moving, radius=self.radius, **kw)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self._integrate(self.velocity(fixed, moving))  # (B, 2, H, W) pixels
+
+    def velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """The field (B, 2, H, W) before the final integration (the flow itself if none)."""
+        b, h, w = fixed.shape[0], *fixed.shape[-2:]
+        ph, pw = -h % self.multiple, -w % self.multiple
+        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # (left, right, top, bottom)
+        x = torch.cat([fixed, moving])  # (2B, 1, H, W): one encoder pass for both images
+        if ph or pw:
+            x = F.pad(x, pads, mode=self.padding)
+        features = []  # per level, finest first: (2B, C_i, H / 2**i, W / 2**i)
+        for stage in self.encoder:
+            x = stage(x)
+            features.append(x)
+        coarse = self.project[str(self.multiple)](features[-1])  # (2B, C, h, w)
+        gh, gw = coarse.shape[-2:]
+        coarse = coarse + sine_position_encoding(coarse.shape[1], (gh, gw), coarse.device)
+        tokens = rearrange(coarse, "b c h w -> b (h w) c")  # (2B, N, C)
+        for layer in self.layers:
+            tokens = layer(tokens)
+        f, m = (rearrange(t, "b (h w) c -> b c h w", h=gh) for t in (tokens[:b], tokens[b:]))
+        flow = self._match(0, f, m, self.matching)  # (B, 2, h, w) in 1/2**L pixels
+        if self.propagation is not None:
+            flow = self.propagation(tokens[:b], flow, max_tokens=self.max_tokens)
+        for i, s in enumerate(self.local_scales, start=1):
+            feats = self.project[str(s)](features[s.bit_length() - 1])  # (2B, C_s, H/s, W/s)
+            flow = resize_flow(flow, feats.shape[-2:])  # in this scale's pixels
+            shown = self._integrate(flow)  # what the flow will do, to warp by
+            flow = flow + self._match(i, feats[:b], warp(feats[b:], shown), "local")
+        flow = resize_flow(flow, (h + ph, w + pw))
+        return flow[..., pads[2] : pads[2] + h, pads[0] : pads[0] + w]
+
+    def _integrate(self, flow: torch.Tensor) -> torch.Tensor:
+        if self.integration_steps:
+            return integrate_velocity(flow, self.integration_steps)
+        return flow
