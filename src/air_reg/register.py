@@ -195,7 +195,7 @@ def register(cfg: DictConfig) -> dict:
         from air_reg.viz import pair_figure as draw  # matplotlib: only when figures are drawn
     pairlog = PairLog(out_dir, FIELDS, resume=bool(cfg.get("resume")), persist=folders)
     todo = [p for p in pairs if not pairlog.done(p[0])]
-    compute_s, stopped = 0.0, None
+    compute_s, stopped, suffix, written = 0.0, None, ".png", []
     bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), unit="pair", desc="register",
                disable=not folders)  # fmt: skip
     try:
@@ -223,11 +223,13 @@ def register(cfg: DictConfig) -> dict:
                 ):
                     if not pair.same_grid:  # one interpolation from the moving file's grid
                         warped = pair.warp(pair.moving_native, flow)
-                    paths = paths_for(out_dir, name, folders, output_suffix(pair.fixed_file))
+                    suffix = output_suffix(pair.fixed_file)
+                    paths = paths_for(out_dir, name, folders, suffix)
                     extra, writes = landmarks.measure(out_dir, pair, flow)  # checked first
                     write_pair_outputs(paths, pair, warped, flow, itk_field)
                     for path, write in writes.items():
                         write(path)
+                    written = [p.name for p in writes]
                     if draw is not None:
                         draw(pair.fixed, pair.moving, warped, flow, paths["figure"],
                              titles=[name])  # fmt: skip
@@ -249,7 +251,8 @@ def register(cfg: DictConfig) -> dict:
             pairlog.close(write=True)
         else:
             pairlog.close(write=False)
-    outputs = [*paths_for(Path(), "<name>", folders).values(), "summary.csv", "config.yaml"]
+    outputs = [*paths_for(Path(), "<name>", folders, suffix).values(), *written,
+               "summary.csv", "config.yaml"]  # fmt: skip
     shown = " ".join(str(o) for o in outputs if (cfg.figures or "figure" not in str(o))
                      and (itk_field or "field" not in str(o)))  # fmt: skip
     return _report(pairlog, compute_s, time.perf_counter() - start, out_dir, shown)
