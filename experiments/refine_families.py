@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from air_reg.bench.families import FAMILIES, SIZE, SPLITS
-from air_reg.bench.family_bench import FIELDS, LABELS, STEPS, run, tables
+from air_reg.bench.family_bench import FIELDS, LABELS, NET, NET_REFINE, STEPS, run, tables
 from air_reg.bench.machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +43,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, nargs=2, default=list(SIZE), metavar=("H", "W"))
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--methods", nargs="+", default=list(LABELS), choices=list(LABELS))
+    p.add_argument("--models", nargs="+", default=[], metavar="SOURCE",
+                   help="learned models (shipped weights names or .ckpt paths): a one-shot and "
+                   "a refined row each")  # fmt: skip
     p.add_argument("--steps", type=int, default=STEPS, help="refine_steps of the refined rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="--pairs 9 --size 96 128 (a sanity run)")
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         for r in rows)  # fmt: skip
             fh.flush()
 
-        rows = run(args.families, args.pairs, tuple(args.size), args.split, args.methods,
+        methods = args.methods + [f"{kind}:{m}" for m in args.models for kind in (NET, NET_REFINE)]
+        rows = run(args.families, args.pairs, tuple(args.size), args.split, methods,
                    seed=args.seed, steps=args.steps, sink=sink)  # fmt: skip
     table = tables(rows)
     (args.out / "table.md").write_text(table)

@@ -308,3 +308,21 @@ def test_one_epoch_of_training_and_a_load_model_round_trip(tmp_path):
         flow = model(*pair(28, 28, batch=3))
     assert flow.shape == (3, 2, 28, 28)
     assert torch.isfinite(flow).all()
+
+
+def test_register_runs_an_any_size_network_at_the_pairs_own_size():
+    from air_reg.refine import RefineSettings, Registrar
+    from air_reg.register import register_batch
+
+    torch.manual_seed(0)
+    plain = Registrar(AiRMatch(image_size=32).eval())
+    assert plain.accepts_any_size
+    fixed, moving = torch.rand(1, 1, 40, 56), torch.rand(1, 1, 40, 56)
+    ((warped, flow),) = register_batch(
+        plain, [fixed], [moving], guard=False, spacings=[(1.0, 1.0)]
+    )
+    assert flow.shape == (1, 2, 40, 56)
+    with torch.no_grad():
+        assert torch.equal(flow, plain.net(fixed, moving))  # not resized to 32 x 32
+    refiner = Registrar(plain.net, RefineSettings(steps=0))
+    assert torch.equal(refiner.network_flow(fixed, moving), flow)

@@ -142,3 +142,14 @@ def test_the_command_runs_on_two_pairs(tmp_path):
     identity = [r for r in rows if r["method"] == "identity"]
     truth = {r["family"]: r["epe"] for r in identity}
     assert truth["large"] > truth["small"] > 0
+
+
+def test_learned_models_get_a_one_shot_and_a_refined_row():
+    from air_reg.bench.family_bench import label_of, make_method
+
+    fixed, moving = torch.rand(1, 1, 40, 52), torch.rand(1, 1, 40, 52)
+    one_shot = make_method("net:air_unet_mnist", "small")
+    with torch.no_grad():
+        assert one_shot(fixed, moving).shape == (1, 2, 40, 52)  # resized as register does
+    assert label_of("net:air_unet_mnist") == "air_unet_mnist one-shot"
+    assert label_of("net+refine:logs/x/run1/checkpoints/last.ckpt", 60) == "run1 + refine 60"

@@ -118,11 +118,14 @@ def register_batch(
         for group in _same_size_groups(fixed, spacings):
             f = torch.cat([fixed[i] for i in group]).to(device)  # (B, 1, H, W)
             m = torch.cat([moving[i] for i in group]).to(device)
+            refines = getattr(model, "settings", None) is not None
             extra = {} if init_flow is None else {"init_flow": init_flow.to(device)}
-            if spacings[group[0]] is not None:
+            if spacings[group[0]] is not None and refines:
                 extra["spacing"] = spacings[group[0]]
             for i, flow in zip(group, model(f, m, **extra).cpu(), strict=True):
                 flows[i] = flow[None]
+                if guard and not refines:  # a network's one-shot flow at the pair's size
+                    flows[i] = keep_if_better(flows[i], fixed[i], moving[i])[0]
     else:
         if init_flow is not None:
             raise ConfigError("init_flow starts the refinement: set refine_steps, e.g. 50")

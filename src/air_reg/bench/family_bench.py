@@ -15,11 +15,13 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from air_reg import metrics as M
 from air_reg.bench.families import FAMILIES, MNI, family
+from air_reg.checkpoint import shipped_weights
 from air_reg.classical import ants_syn, demons, has_ants, has_simpleitk
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,9 @@ LABELS = {
     "demons": "SimpleITK Demons",
 }
 FAST = ("identity", "refine", "demons")  # the smoke test's
+# Learned models (issue #32): "net:<source>" one-shot, "net+refine:<source>" refined from it;
+# <source> a shipped weights name (air_unet_mnist) or a checkpoint path.
+NET, NET_REFINE = "net", "net+refine"
 FIELDS = ("family", "pair", "source", "contrast", "method", "label", "epe", "epe_edges",
           "folding", "ms")  # fmt: skip
 
@@ -49,6 +54,12 @@ def make_method(key: str, family_name: str, steps: int = STEPS) -> Callable | No
 
     if key == "identity":
         return lambda f, m: torch.zeros(len(f), 2, *f.shape[-2:])
+    kind, _, source = key.partition(":")
+    if kind in (NET, NET_REFINE) and source:
+        path = _checkpoint(source)
+        if kind == NET:  # as register runs it: any-size nets at the pair's size, others resized
+            return air_reg.load_model(path).network_flow
+        return air_reg.load_model(path, refine_steps=steps)
     if key == "refine":
         return air_reg.load_model(None, refine_steps=steps)
     if key == "refine_mi":
@@ -65,6 +76,27 @@ def make_method(key: str, family_name: str, steps: int = STEPS) -> Callable | No
     if key == "demons":
         return (lambda f, m: demons(f, m, **DEMONS)) if has_simpleitk() else None
     raise ValueError(f"unknown method {key!r}; choose from {sorted(LABELS)}")
+
+
+def label_of(key: str, steps: int = STEPS) -> str:
+    """A row's label: ``LABELS``' for the fixed methods; a model's name and how it ran."""
+    kind, _, source = key.partition(":")
+    if kind in (NET, NET_REFINE) and source:
+        name = _name(source)
+        return f"{name} one-shot" if kind == NET else f"{name} + refine {steps}"
+    return LABELS[key].format(steps=steps)
+
+
+def _name(source: str) -> str:
+    """A checkpoint's short name: the weights name, or its run folder's (logs/.../<run>/)."""
+    path = Path(source)
+    if path.suffix != ".ckpt":
+        return source
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+
+
+def _checkpoint(source: str):
+    return Path(source) if source.endswith(".ckpt") else shipped_weights(source)
 
 
 def score(flow: torch.Tensor, target: torch.Tensor, edges: torch.Tensor) -> dict:
@@ -104,12 +136,13 @@ def run(
             turn += 1
             for k in keys:
                 tic = time.perf_counter()
-                flow = fns[k](one["fixed"], one["moving"]).detach()
+                with torch.no_grad():
+                    flow = fns[k](one["fixed"], one["moving"]).detach()
                 ms = 1000 * (time.perf_counter() - tic)
                 rows.append({
                     "family": name, "pair": i, "source": batch["source"][i],
                     "contrast": batch["contrast"][i], "method": k,
-                    "label": LABELS[k].format(steps=steps),
+                    "label": label_of(k, steps),
                     **score(flow, one["flow"], one["edges"]), "ms": ms,
                 })  # fmt: skip
             if sink is not None:

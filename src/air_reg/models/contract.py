@@ -8,7 +8,11 @@ A registration network is an ``nn.Module`` with
 - ``image_size``: the (H, W) it takes (an attribute or a property; an int means square);
 - optionally ``integration_steps`` (int, default 0): > 0 when its flow is the exponential of
   a stationary velocity (scaling and squaring with that many steps). Refinement then keeps the
-  result diffeomorphic.
+  result diffeomorphic;
+- optionally ``accepts_any_size`` (bool, default False): True when it registers pairs of any
+  size as they are (no token grid, nothing learned per position); ``register`` and the
+  refinement then run it at the pair's own size instead of resizing the pair to
+  ``image_size`` (which stays the size it was trained at).
 
 Nothing else: the training system (``RegistrationModule``), ``eval``, ``register``,
 refinement and ``load_model`` use only these. ``docs/extending.md`` shows a new model.

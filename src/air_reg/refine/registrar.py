@@ -66,8 +66,13 @@ class Registrar(nn.Module):
 
     @property
     def accepts_any_size(self) -> bool:
-        """True when it refines: ``register`` then passes the images at their own size."""
-        return self.settings is not None
+        """True when it refines, or its network takes any size (the contract's option):
+        ``register`` then passes the images at their own size."""
+        return self.settings is not None or self.net_takes_any_size
+
+    @property
+    def net_takes_any_size(self) -> bool:
+        return self.net is not None and bool(getattr(_inner(self.net), "accepts_any_size", False))
 
     @property
     def image_size(self) -> tuple[int, int] | None:
@@ -120,6 +125,8 @@ class Registrar(nn.Module):
         ``Preprocessing``), run ``cascade`` times (composed), the flow brought back to the
         images' (H, W)."""
         size, prep = self.image_size, Preprocessing.of_model(self)
+        if self.net_takes_any_size:
+            size = tuple(fixed.shape[-2:])  # no resizing: the pair as it is
         with torch.no_grad():
             flow = apply_repeatedly(self.net, prep.to_model(fixed, size),
                                     prep.to_model(moving, size), self.cascade)  # fmt: skip

@@ -73,8 +73,11 @@ class AiRMatch(nn.Module):
     of two below 2**L) that add a window-match residual. ``max_tokens``: above this many
     coarse tokens the global match goes in chunks. ``integration_steps`` > 0: the field is a
     stationary velocity, integrated at the end (and at each finer scale before warping, so
-    every level matches what the result will do).
+    every level matches what the result will do). Any image size: ``register`` runs it on a
+    pair at the pair's own size (``accepts_any_size``), not resized to ``image_size``.
     """
+
+    accepts_any_size = True  # the contract's option: pairs at their own size
 
     def __init__(
         self,

@@ -47,6 +47,9 @@ class VoxelMorph(nn.Module):
     the decoder mirrors them); each level pools by 2, so inputs are padded (``padding`` mode)
     to the next multiple of ``2**len(nb_features)`` and the flow is cropped back.
     ``integration_steps``: scaling-and-squaring steps (0: the head's output is the flow).
+    ``any_size``: ``register`` runs it at a pair's own size (the contract's
+    ``accepts_any_size``; a conv net trained on varied images, e.g. data=synth); off, pairs are
+    resized to ``image_size`` as for a model trained on one dataset.
     """
 
     def __init__(
@@ -57,9 +60,11 @@ class VoxelMorph(nn.Module):
         integration_steps: int = 5,
         flow_initializer: float = 1e-5,
         padding: str = "replicate",
+        any_size: bool = False,
     ) -> None:
         super().__init__()
         vxm = _voxelmorph()
+        self.accepts_any_size = bool(any_size)
         features = tuple(nb_features)
         if not features or not all(isinstance(f, int) and f >= 0 for f in features):
             raise ConfigError(
