@@ -2,6 +2,7 @@
 
     python experiments/refine_benchmark.py            # shipped air_unet and voxelmorph, 200 pairs
     python experiments/refine_benchmark.py --weights mapt_tuned --pairs 50 --steps 10 50
+    python experiments/refine_benchmark.py --checkpoints <run>/checkpoints/last.ckpt  # zero-shot
 
 For each dataset and each shipped model (``--weights``: air_reg/weights/<name>_<data>.ckpt;
 AiR-UNet and the VoxelMorph peer by default): the model one-shot, in a cascade and refined by
@@ -41,10 +42,13 @@ def main() -> None:
         default=["air_unet", "voxelmorph"],
         help="shipped models: air_reg/weights/<name>_<data>.ckpt",
     )
+    parser.add_argument("--checkpoints", nargs="+", default=[], type=Path,
+                        help="more models by .ckpt path, the same on every dataset (zero-shot: "
+                        "e.g. logs/foundation/air_match_synth/checkpoints/last.ckpt)")  # fmt: skip
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--batch", type=int, default=200, help="pairs refined at once")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 35, 50, 100])
-    parser.add_argument("--cascades", type=int, nargs="+", default=[2])
+    parser.add_argument("--cascades", type=int, nargs="*", default=[2])
     parser.add_argument("--preset", default="default", help="conf/refinement/<preset>.yaml")
     parser.add_argument("--magnitude", type=float, default=2.0, help="known warps, pixels")
     parser.add_argument("--no-ants", action="store_true", help="skip the ANTs SyN row")
@@ -65,6 +69,10 @@ def main() -> None:
             model = air_reg.load_model(zoo.WEIGHTS_DIR / f"{name}_{data}.ckpt")
             label = zoo.label_of(name) if len(args.weights) > 1 else ""
             methods.update(methods_for(model, args.steps, args.cascades, preset, label))
+        for path in args.checkpoints:  # trained elsewhere (data=synth): zero-shot here
+            model = air_reg.load_model(path)
+            name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+            methods.update(methods_for(model, args.steps, args.cascades, preset, name))
         methods.update(peers)
         batches = benchmark_batches(data, "same_class", args.pairs, batch_size=args.batch)
         known = known_deformation_batches(batches, args.magnitude)
