@@ -27,7 +27,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -39,7 +38,13 @@ from air_reg.models.components.matching import (
     local_match,
     sine_position_encoding,
 )
-from air_reg.models.components.spatial_transformer import integrate_velocity, resize_flow, warp
+from air_reg.models.components.spatial_transformer import (
+    crop,
+    integrate_velocity,
+    pad_to_multiple,
+    resize_flow,
+    warp,
+)
 from air_reg.models.contract import as_size
 
 MATCHINGS = ("global", "local")
@@ -178,11 +183,9 @@ class AiRMatch(nn.Module):
     def velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """The field (B, 2, H, W) before the final integration (the flow itself if none)."""
         b, h, w = fixed.shape[0], *fixed.shape[-2:]
-        ph, pw = -h % self.multiple, -w % self.multiple
-        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # (left, right, top, bottom)
-        x = torch.cat([fixed, moving])  # (2B, 1, H, W): one encoder pass for both images
-        if ph or pw:
-            x = F.pad(x, pads, mode=self.padding)
+        # (2B, 1, H', W'): one encoder pass for both images, padded to the multiple
+        x, pads = pad_to_multiple(torch.cat([fixed, moving]), self.multiple, self.padding)
+        padded = tuple(x.shape[-2:])
         features = []  # per level, finest first: (2B, C_i, H / 2**i, W / 2**i)
         for stage in self.encoder:
             x = stage(x)
@@ -202,8 +205,8 @@ class AiRMatch(nn.Module):
             flow = resize_flow(flow, feats.shape[-2:])  # in this scale's pixels
             shown = self._integrate(flow)  # what the flow will do, to warp by
             flow = flow + self._match(i, feats[:b], warp(feats[b:], shown), "local")
-        flow = resize_flow(flow, (h + ph, w + pw))
-        return flow[..., pads[2] : pads[2] + h, pads[0] : pads[0] + w]
+        flow = resize_flow(flow, padded)
+        return crop(flow, pads, (h, w))
 
     def _integrate(self, flow: torch.Tensor) -> torch.Tensor:
         if self.integration_steps:

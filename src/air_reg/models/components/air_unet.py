@@ -30,7 +30,7 @@ from air_reg.models.components.attention import (
     Transformer,
     feed_forward,
 )
-from air_reg.models.components.spatial_transformer import integrate_velocity
+from air_reg.models.components.spatial_transformer import crop, integrate_velocity, pad_to_multiple
 from air_reg.models.contract import as_size
 
 ATTENTIONS = ("none", "cross", "self+cross", "air")
@@ -192,11 +192,9 @@ class AiRUNet(nn.Module):
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         b, h, w = fixed.shape[0], *fixed.shape[-2:]
-        ph, pw = -h % self.multiple, -w % self.multiple
-        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # (left, right, top, bottom)
-        x = torch.cat([fixed, moving])  # (2B, 1, H, W): one encoder pass for both images
-        if ph or pw:
-            x = F.pad(x, pads, mode=self.padding)
+        # (2B, 1, H', W'): one encoder pass for both images, padded to the multiple
+        x, pads = pad_to_multiple(torch.cat([fixed, moving]), self.multiple, self.padding)
+        padded = tuple(x.shape[-2:])
         skips = []  # per level, finest first: (fixed, moving) features, each (B, C_i, ...)
         for i, stage in enumerate(self.encoder):
             x = stage(x)  # (2B, C_i, H / 2**i, W / 2**i)
@@ -210,9 +208,9 @@ class AiRUNet(nn.Module):
             y = block(torch.cat([y, f, m], dim=1))
         velocity = self.head(y)  # (B, 2, H', W') in pixels
         if self.decoder == "interpolate":
-            size = (h + ph, w + pw)
+            size = padded  # the padded size
             velocity = F.interpolate(velocity, size=size, mode="bicubic", align_corners=False)
-        velocity = velocity[..., pads[2] : pads[2] + h, pads[0] : pads[0] + w]
+        velocity = crop(velocity, pads, (h, w))
         if self.integration_steps:
             return integrate_velocity(velocity, self.integration_steps)
         return velocity

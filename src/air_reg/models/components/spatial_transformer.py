@@ -48,6 +48,22 @@ def warp(
     return F.grid_sample(moving, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
+def pad_to_multiple(
+    x: torch.Tensor, multiple: int, mode: str = "replicate"
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """``x`` (N, C, H, W) padded, centred (the odd pixel bottom/right), so that H and W divide
+    ``multiple``, and the pads (left, right, top, bottom); ``crop`` undoes it on an output."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    return (F.pad(x, pads, mode=mode) if ph or pw else x), pads
+
+
+def crop(y: torch.Tensor, pads: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
+    """The (H, W) = ``size`` window of a padded output (``pad_to_multiple``'s ``pads``)."""
+    return y[..., pads[2] : pads[2] + size[0], pads[0] : pads[0] + size[1]]
+
+
 def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, 2, h, w) pixels on an h x w grid -> (B, 2, H, W) pixels on an H x W grid."""
     h, w = flow.shape[-2:]

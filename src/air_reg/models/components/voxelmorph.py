@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from air_reg.errors import ConfigError
+from air_reg.models.components.spatial_transformer import crop, pad_to_multiple
 from air_reg.models.contract import as_size
 
 INSTALL_HINT = "model=voxelmorph needs the voxelmorph package: pip install air-reg[peers]"
@@ -97,15 +97,13 @@ class VoxelMorph(nn.Module):
         return self.vxm.integration_steps
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        h, w = fixed.shape[-2:]
-        ph, pw = -h % self.multiple, -w % self.multiple
-        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # (left, right, top, bottom)
-        if ph or pw:
-            fixed, moving = (F.pad(x, pads, mode=self.padding) for x in (fixed, moving))
+        size = tuple(fixed.shape[-2:])
+        fixed, pads = pad_to_multiple(fixed, self.multiple, self.padding)
+        moving, _ = pad_to_multiple(moving, self.multiple, self.padding)
         # voxelmorph caches its identity grid as a plain attribute, not a buffer: it would
         # stay on the device and dtype of the first call (the contract's CPU dry run)
         for module in self.vxm.modules():
             module.__dict__.pop("meshgrid", None)
         flow = self.vxm(moving, fixed)  # source = moving, target = fixed: (B, 2, H', W')
         self.vxm.__dict__.pop("velocity", None)  # it keeps the last velocity (and its graph)
-        return flow[..., pads[2] : pads[2] + h, pads[0] : pads[0] + w]
+        return crop(flow, pads, size)
