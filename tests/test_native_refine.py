@@ -110,6 +110,21 @@ def test_affine_stage_recovers_a_known_affine_map():
     assert (found[:, :, 2] - theta[:, :, 2]).abs().max() < 0.2  # pixels
 
 
+def test_the_affine_stage_is_kept_only_where_it_moves_a_pixel_beyond_the_threshold():
+    moving = smooth_images(2, seed=3)
+    theta = torch.tensor([[[1.06, 0.05, 6.0], [-0.04, 0.95, -5.0]]])  # > 5 px: kept
+    fixed = torch.cat([warp(moving[:1], affine_flow(theta, (H, W))), moving[1:]])  # 2nd: none
+    settings = RefineSettings(steps=10, affine_steps=30, guard=False)
+    plain = refine(fixed, moving, None, settings.replace(affine_steps=0))
+    always = refine(fixed, moving, None, settings)
+    chosen = refine(fixed, moving, None, settings.replace(affine_min_px=5.0))
+    torch.testing.assert_close(chosen[:1], always[:1])  # the large motion keeps its affine
+    torch.testing.assert_close(chosen[1:], plain[1:])  # the aligned pair runs as without one
+    assert not torch.equal(always[1:], plain[1:])
+    both_small = refine(moving, moving, None, settings.replace(affine_min_px=5.0))
+    assert torch.equal(both_small, refine(moving, moving, None, settings.replace(affine_steps=0)))
+
+
 def test_mutual_information_registers_images_of_inverted_contrast():
     fixed, moving, flow = known_pairs(2, seed=5)
     settings = LEGACY_DEFAULTS.replace(

@@ -34,6 +34,7 @@ LABELS = {
     "refine": "refine {steps} (MSE)",
     "refine_mi": "refine {steps}, similarity=mi",
     "refine_affine": "refine {steps}, affine_steps=100",
+    "refine_auto_affine": "refine {steps}, affine_steps=10 kept > 5 px",
     "syn": "ANTs SyNOnly",
     "syn_affine": "ANTs SyN (affine + SyN)",
     "demons": "SimpleITK Demons",
@@ -67,6 +68,8 @@ def make_method(key: str, family_name: str, steps: int = STEPS) -> Callable | No
         return air_reg.Registrar(None, settings)
     if key == "refine_affine":
         return air_reg.load_model(None, refine_steps=steps, affine_steps=100)
+    if key == "refine_auto_affine":  # the affine only where it moves a pixel > 5 px (#31)
+        return air_reg.load_model(None, refine_steps=steps, affine_steps=10, affine_min_px=5.0)
     if key in ("syn", "syn_affine"):
         if not has_ants():
             return None

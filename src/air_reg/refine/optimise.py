@@ -252,6 +252,7 @@ def refine(
         if affine is None and s.affine_steps:
             affine = estimate_affine(fixed, moving, steps=s.affine_steps, similarity=similarity,
                                      levels=s.levels, min_size=s.min_size)  # fmt: skip
+            affine = _large_enough(affine, (h, w), s.affine_min_px)
         affine = None if affine is None else affine.detach().clone()
         if callable(init_flow):  # a network sees the moving image after the affine stage
             with torch.no_grad():
@@ -325,6 +326,20 @@ def refine(
                     log.info("refine: %d of %d pair(s) ended less similar than unregistered: "
                              "identity returned for them", int(worse.sum()), b)  # fmt: skip
             return flow
+
+
+def _large_enough(theta: torch.Tensor, size, min_px: float) -> torch.Tensor | None:
+    """``theta`` (B, 2, 3) where its largest displacement over the image exceeds ``min_px``,
+    the identity elsewhere; None when no pair keeps its affine (the deformable stage then runs
+    exactly as without one)."""
+    if not min_px:
+        return theta
+    moves = affine_flow(theta, size).norm(dim=1).flatten(1).amax(1)  # (B,) px
+    keep = moves > min_px
+    if not keep.any():
+        return None
+    eye = torch.eye(2, 3, dtype=theta.dtype, device=theta.device).expand_as(theta)
+    return torch.where(keep[:, None, None], theta, eye)
 
 
 def _upsampler(shape, size, mode: str, like: torch.Tensor) -> CoarseToDense | None:

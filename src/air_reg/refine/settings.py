@@ -62,6 +62,8 @@ class RefineSettings:
     affine_steps: int = 0  # > 0: an affine stage first, the network (if any) after it
     guard: bool = True  # never less similar than the unregistered images
     regularizer: nn.Module | None = None  # None: Diffusion(), the one the kernels compute
+    affine_min_px: float = 0.0  # the affine stage's result kept for a pair only if it moves
+    # some pixel by more than this (0: always): large motions get it, nearly aligned pairs not
 
     def __new__(cls, *args, **kwargs):
         unknown = sorted(set(kwargs) - set(cls.names()))
@@ -110,6 +112,8 @@ class RefineSettings:
             value = getattr(self, name)
             _check(self, name, _is_number(value) and value >= 0, ">= 0")
         _check(self, "fold_margin", _is_number(self.fold_margin), "a number")
+        _check(self, "affine_min_px", _is_number(self.affine_min_px) and self.affine_min_px >= 0,
+               ">= 0 pixels")  # fmt: skip
         _check(self, "guard", isinstance(self.guard, bool), "true or false")
         _check(
             self,
