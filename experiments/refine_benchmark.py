@@ -33,7 +33,7 @@ log = logging.getLogger("refine_benchmark")
 KEYS = ("dice", "mse", "folding", "sdlogj", "epe")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion"])
     parser.add_argument(
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--magnitude", type=float, default=2.0, help="known warps, pixels")
     parser.add_argument("--no-ants", action="store_true", help="skip the ANTs SyN row")
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "refine")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     peers = {}
     if has_simpleitk():
