@@ -20,7 +20,8 @@ from air_reg.errors import ConfigError, UserError
 from air_reg.fields import write_itk_field
 from air_reg.geometry import Geometry
 from air_reg.images import save_npy
-from air_reg.mapping import map_points, warp_labels
+from air_reg.mapping import warp_labels
+from air_reg.points import map_points
 
 SIZE = (24, 30)
 TOL_8BIT = 0.5 / 255 + 1e-4

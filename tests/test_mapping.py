@@ -11,21 +11,18 @@ import air_reg
 from air_reg.data.synthetic import known_flows
 from air_reg.errors import DataError, UserError
 from air_reg.geometry import Geometry
-from air_reg.mapping import (
+from air_reg.mapping import read_labels, warp_image, warp_labels, write_labels
+from air_reg.metrics import epe
+from air_reg.models.components.spatial_transformer import identity_grid
+from air_reg.points import (
     interpolate,
     invert_points,
     map_points,
     points_csv,
-    read_labels,
     read_points,
     to_physical,
     tre,
-    warp_image,
-    warp_labels,
-    write_labels,
 )
-from air_reg.metrics import epe
-from air_reg.models.components.spatial_transformer import identity_grid
 
 PX = Geometry.pixels(2)
 # anisotropic, rotated, shifted grids (fixed and moving differ)

@@ -23,18 +23,8 @@ from air_reg.config import CONFIG_DIR
 from air_reg.data.image_file import ImageFile, output_suffix, read_image_file, write_like
 from air_reg.errors import ConfigError, DataError
 from air_reg.fields import read_field
-from air_reg.mapping import (
-    invert_points,
-    map_points,
-    nifti_grid,
-    outside,
-    read_labels,
-    read_points,
-    warp_image,
-    warp_labels,
-    write_labels,
-    write_points,
-)
+from air_reg.mapping import nifti_grid, read_labels, warp_image, warp_labels, write_labels
+from air_reg.points import invert_points, map_points, outside, read_points, write_points
 from air_reg.utils import check_writable, run_cli
 
 log = logging.getLogger(__name__)

@@ -165,3 +165,9 @@ def warp_through(
     in fixed pixels, through physical space (one interpolation): ITK's resampling."""
     points = identity_points(flow.shape[2:], flow) + flow
     return sample(moving, moving_index(fixed, moving_geom, points), mode, padding_mode)
+
+
+def as_flow(flow: torch.Tensor) -> torch.Tensor:
+    """(D, *size) or (1, D, *size) -> (1, D, *size)."""
+    flow = torch.as_tensor(flow)
+    return flow[None] if flow.ndim == flow.shape[0] + 1 else flow

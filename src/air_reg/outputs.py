@@ -5,7 +5,7 @@ and the moving values in their units; a colour image keeps its channels), the fl
 fixed pixels), the ITK displacement field (``.nii.gz``, LPS mm: ``air_reg.fields``) and a
 figure; with label maps, the warped labels and label Dice before and after; with landmarks,
 the fixed points mapped to the moving image and the target registration error before and
-after, in pixels and millimetres (``air_reg.mapping``).
+after, in pixels and millimetres (``air_reg.mapping``, ``air_reg.points``).
 """
 
 from __future__ import annotations
@@ -21,16 +21,9 @@ from air_reg.data.image_file import output_suffix, write_like
 from air_reg.errors import ConfigError, DataError
 from air_reg.fields import write_itk_field
 from air_reg.images import save_npy, write_image
-from air_reg.mapping import (
-    map_points,
-    read_labels,
-    read_points,
-    tre,
-    warp_labels,
-    write_labels,
-    write_points,
-)
+from air_reg.mapping import read_labels, warp_labels, write_labels
 from air_reg.metrics import label_dice
+from air_reg.points import map_points, read_points, tre, write_points
 
 log = logging.getLogger(__name__)
 LANDMARK_FIELDS = ("dice_before", "dice_after", "tre_before_px", "tre_after_px",
