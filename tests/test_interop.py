@@ -134,6 +134,7 @@ def run_register(tmp_path, fixed, moving, *extra):
     return register(compose_config("register", args, tmp_path))
 
 
+@pytest.mark.slow
 def test_register_keeps_a_nifti_header_and_writes_a_field_simpleitk_applies(tmp_path):
     sitk = pytest.importorskip("SimpleITK")
     fixed = smooth_image((40, 48), seed=4)
@@ -174,6 +175,7 @@ def test_register_keeps_a_nifti_header_and_writes_a_field_simpleitk_applies(tmp_
     assert result["mse_after"] < result["mse_before"]
 
 
+@pytest.mark.slow
 def test_register_starts_from_an_ants_field(tmp_path):
     moving = smooth_image((40, 40), seed=6)
     fixed = warp(moving, field((40, 40), 3.0, seed=7))
@@ -214,6 +216,7 @@ def test_regularisation_and_control_points_are_physical_on_anisotropic_pixels():
     assert torch.allclose(mm, want[None])
 
 
+@pytest.mark.slow
 def test_register_reports_label_dice_and_tre_and_writes_labels_and_points(tmp_path):
     moving = smooth_image((48, 48), seed=11)
     truth = field((48, 48), 3.0, seed=12)
