@@ -7,6 +7,7 @@ The work: air_reg.bench.interop.roundtrip (the tests hold the same comparisons).
 
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 import time
@@ -18,6 +19,7 @@ OUT = Path(__file__).parent / "results" / "interop"
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     tic = time.time()
     rows = roundtrip()
     keys = list(rows[0])

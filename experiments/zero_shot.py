@@ -15,12 +15,11 @@ Fashion-MNIST same-class test pairs and the same images under known warps): Dice
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import refine_benchmark  # noqa: E402
-import refine_families  # noqa: E402
+import air_reg  # noqa: F401 (the package this runs; the two benchmarks are its scripts)
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = [f"logs/foundation/{e}/checkpoints/last.ckpt"
@@ -36,13 +35,18 @@ def main() -> None:
     args = p.parse_args()
     models = [m for m in args.models if Path(m).is_file()]
     quick = ["--quick", "--pairs", "3"] if args.quick else []
-    refine_families.main([*quick, "--methods", "identity", "refine", "refine_mi", "syn_affine",
-                          "demons", "--models", *models, *args.shipped,
-                          "--out", str(args.out / "families")])  # fmt: skip
+    methods = ["identity", "refine", "refine_mi", "syn_affine", "demons"]
+    run("refine_families.py", [*quick, "--methods", *methods, "--models", *models,
+                               *args.shipped, "--out", str(args.out / "families")])  # fmt: skip
     digits = ["--pairs", "20", "--batch", "20", "--no-ants"] if args.quick else []
     digits += ["--checkpoints", *models] if models else []
-    refine_benchmark.main([*digits, "--weights", "air_unet", "--steps", "50", "--cascades",
-                           "--out", str(args.out / "digits")])  # fmt: skip
+    run("refine_benchmark.py", [*digits, "--weights", "air_unet", "--steps", "50",
+                                "--cascades", "--out", str(args.out / "digits")])  # fmt: skip
+
+
+def run(script: str, argv: list[str]) -> None:
+    """One of the benchmark scripts beside this one, as its own process."""
+    subprocess.run([sys.executable, str(Path(__file__).parent / script), *argv], check=True)
 
 
 if __name__ == "__main__":
