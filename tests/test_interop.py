@@ -14,10 +14,10 @@ from PIL import Image
 
 from air_reg.data.synthetic import known_flows
 from air_reg.fields import read_field, write_itk_field
-from air_reg.geometry import Geometry, identity_points, moving_index, warp_through
+from air_reg.geometry import Geometry, moving_index, warp_through
 from air_reg.losses import Diffusion
 from air_reg.metrics import epe
-from air_reg.models.components.spatial_transformer import warp
+from air_reg.models.components.spatial_transformer import identity_grid, warp
 from air_reg.refine.flows import control_grid
 from air_reg.register import register
 from tests.conftest import compose_config
@@ -48,7 +48,7 @@ def save_nifti(path, array: np.ndarray, geometry: Geometry):
 
 def inside(flow: torch.Tensor, shape, fixed_g=None, moving_g=None) -> np.ndarray:
     """(H, W) mask of the fixed pixels whose sample point lies in the moving image."""
-    q = identity_points(flow.shape[2:], flow) + flow
+    q = identity_grid(flow.shape[2:], flow.device, flow.dtype)[None] + flow
     if fixed_g is not None:
         q = moving_index(fixed_g, moving_g, q)
     ok = torch.ones(flow.shape[2:], dtype=torch.bool)

@@ -97,8 +97,9 @@ def read_field(path: str | Path, geometry: Geometry, size: tuple[int, ...]) -> t
         raise DataError(f"field {path} has shape {data.shape}, not an ITK displacement field "
                         f"(X, Y, Z, 1, {d}); export it as a vector NIfTI (ANTs' *Warp.nii.gz "
                         f"are)")  # fmt: skip
-    data = data.reshape(data.shape[:3] + (d,))[(..., *(0,) * (3 - d), slice(None))] if d < 3 \
-        else data[..., 0, :]  # fmt: skip
+    data = data[..., 0, :]  # (X, Y, Z, D): the time axis dropped
+    if d == 2:
+        data = data[:, :, 0]  # (X, Y, 2)
     if tuple(data.shape[:d]) != tuple(size):
         raise DataError(f"field {path} covers {data.shape[:d]} voxels but the fixed image is "
                         f"{tuple(size)}; the field must be on the fixed image's grid")  # fmt: skip

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from air_reg.errors import DataError
+from air_reg.models.components.spatial_transformer import identity_grid
 
 RAS_FROM_LPS = (-1.0, -1.0, 1.0)  # NIfTI headers are RAS, ITK's physical space is LPS
 
@@ -147,12 +148,6 @@ def sample(image: torch.Tensor, index: torch.Tensor, mode: str = "bilinear",
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
-def identity_points(size, like: torch.Tensor) -> torch.Tensor:
-    """(1, D, *size) index coordinates of a grid."""
-    axes = [torch.arange(n, dtype=like.dtype, device=like.device) for n in size]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
-
-
 def warp_through(
     moving: torch.Tensor,
     flow: torch.Tensor,
@@ -163,7 +158,7 @@ def warp_through(
 ) -> torch.Tensor:
     """``moving`` (B, C, *its size) warped onto the fixed grid by ``flow`` (B, D, *fixed size)
     in fixed pixels, through physical space (one interpolation): ITK's resampling."""
-    points = identity_points(flow.shape[2:], flow) + flow
+    points = identity_grid(flow.shape[2:], flow.device, flow.dtype)[None] + flow
     return sample(moving, moving_index(fixed, moving_geom, points), mode, padding_mode)
 
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from air_reg.data.synthetic import known_flows
 from air_reg.fields import read_field, write_itk_field
-from air_reg.geometry import Geometry, identity_points
-from air_reg.models.components.spatial_transformer import warp
+from air_reg.geometry import Geometry
+from air_reg.models.components.spatial_transformer import identity_grid, warp
 
 GEOMETRIES = {
     "pixels (PNG-like)": Geometry.pixels(2),
@@ -38,7 +38,7 @@ def _save(nib, path, array, geometry):
 
 
 def _inside(flow, shape):
-    q = identity_points(flow.shape[2:], flow) + flow
+    q = identity_grid(flow.shape[2:], flow.device, flow.dtype)[None] + flow
     ok = torch.ones(flow.shape[2:], dtype=torch.bool)
     for i, n in enumerate(shape):
         ok &= (q[0, i] >= 0) & (q[0, i] <= n - 1)

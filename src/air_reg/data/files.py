@@ -11,9 +11,9 @@ import torch
 from air_reg.data.image_file import ImageFile, read_image_file
 from air_reg.data.preprocess import Preprocessing
 from air_reg.data.readers import FOLDER_SUFFIXES, stem_of, suffix_of
-from air_reg.geometry import Geometry, identity_points, moving_index, sample, warp_through
+from air_reg.geometry import Geometry, moving_index, sample, warp_through
 from air_reg.images import ImageError
-from air_reg.models.components.spatial_transformer import warp
+from air_reg.models.components.spatial_transformer import identity_grid, warp
 
 
 def find_pairs(fixed: Path, moving: Path) -> list[tuple[str, Path, Path]]:
@@ -123,7 +123,7 @@ def read_pair(
     fixed_g, moving_g = files[0].geometry, files[1].geometry
     on_fixed = moving
     if moving.shape != fixed.shape or not fixed_g.same_grid(moving_g):
-        grid = identity_points(fixed.shape[2:], fixed)
+        grid = identity_grid(fixed.shape[2:], dtype=fixed.dtype)[None]  # (1, D, *size)
         on_fixed = sample(moving, moving_index(fixed_g, moving_g, grid))
         if not _overlap(fixed.shape[2:], moving.shape[2:], fixed_g, moving_g):
             raise ImageError(
@@ -135,8 +135,7 @@ def read_pair(
 
 def _overlap(fixed_size, moving_size, fixed_g: Geometry, moving_g: Geometry) -> bool:
     """Whether any fixed pixel centre falls inside the moving image."""
-    like = torch.zeros(1)
-    q = moving_index(fixed_g, moving_g, identity_points(fixed_size, like))[0]  # (D, *size)
+    q = moving_index(fixed_g, moving_g, identity_grid(fixed_size)[None].float())[0]  # (D, *size)
     inside = torch.ones(q.shape[1:], dtype=torch.bool)
     for i, n in enumerate(moving_size):
         inside &= (q[i] >= -0.5) & (q[i] <= n - 0.5)
