@@ -42,7 +42,7 @@ def write_itk_field(path: str | Path, flow: torch.Tensor, geometry: Geometry) ->
     """Write ``flow`` (1, D, *spatial) or (D, *spatial), fixed pixels, as an ITK displacement
     field NIfTI on the fixed ``geometry`` (float64 LPS mm vectors, vector intent)."""
     path = Path(path)
-    nib = _nibabel(path)
+    _nibabel(path)  # the install hint when it is missing
     flow = flow if flow.ndim == geometry.ndim + 2 else flow[None]
     d = geometry.ndim
     if flow.shape[1] != d:
@@ -52,14 +52,22 @@ def write_itk_field(path: str | Path, flow: torch.Tensor, geometry: Geometry) ->
     vectors = geometry.to_physical(flow.double())[0].numpy()  # (D, *spatial), LPS mm
     data = np.moveaxis(vectors, 0, -1)  # (*spatial, D)
     data = data.reshape(*data.shape[:d], *(1,) * (3 - d), 1, d)  # (X, Y, Z, T=1, D)
-    image = nib.Nifti1Image(data, geometry.affine())
-    header = image.header
-    header.set_intent(VECTOR_INTENT, (), name="air-reg displacement")
-    header.set_xyzt_units("mm")
-    image.set_qform(geometry.affine(), code=1)
-    image.set_sform(geometry.affine(), code=1)
+    image = nifti_image(data, geometry)
+    image.header.set_intent(VECTOR_INTENT, (), name="air-reg displacement")
     write_nifti(path, image)
     return path
+
+
+def nifti_image(data: np.ndarray, geometry: Geometry):
+    """A nibabel image of ``data`` on ``geometry``: its affine as qform and sform (code 1,
+    scanner), millimetres."""
+    import nibabel
+
+    image = nibabel.Nifti1Image(data, geometry.affine())
+    image.set_qform(geometry.affine(), code=1)
+    image.set_sform(geometry.affine(), code=1)
+    image.header.set_xyzt_units("mm")
+    return image
 
 
 def write_nifti(path: Path, image) -> None:

@@ -18,6 +18,7 @@ import torch
 from air_reg.data.image_file import ImageFile, read_image_file, write_like
 from air_reg.data.readers import NIFTI_SUFFIXES, read_array, suffix_of
 from air_reg.errors import DataError, UserError
+from air_reg.fields import nifti_image
 from air_reg.geometry import Geometry, as_flow, warp_through
 from air_reg.images import COLOUR_MODES, _check_size, _load_npy, _load_pil, save_npy
 from air_reg.models.components.spatial_transformer import warp
@@ -145,15 +146,7 @@ def nifti_grid(fixed: ImageFile) -> ImageFile:
     else a header carrying its geometry."""
     if fixed.is_nifti:
         return fixed
-    import nibabel
-
-    header = nibabel.Nifti1Header()
-    header.set_data_shape(fixed.values.shape)
-    image = nibabel.Nifti1Image(np.zeros(fixed.values.shape, np.float32), None, header)
-    affine = fixed.geometry.affine()
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm")
+    image = nifti_image(np.zeros(fixed.values.shape, np.float32), fixed.geometry)
     return ImageFile(
         fixed.path.with_name("grid.nii"),
         fixed.values,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from air_reg.data.synthetic import known_flows
-from air_reg.fields import read_field, write_itk_field
+from air_reg.fields import nifti_image, read_field, write_itk_field
 from air_reg.geometry import Geometry
 from air_reg.models.components.spatial_transformer import identity_grid, warp
 
@@ -31,10 +31,7 @@ def _image(size, seed):
 
 
 def _save(nib, path, array, geometry):
-    image = nib.Nifti1Image(array.astype(np.float32), geometry.affine())
-    image.set_qform(geometry.affine(), code=1)
-    image.set_sform(geometry.affine(), code=1)
-    nib.save(image, path)
+    nib.save(nifti_image(array.astype(np.float32), geometry), path)
 
 
 def _inside(flow, shape):
