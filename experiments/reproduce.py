@@ -39,7 +39,7 @@ from air_reg.classical import has_ants, has_simpleitk
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("reproduce")
-LABELS = [m.label for m in zoo.METHODS]
+LABELS = [m.label for m in zoo.DATASET_METHODS]
 
 
 def main() -> None:

@@ -161,7 +161,8 @@ CASES = [
          lambda t, c: reg(t, fixed=npy(t / "v.npy", np.zeros((3, 28, 28), np.float32))),
          ImageError, "v.npy is a 3-D volume of shape (3, 28, 28)", "np.save('slice.npy'"),
     case("nifti-out-of-range",
-         lambda t, c: reg(t, fixed=nifti(t / "s.nii", np.linspace(0, 700, 784).reshape(28, 28))),
+         lambda t, c: reg(t, "weights=air_unet_mnist",  # trained on [0, 1]: normalize none
+                          fixed=nifti(t / "s.nii", np.linspace(0, 700, 784).reshape(28, 28))),
          ImageError, "s.nii: values lie in [0, 700], outside [0, 1]", "normalize=none",
          "rescale the image to [0, 1]"),
     case("folder-and-file",

@@ -19,7 +19,8 @@ from air_reg.register import weights_name
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ([], "air_unet_mnist"),  # the best shipped network
+        ([], "air_match_synth"),  # trained on synthetic pairs: any 2-D pair (issue #32)
+        (["data=mnist"], "air_unet_mnist"),  # the best on a dataset's own images
         (["data=fashion"], "air_unet_fashion"),
         (["weights=mapt_tuned_mnist"], "mapt_tuned_mnist"),
         (["weights=dirnet_mnist"], "dirnet_mnist"),

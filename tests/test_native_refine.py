@@ -200,7 +200,8 @@ def test_register_an_image_to_itself_gives_the_identity(tmp_path, extra):
 def test_api_and_cli_give_the_same_flow_for_the_same_settings(tmp_path):
     fixed, moving, _ = known_pairs(1, seed=9)
     args = _write_pair(tmp_path, fixed[0], moving[0])
-    register(compose_config("register", [*args, "refine_steps=8", "figures=false"], tmp_path))
+    register(compose_config("register", [*args, "weights=mapt_tuned_mnist", "refine_steps=8",
+                                         "figures=false"], tmp_path))  # fmt: skip
     cli = torch.from_numpy(np.load(tmp_path / "flow.npy"))
     model = air_reg.load_model(shipped_weights("mapt_tuned_mnist"), refine_steps=8)
     images = [

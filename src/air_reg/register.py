@@ -57,15 +57,17 @@ def model_choice(target: str) -> str:
 
 
 def weights_name(cfg: DictConfig) -> str:
-    """``weights`` when set; else ``air_unet_<data>``; the deprecated ``model=<m>`` choice
-    still picks ``<m>_<data>``."""
+    """``weights`` when set; else ``air_unet_<data>`` with ``data=``, else the registry's
+    default (``air_match_synth``); the deprecated ``model=<m>`` choice still picks
+    ``<m>_<data>``."""
     if cfg.get("weights"):
         return str(cfg.weights)
     if cfg.get("model") is not None and cfg.model.get("net") is None:  # model=none
         log.warning("model=none is deprecated; use weights=none (model-free registration)")
         return MODEL_FREE
-    dataset = cfg.data.dataset if cfg.get("data") else "mnist"
+    dataset = cfg.data.dataset if cfg.get("data") else None
     if cfg.get("model"):
+        dataset = dataset or "mnist"
         net = model_choice(cfg.model.net._target_)
         log.warning(
             "choosing shipped weights with model=/data= is deprecated; use weights=%s_%s",
@@ -114,6 +116,7 @@ def register_batch(
     device = params.device if params is not None else torch.device("cpu")
     flows: list[torch.Tensor | None] = [None] * len(fixed)
     spacings = spacings or [None] * len(fixed)
+    judge = getattr(model, "guard_similarity", "mse")  # mi for a contrast-invariant network
     if getattr(model, "accepts_any_size", False):
         for group in _same_size_groups(fixed, spacings):
             f = torch.cat([fixed[i] for i in group]).to(device)  # (B, 1, H, W)
@@ -125,7 +128,7 @@ def register_batch(
             for i, flow in zip(group, model(f, m, **extra).cpu(), strict=True):
                 flows[i] = flow[None]
                 if guard and not refines:  # a network's one-shot flow at the pair's size
-                    flows[i] = keep_if_better(flows[i], fixed[i], moving[i])[0]
+                    flows[i] = keep_if_better(flows[i], fixed[i], moving[i], judge)[0]
     else:
         if init_flow is not None:
             raise ConfigError("init_flow starts the refinement: set refine_steps, e.g. 50")
@@ -135,7 +138,7 @@ def register_batch(
         for i, flow in enumerate(model(f, m).cpu()):  # (2, h, w) on the model's grid
             flows[i] = prep.from_model(flow[None], tuple(moving[i].shape[-2:]))  # (1, 2, H, W)
             if guard:  # not more similar than doing nothing: the identity
-                flows[i] = keep_if_better(flows[i], fixed[i], moving[i])[0]
+                flows[i] = keep_if_better(flows[i], fixed[i], moving[i], judge)[0]
     return [(warp(mov, flow), flow) for flow, mov in zip(flows, moving, strict=True)]
 
 

@@ -2,7 +2,8 @@
 
 ``register``'s default model, the benchmarks (``air_reg.bench``), the tests and the README's
 model list all read this table; nothing else names a method's label, experiment config or
-weight file. A shipped checkpoint is ``air_reg/weights/<weights>_<dataset>.ckpt``.
+weight file. A shipped checkpoint is ``air_reg/weights/<weights>_<dataset>.ckpt``; the
+``synth`` dataset is ``data=synth`` (synthetic pairs only: a model for images it never saw).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # shipped checkpoints (package data)
-DATASETS = ("mnist", "fashion")  # the datasets the shipped weights were trained on
+DATASETS = ("mnist", "fashion")  # the datasets the paper's shipped weights were trained on
+SYNTH = "synth"  # data=synth: no real image; the zero-shot model's
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,14 @@ METHODS: tuple[Method, ...] = (
     Method("AiR-UNet no attention", "air_unet_no_attention", "air_unet_no_attention", ()),
     Method("AiR-UNet coarse decoder", "air_unet_coarse", "air_unet_coarse", ()),
     Method("VoxelMorph", "voxelmorph", "voxelmorph", extra="peers"),
+    Method("AiR-Match", "air_match_synth", "air_match", (SYNTH,)),  # issue #32
 )
 BY_LABEL = {m.label: m for m in METHODS}
+# Trained per dataset (the paper's Table 1 and the reproduction): all but the synthetic-trained.
+DATASET_METHODS = tuple(m for m in METHODS if SYNTH not in m.datasets)
 BY_WEIGHTS = {m.weights: m for m in METHODS}
-DEFAULT = BY_LABEL["AiR-UNet"]  # register's default network (docs/results.md, peers)
+DEFAULT = BY_LABEL["AiR-Match"]  # register's default: any 2-D pair, any size (docs/zero_shot.md)
+DATASET_DEFAULT = BY_LABEL["AiR-UNet"]  # register data=mnist|fashion: the best on that dataset
 
 
 def method(name: str) -> Method:
@@ -57,9 +63,13 @@ def method(name: str) -> Method:
     return found
 
 
-def default_weights(dataset: str = "mnist") -> str:
-    """The ``weights=`` name ``register`` uses when none is given (``air_unet_<dataset>``)."""
-    return DEFAULT.weights_name(dataset)
+def default_weights(dataset: str | None = None) -> str:
+    """The ``weights=`` name ``register`` uses when none is given: ``air_match_synth``, the
+    model trained on synthetic pairs for any image; ``air_unet_<dataset>`` for a dataset's
+    own images (``register data=fashion``)."""
+    if dataset is None or dataset == SYNTH:
+        return DEFAULT.weights_name(SYNTH)
+    return DATASET_DEFAULT.weights_name(dataset)
 
 
 def shipped() -> list[str]:
@@ -71,6 +81,6 @@ def label_of(weights: str) -> str:
     """The table label of a weight stem or ``weights=`` name (``air_unet_mnist`` ->
     ``AiR-UNet``); the name itself when the registry does not know it."""
     for m in METHODS:
-        if weights == m.weights or weights in (m.weights_name(d) for d in DATASETS):
+        if weights == m.weights or weights in (m.weights_name(d) for d in (*DATASETS, SYNTH)):
             return m.label
     return weights

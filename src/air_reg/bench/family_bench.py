@@ -23,6 +23,7 @@ from air_reg import metrics as M
 from air_reg.bench.families import FAMILIES, MNI, family
 from air_reg.checkpoint import shipped_weights
 from air_reg.classical import ants_syn, demons, has_ants, has_simpleitk
+from air_reg.refine.optimise import keep_if_better
 
 log = logging.getLogger(__name__)
 STEPS = 60  # refine_steps of the refined rows (the CLI preset's)
@@ -58,8 +59,10 @@ def make_method(key: str, family_name: str, steps: int = STEPS) -> Callable | No
     kind, _, source = key.partition(":")
     if kind in (NET, NET_REFINE) and source:
         path = _checkpoint(source)
-        if kind == NET:  # as register runs it: any-size nets at the pair's size, others resized
-            return air_reg.load_model(path).network_flow
+        if kind == NET:  # as register runs it: any-size nets at the pair's size, others
+            model = air_reg.load_model(path)  # resized; the guard judging by its similarity
+            return lambda f, m: keep_if_better(model.network_flow(f, m), f, m,
+                                               model.guard_similarity)[0]  # fmt: skip
         return air_reg.load_model(path, refine_steps=steps)
     if key == "refine":
         return air_reg.load_model(None, refine_steps=steps)

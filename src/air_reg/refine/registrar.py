@@ -75,6 +75,15 @@ class Registrar(nn.Module):
         return self.net is not None and bool(getattr(_inner(self.net), "accepts_any_size", False))
 
     @property
+    def guard_similarity(self) -> str:
+        """What the one-shot guard (``register``) judges "no worse than doing nothing" by:
+        ``mi`` for a network trained on pairs of different contrast (``data=synth``: its
+        correct flows may raise the MSE of such a pair; measured on the contrast family, the
+        MSE guard threw away 3 of 6 right flows), else ``mse`` (with the MI check beside it)."""
+        data = (self.build_config or {}).get("data") or {}
+        return "mi" if float(data.get("same_contrast_p", 1.0)) < 1.0 else "mse"
+
+    @property
     def image_size(self) -> tuple[int, int] | None:
         """The network's trained size; None without a network (any size)."""
         return None if self.net is None else contract.image_size(_inner(self.net))
