@@ -1,7 +1,8 @@
 """Similarity losses and flow regularisers; each an ``nn.Module`` that works on any device.
 
-Similarities take ``(warped, fixed)`` images (B, C, H, W) and return a scalar to minimise.
-Regularisers take a flow (B, 2, H, W) in pixels and return a scalar penalty.
+Similarities take ``(warped, fixed)`` images (B, C, *spatial) and return a scalar to minimise.
+Regularisers take a flow (B, D, *spatial) in pixels and return a scalar penalty. Spatial is
+(H, W) or (D, H, W): every loss takes both in one code path.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 from air_reg import deprecation
 from air_reg.errors import ConfigError
 from air_reg.metrics import jacobian_determinant, ncc
+from air_reg.models.components.spatial_transformer import flow_ndim, spatial_ndim
 
 
 class MSE(nn.Module):
@@ -33,6 +35,9 @@ class NCC(nn.Module):
         return (1 - ncc(warped, fixed, eps=self.eps)).mean()
 
 
+_POOLS = {2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
 class LocalNCC(nn.Module):
     """1 - local (windowed) squared NCC, as in VoxelMorph, averaged over pixels (min 0)."""
 
@@ -43,10 +48,10 @@ class LocalNCC(nn.Module):
         self.window, self.eps = window, eps
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        c = warped.shape[1]
+        c, pool = warped.shape[1], _POOLS[spatial_ndim(warped, "warped")]
         stacked = torch.cat([warped, fixed, warped * warped, fixed * fixed, warped * fixed], 1)
-        # Window means of I, J, I^2, J^2, IJ in one pooling call: (B, 5C, H, W).
-        means = F.avg_pool2d(
+        # Window means of I, J, I^2, J^2, IJ in one pooling call: (B, 5C, *spatial).
+        means = pool(
             stacked, self.window, stride=1, padding=self.window // 2, count_include_pad=False
         )
         mi, mj, mii, mjj, mij = means.split(c, dim=1)
@@ -55,9 +60,24 @@ class LocalNCC(nn.Module):
         return (1 - cross * cross / (var_i * var_j + self.eps)).mean()
 
 
-def _flow_differences(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward differences of a (B, 2, H, W) flow along rows and columns."""
-    return flow[:, :, 1:, :] - flow[:, :, :-1, :], flow[:, :, :, 1:] - flow[:, :, :, :-1]
+def _diff(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Forward difference along ``dim`` (one shorter there)."""
+    n = x.shape[dim] - 1
+    return x.narrow(dim, 1, n) - x.narrow(dim, 0, n)
+
+
+def _flow_differences(flow: torch.Tensor) -> list[torch.Tensor]:
+    """Forward differences of a (B, D, *spatial) flow along each spatial axis, in order."""
+    return [_diff(flow, 2 + i) for i in range(flow_ndim(flow))]
+
+
+def _total(terms) -> torch.Tensor:
+    """Left-to-right sum (the 2-D code's order: a + b, not 0 + a + b)."""
+    terms = iter(terms)
+    out = next(terms)
+    for t in terms:
+        out = out + t
+    return out
 
 
 class Diffusion(nn.Module):
@@ -73,25 +93,34 @@ class Diffusion(nn.Module):
         self.spacing = None if spacing is None or len(set(spacing)) == 1 else tuple(spacing)
 
     def forward(self, flow: torch.Tensor) -> torch.Tensor:
-        dy, dx = _flow_differences(flow)
+        diffs = _flow_differences(flow)  # along each axis: (B, D, *spatial less one there)
         if self.spacing is None:
-            return dy.square().mean() + dx.square().mean()
-        s = torch.tensor(self.spacing, dtype=flow.dtype, device=flow.device)  # (2,)
-        wy, wx = (s / s[0]).square(), (s / s[1]).square()  # per component, along y / x
-        return (dy.square().mean((0, 2, 3)) * wy).mean() + (
-            dx.square().mean((0, 2, 3)) * wx
-        ).mean()
+            return _total(d.square().mean() for d in diffs)
+        if len(self.spacing) != len(diffs):
+            raise ConfigError(
+                f"Diffusion spacing {self.spacing} has {len(self.spacing)} values for a "
+                f"{len(diffs)}-D flow; give one per spatial axis"
+            )
+        s = torch.tensor(self.spacing, dtype=flow.dtype, device=flow.device)  # (D,)
+        dims = (0, *range(2, flow.ndim))  # all but the component
+        # along axis j, component i weighs (s_i / s_j)^2
+        return _total(
+            (d.square().mean(dims) * (s / s[j]).square()).mean() for j, d in enumerate(diffs)
+        )
 
 
 class BendingEnergy(nn.Module):
     """Mean squared second derivatives of the flow (penalises curvature, not affine motion)."""
 
     def forward(self, flow: torch.Tensor) -> torch.Tensor:
-        dy, dx = _flow_differences(flow)
-        dyy = dy[:, :, 1:, :] - dy[:, :, :-1, :]
-        dxx = dx[:, :, :, 1:] - dx[:, :, :, :-1]
-        dxy = dy[:, :, :, 1:] - dy[:, :, :, :-1]
-        return dyy.square().mean() + dxx.square().mean() + 2 * dxy.square().mean()
+        diffs = _flow_differences(flow)
+        pure = _total(_diff(d, 2 + i).square().mean() for i, d in enumerate(diffs))  # d2/dxi2
+        mixed = _total(  # d2/dxi dxj, i < j, each counted twice in the Hessian's norm
+            _diff(d, 2 + j).square().mean()
+            for i, d in enumerate(diffs)
+            for j in range(i + 1, len(diffs))
+        )
+        return pure + 2 * mixed
 
 
 class DiffusionFold(nn.Module):
@@ -270,23 +299,30 @@ class NormalisedGradientFields(nn.Module):
             raise ConfigError(f"eta must be > 0, got {eta}")
         self.eta = eta
 
-    def _gradients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gy = (x[:, :, 2:, 1:-1] - x[:, :, :-2, 1:-1]) / 2  # central differences, interior
-        gx = (x[:, :, 1:-1, 2:] - x[:, :, 1:-1, :-2]) / 2
-        norm2 = gy * gy + gx * gx
+    def _gradients(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Central differences along each axis on the interior (B, C, *spatial less 2), and
+        the squared norm plus eps^2."""
+        n = spatial_ndim(x)
+        grads = []
+        for i in range(n):
+            inner = [slice(1, -1)] * n
+            ahead, behind = list(inner), list(inner)
+            ahead[i], behind[i] = slice(2, None), slice(None, -2)
+            grads.append((x[(..., *ahead)] - x[(..., *behind)]) / 2)
+        norm2 = _total(g * g for g in grads)
         # eps = eta x the RMS gradient (a sqrt would have an infinite slope on flat regions)
-        eps2 = self.eta**2 * norm2.mean((1, 2, 3), keepdim=True) + 1e-12
-        return gy, gx, norm2 + eps2
+        eps2 = self.eta**2 * norm2.mean(tuple(range(1, x.ndim)), keepdim=True) + 1e-12
+        return grads, norm2 + eps2
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        wy, wx, wn = self._gradients(warped)
-        fy, fx, fn = self._gradients(fixed)
-        cos2 = (wy * fy + wx * fx).square() / (wn * fn)
+        wg, wn = self._gradients(warped)
+        fg, fn = self._gradients(fixed)
+        cos2 = _total(w * f for w, f in zip(wg, fg, strict=True)).square() / (wn * fn)
         return (1 - cos2).mean()
 
 
 class SoftDice(nn.Module):
-    """1 - mean soft Dice over channels 1.. of (B, K + 1, H, W) label probabilities (channel 0,
+    """1 - mean soft Dice over channels 1.. of (B, K + 1, *spatial) label probabilities (channel 0,
     the background, left out): label overlap, SynthMorph's contrast-free objective
     (``RegistrationModule(supervision="labels")`` warps one-hot moving labels bilinearly)."""
 

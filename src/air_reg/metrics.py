@@ -1,7 +1,8 @@
 """Evaluation metrics, one value per pair: each returns a (B,) tensor ((B, K) per label).
 
-Images are (B, 1, H, W) in [0, 1]; flows are (B, 2, H, W) in pixels (see the README);
-label maps are (B, 1, H, W) integer values 0..K in float tensors, 0 = background.
+Images are (B, 1, *spatial) in [0, 1]; flows are (B, D, *spatial) in pixels (see the README);
+label maps are (B, 1, *spatial) integer values 0..K in float tensors, 0 = background. Spatial
+is (H, W) or (D, H, W), in one code path (``ssim`` follows torchmetrics, which takes both).
 Definitions, empty cases and their Learn2Reg sources: docs/metrics.md.
 """
 
@@ -11,7 +12,8 @@ import math
 
 import torch
 
-from air_reg.models.components.spatial_transformer import warp
+from air_reg.errors import ConfigError
+from air_reg.models.components.spatial_transformer import flow_ndim, warp
 
 HD_PERCENT = 95.0  # Learn2Reg's robust Hausdorff percentile
 DSC_QUANTILE = 0.3  # Learn2Reg's DSC30: the 30 % quantile over pairs
@@ -56,11 +58,29 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
 
 
+def _det(m: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Determinant of a small matrix of tensors by cofactor expansion along the first row
+    (2 x 2: a d - b c, the former 2-D arithmetic, bit for bit)."""
+    if len(m) == 1:
+        return m[0][0]
+    out = None
+    for j, a in enumerate(m[0]):
+        term = a * _det([row[:j] + row[j + 1 :] for row in m[1:]])
+        out = term if out is None else (out - term if j % 2 else out + term)
+    return out
+
+
 def jacobian_determinant(flow: torch.Tensor) -> torch.Tensor:
-    """det of the Jacobian of p -> p + flow(p), (B, H, W), central differences inside."""
-    d_dy = torch.gradient(flow, dim=2)[0]  # (B, 2, H, W): d(flow)/d(row)
-    d_dx = torch.gradient(flow, dim=3)[0]  # d(flow)/d(col)
-    return (1 + d_dy[:, 0]) * (1 + d_dx[:, 1]) - d_dx[:, 0] * d_dy[:, 1]
+    """det of the Jacobian of p -> p + flow(p), (B, *spatial), central differences inside
+    (one-sided at the border); each side needs 2 pixels or more."""
+    n = flow_ndim(flow)
+    if min(flow.shape[2:]) < 2:
+        raise ConfigError(f"a Jacobian needs 2 pixels or more per side, got {tuple(flow.shape)}")
+    grads = [torch.gradient(flow, dim=2 + j)[0] for j in range(n)]  # d(flow)/d(axis j)
+    jac = [[g[:, i] for g in grads] for i in range(n)]  # d flow_i / d axis_j, (B, *spatial)
+    for i in range(n):
+        jac[i][i] = 1 + jac[i][i]  # J = I + grad flow
+    return _det(jac)
 
 
 def folding(flow: torch.Tensor) -> torch.Tensor:
@@ -80,22 +100,24 @@ def epe(
     spacing: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """Mean end-point error in pixels against a ground-truth flow, (B,); with ``mask``
-    (B, 1, H, W) bool, over the masked pixels only (NaN for a pair whose mask is empty); with
+    (B, 1, *spatial) bool, over the masked pixels only (NaN for a pair whose mask is empty); with
     ``spacing`` (mm per pixel, per axis) in millimetres."""
     diff = flow - target
     if spacing is not None:
         shape = (1, -1) + (1,) * (diff.ndim - 2)
         diff = diff * torch.tensor(spacing, dtype=diff.dtype, device=diff.device).view(shape)
-    err = diff.square().sum(1).sqrt()  # (B, H, W)
+    err = diff.square().sum(1).sqrt()  # (B, *spatial)
     if mask is None:
         return err.flatten(1).mean(1)
     return torch.stack([e[m].mean() for e, m in zip(err, mask[:, 0], strict=True)])
 
 
 def _label_ints(labels: torch.Tensor, name: str) -> torch.Tensor:
-    """(B, 1, H, W) float label map -> (B, H, W) int64, refusing non-integer values."""
-    if labels.ndim != 4 or labels.shape[1] != 1:
-        raise ValueError(f"{name} must be (B, 1, H, W), got {tuple(labels.shape)}")
+    """(B, 1, *spatial) float label map -> (B, *spatial) int64, refusing non-integer values."""
+    if labels.ndim not in (4, 5) or labels.shape[1] != 1:
+        raise ConfigError(
+            f"{name} must be (B, 1, H, W) or (B, 1, D, H, W), got {tuple(labels.shape)}"
+        )
     ints = labels.round()
     if not torch.equal(ints, labels) or (ints < 0).any() or not ints.isfinite().all():
         raise ValueError(
@@ -106,12 +128,12 @@ def _label_ints(labels: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _num_labels(*maps) -> int:
-    """The largest label in (B, H, W) torch or numpy maps (0 for empty maps)."""
+    """The largest label in (B, *spatial) torch or numpy maps (0 for empty maps)."""
     return max(int(x.max()) if len(x.reshape(-1)) else 0 for x in maps)
 
 
 def _per_label_counts(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, H, W) int64 labels -> (B, K + 1) pixel counts; labels above K count as background."""
+    """(B, *spatial) int64 labels -> (B, K + 1) counts; labels above K count as background."""
     labels = torch.where(labels > k, 0, labels).flatten(1)  # (B, N)
     offsets = (k + 1) * torch.arange(labels.shape[0], device=labels.device)[:, None]
     counts = torch.bincount((labels + offsets).flatten(), minlength=labels.shape[0] * (k + 1))
@@ -129,9 +151,10 @@ def label_dice(
     ``moving_labels`` (before warping) decides which labels count; without it, the warped map.
     ``num_labels`` defaults to the largest label in the maps.
     """
-    f = _label_ints(fixed_labels, "fixed_labels")  # (B, H, W)
+    f = _label_ints(fixed_labels, "fixed_labels")  # (B, *spatial)
     w = _label_ints(warped_labels, "warped_labels")
     m = w if moving_labels is None else _label_ints(moving_labels, "moving_labels")
+    _same_grid(f, w)
     k = _num_labels(f, m) if num_labels is None else int(num_labels)
     cf, cw, cm = (_per_label_counts(x, k) for x in (f, w, m))  # (B, K + 1)
     inter = _per_label_counts(torch.where(f == w, f, 0), k)  # pixels labelled alike
@@ -141,8 +164,16 @@ def label_dice(
     return out.to(fixed_labels.dtype) if fixed_labels.is_floating_point() else out
 
 
+def _same_grid(*maps) -> None:
+    """The fixed and warped label maps (B, *spatial) must share one shape."""
+    if len({tuple(x.shape) for x in maps}) > 1:
+        shapes = [(x.shape[0], 1, *x.shape[1:]) for x in maps]
+        raise ConfigError(f"fixed and warped label maps need one shape, got {shapes}")
+
+
 def _boundary(mask):
-    """Pixels of a (H, W) bool mask with a 4-neighbour outside it (or outside the image)."""
+    """Pixels of a bool mask (H, W) or (D, H, W) with a face neighbour (4 in 2-D, 6 in 3-D)
+    outside it (or outside the image)."""
     from scipy import ndimage  # lazy: keeps `import air_reg.metrics` light
 
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
@@ -153,8 +184,8 @@ def _robust_hausdorff(a, b, percent: float) -> float:
     import numpy as np
     from scipy import ndimage
 
-    rows, cols = np.nonzero(a | b)  # crop to the union's box: distances stay the same
-    box = np.s_[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    where = np.nonzero(a | b)  # crop to the union's box: distances stay the same
+    box = tuple(slice(i.min(), i.max() + 1) for i in where)
     ba, bb = _boundary(a[box]), _boundary(b[box])
     a_to_b = ndimage.distance_transform_edt(~bb)[ba]  # each a-boundary pixel to b's boundary
     b_to_a = ndimage.distance_transform_edt(~ba)[bb]
@@ -172,14 +203,15 @@ def label_hd95(
     """(B, K) 95 % Hausdorff distance in pixels per label (scipy, on the CPU).
 
     NaN where a label is absent from fixed or moving (Learn2Reg); the image diagonal
-    sqrt((H-1)^2 + (W-1)^2) where the warped map lost it (surface-distance: inf).
+    sqrt((H-1)^2 + (W-1)^2 [+ (D-1)^2]) where the warped map lost it (surface-distance: inf).
     """
-    f = _label_ints(fixed_labels, "fixed_labels").cpu().numpy()  # (B, H, W)
+    f = _label_ints(fixed_labels, "fixed_labels").cpu().numpy()  # (B, *spatial)
     w = _label_ints(warped_labels, "warped_labels").cpu().numpy()
     m = w if moving_labels is None else _label_ints(moving_labels, "moving_labels").cpu().numpy()
+    _same_grid(f, w)
     k = _num_labels(f, m) if num_labels is None else int(num_labels)
     out = torch.full((f.shape[0], k), math.nan, dtype=torch.float64)
-    diagonal = math.hypot(f.shape[1] - 1, f.shape[2] - 1)
+    diagonal = math.hypot(*(n - 1 for n in f.shape[1:]))
     for i in range(f.shape[0]):
         for label in range(1, k + 1):
             fi, wi = f[i] == label, w[i] == label
@@ -212,7 +244,8 @@ def pair_metrics(
 ) -> dict[str, torch.Tensor]:
     """Every per-pair metric for a batch; ``full=False`` keeps the cheap ones (validation).
 
-    With label maps: "dice_labels" (mean label Dice), and with ``full`` "hd95" (pixels);
+    Images (B, 1, *spatial), 2-D or 3-D. With label maps: "dice_labels" (mean label Dice),
+    and with ``full`` "hd95" (pixels);
     the moving labels are warped by ``flow`` with nearest-neighbour sampling.
     """
     out = {

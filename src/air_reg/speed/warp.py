@@ -108,7 +108,7 @@ class _Square(torch.autograd.Function):
 def warp_by_coarse_flow(moving: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """``warp(moving, resize_flow(flow, (H, W)))`` for an (h, w) flow with h <= H, w <= W:
     the (B, C, H, W) image warped by a flow computed on a coarser grid."""
-    size = tuple(moving.shape[-2:])
+    size = tuple(moving.shape[2:])  # (H, W) or (D, H, W)
     fits = flow.ndim == 4 and flow.shape[:2] == (moving.shape[0], 2)
     if (
         fits

@@ -1,8 +1,9 @@
 """Spatial-transformer stage: warping, coarse-to-dense fields, scaling-and-squaring.
 
-Conventions (see the README): a ``flow`` is a displacement in pixels, ``(B, 2, H, W)``,
-channel 0 along rows (y), channel 1 along columns (x), defined on the fixed grid, and
-``warped(p) = moving(p + flow(p))``.
+Conventions (see the README): a ``flow`` is a displacement in pixels (voxels),
+``(B, D, *spatial)`` with D = 2 (H, W) or 3 (D, H, W) spatial axes, channel i along spatial
+axis i (2-D: channel 0 rows (y), channel 1 columns (x)), defined on the fixed grid, and
+``warped(p) = moving(p + flow(p))``. Every function here takes both ranks in one code path.
 """
 
 from __future__ import annotations
@@ -15,10 +16,31 @@ from air_reg.errors import ConfigError
 from air_reg.models.contract import as_size
 
 INTERPOLATIONS = ("bilinear", "bicubic", "bspline")
+SPATIAL_DIMS = (2, 3)  # images (B, C, H, W) and volumes (B, C, D, H, W)
 
 
-def identity_grid(size: tuple[int, int], device=None, dtype=None) -> torch.Tensor:
-    """Pixel coordinates of a (H, W) grid as a (2, H, W) tensor (rows, columns)."""
+def spatial_ndim(x: torch.Tensor, name: str = "image") -> int:
+    """The number of spatial axes (2 or 3) of a (B, C, H, W) or (B, C, D, H, W) tensor."""
+    if x.ndim - 2 not in SPATIAL_DIMS:
+        raise ConfigError(
+            f"{name} must be (B, C, H, W) or (B, C, D, H, W), got {tuple(x.shape)}; "
+            f"add the batch and channel axes (x[None, None])"
+        )
+    return x.ndim - 2
+
+
+def flow_ndim(flow: torch.Tensor, name: str = "flow") -> int:
+    """The number of spatial axes of a flow, checking it has one channel per axis."""
+    if flow.ndim - 2 not in SPATIAL_DIMS or flow.shape[1] != flow.ndim - 2:
+        raise ConfigError(
+            f"{name} must be (B, 2, H, W) or (B, 3, D, H, W) (one channel per spatial axis, "
+            f"in voxels), got {tuple(flow.shape)}"
+        )
+    return flow.ndim - 2
+
+
+def identity_grid(size: tuple[int, ...], device=None, dtype=None) -> torch.Tensor:
+    """Pixel coordinates of a grid of ``size`` (H, W) or (D, H, W) as a (D, *size) tensor."""
     axes = [torch.arange(n, device=device, dtype=dtype) for n in size]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
@@ -29,54 +51,74 @@ def warp(
     mode: str = "bilinear",
     padding_mode: str = "border",
 ) -> torch.Tensor:
-    """Sample ``moving`` (B, C, H, W) at ``p + flow(p)``; flow is (B, 2, H, W) in pixels."""
-    if flow.ndim != 4 or flow.shape[1] != 2:
-        raise ValueError(f"flow must be (B, 2, H, W), got {tuple(flow.shape)}")
-    if moving.ndim != 4 or moving.shape[-2:] != flow.shape[-2:]:
-        raise ValueError(
-            f"moving {tuple(moving.shape)} and flow {tuple(flow.shape)} need the same (H, W)"
+    """Sample ``moving`` (B, C, *spatial) at ``p + flow(p)``; flow is (B, D, *spatial) in
+    pixels. ``bilinear`` is trilinear on volumes; ``bicubic`` is 2-D only (torch's)."""
+    n = flow_ndim(flow)
+    if moving.ndim != flow.ndim or moving.shape[2:] != flow.shape[2:]:
+        raise ConfigError(
+            f"moving {tuple(moving.shape)} and flow {tuple(flow.shape)} need the same "
+            f"spatial size (resize_flow the flow to the image)"
         )
-    h, w = flow.shape[-2:]
-    # grid_sample wants (x, y) in [-1, 1] with align_corners=True: -1 is the first pixel centre.
-    # Built channel by channel (no flip/permute copies): warp is the hot op of training,
-    # scaling and squaring and refinement.
-    xs = torch.linspace(-1.0, 1.0, w, device=flow.device, dtype=flow.dtype)  # (W,)
-    ys = torch.linspace(-1.0, 1.0, h, device=flow.device, dtype=flow.dtype)  # (H,)
-    gx = flow[:, 1] * (2.0 / max(w - 1, 1)) + xs  # (B, H, W)
-    gy = flow[:, 0] * (2.0 / max(h - 1, 1)) + ys[:, None]
-    grid = torch.stack((gx, gy), dim=-1)  # (B, H, W, 2)
+    if n == 3 and mode == "bicubic":
+        raise ConfigError("bicubic warping is 2-D only; use mode='bilinear' for volumes")
+    # grid_sample wants (x, y[, z]) in [-1, 1] with align_corners=True: -1 is the first pixel
+    # centre, coordinates in reversed axis order. Built channel by channel (no flip/permute
+    # copies): warp is the hot op of training, scaling and squaring and refinement.
+    coords = []
+    for i, size in enumerate(flow.shape[2:]):
+        base = torch.linspace(-1.0, 1.0, size, device=flow.device, dtype=flow.dtype)
+        base = base.view((size,) + (1,) * (n - 1 - i))  # broadcast over the later axes
+        coords.append(flow[:, i] * (2.0 / max(size - 1, 1)) + base)  # (B, *spatial)
+    grid = torch.stack(coords[::-1], dim=-1)  # (B, *spatial, D)
     return F.grid_sample(moving, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
 def pad_to_multiple(
     x: torch.Tensor, multiple: int, mode: str = "replicate"
-) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """``x`` (N, C, H, W) padded, centred (the odd pixel bottom/right), so that H and W divide
-    ``multiple``, and the pads (left, right, top, bottom); ``crop`` undoes it on an output."""
-    h, w = x.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
-    pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-    return (F.pad(x, pads, mode=mode) if ph or pw else x), pads
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``x`` (N, C, *spatial) padded, centred (the odd pixel bottom/right), so that each
+    spatial side divides ``multiple``, and the pads in ``F.pad``'s order (last axis first:
+    left, right, top, bottom[, front, back]); ``crop`` undoes it on an output."""
+    extra = [-n % multiple for n in x.shape[2:]]
+    pads = tuple(p for e in reversed(extra) for p in (e // 2, e - e // 2))
+    return (F.pad(x, pads, mode=mode) if any(extra) else x), pads
 
 
-def crop(y: torch.Tensor, pads: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
-    """The (H, W) = ``size`` window of a padded output (``pad_to_multiple``'s ``pads``)."""
-    return y[..., pads[2] : pads[2] + size[0], pads[0] : pads[0] + size[1]]
+def crop(y: torch.Tensor, pads: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
+    """The ``size`` window of a padded output (``pad_to_multiple``'s ``pads``)."""
+    starts = pads[::2][::-1]  # the leading pad of each spatial axis, in axis order
+    window = tuple(slice(s, s + n) for s, n in zip(starts, size, strict=True))
+    return y[(..., *window)]
 
 
-def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 2, h, w) pixels on an h x w grid -> (B, 2, H, W) pixels on an H x W grid."""
-    h, w = flow.shape[-2:]
-    if (h, w) == tuple(size):
+def _resample(x: torch.Tensor, size: tuple[int, ...], antialias: bool) -> torch.Tensor:
+    """Linear resampling of (B, C, *spatial) to ``size`` (align_corners=False)."""
+    if x.ndim == 4 or not antialias:
+        mode = "bilinear" if x.ndim == 4 else "trilinear"
+        return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
+    # torch has no antialiased trilinear; the filter is separable: (H, W), then D
+    b, c, d = x.shape[:3]
+    x = _resample(x.reshape(b, c * d, *x.shape[3:]), size[1:], True)  # (B, C D, H', W')
+    x = _resample(x.reshape(b, c, d, -1), (size[0], x.shape[2] * x.shape[3]), True)
+    return x.reshape(b, c, *size)
+
+
+def resize_flow(flow: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(B, D, *s) pixels on an s grid -> (B, D, *size) pixels on a ``size`` grid."""
+    n, old, size = flow_ndim(flow), tuple(flow.shape[2:]), tuple(int(s) for s in size)
+    if len(size) != n:
+        raise ConfigError(f"size {size} needs {n} sides for a flow {tuple(flow.shape)}")
+    if old == size:
         return flow
-    shrink = size[0] < h or size[1] < w
-    out = F.interpolate(flow, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-    scale = torch.tensor([size[0] / h, size[1] / w], dtype=flow.dtype, device=flow.device)
-    return out * scale.view(1, 2, 1, 1)  # a displacement of d model pixels is d * H / h here
+    shrink = any(new < o for new, o in zip(size, old, strict=True))
+    out = _resample(flow, size, antialias=shrink)
+    scale = torch.tensor([new / o for new, o in zip(size, old, strict=True)], dtype=flow.dtype,
+                         device=flow.device)  # fmt: skip
+    return out * scale.view(1, n, *(1,) * n)  # a displacement of d model pixels is d * H / h here
 
 
 def integrate_velocity(velocity: torch.Tensor, steps: int) -> torch.Tensor:
-    """Scaling and squaring: exp of a stationary velocity field (B, 2, H, W), in pixels."""
+    """Scaling and squaring: exp of a stationary velocity field (B, D, *spatial), in pixels."""
     flow = velocity / (2**steps)
     for _ in range(steps):
         flow = flow + warp(flow, flow)  # phi_{2t} = phi_t o phi_t
@@ -111,25 +153,35 @@ def interpolation_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
 
 
 class CoarseToDense(nn.Module):
-    """Resample a coarse (B, C, h, w) field to (B, C, H, W) with a fixed separable operator.
+    """Resample a coarse (B, C, *in_size) field to (B, C, *out_size) with a fixed separable
+    operator (2-D or 3-D sizes).
 
     One module serves every model: AiR's per-patch displacements, MAPT's branch fusion and
-    DIRNet's control points. Precomputed 1-D matrices make it a pair of small matmuls.
+    DIRNet's control points. Precomputed 1-D matrices make it a few small matmuls.
     """
 
     def __init__(
-        self, *, in_size: tuple[int, int], out_size: tuple[int, int], mode: str = "bicubic"
+        self, *, in_size: tuple[int, ...], out_size: tuple[int, ...], mode: str = "bicubic"
     ) -> None:
         super().__init__()
         self.in_size, self.out_size, self.mode = tuple(in_size), tuple(out_size), mode
-        self.register_buffer("rows", interpolation_matrix(in_size[0], out_size[0], mode), False)
-        self.register_buffer("cols", interpolation_matrix(in_size[1], out_size[1], mode), False)
+        if len(self.in_size) != len(self.out_size) or len(self.in_size) not in SPATIAL_DIMS:
+            raise ConfigError(f"in_size {in_size} and out_size {out_size} need 2 or 3 sides each")
+        # 2-D: "rows", "cols" (the former names); 3-D: "slices", "rows", "cols"
+        names = ("slices", "rows", "cols")[-len(self.in_size) :]
+        for name, n_in, n_out in zip(names, self.in_size, self.out_size, strict=True):
+            self.register_buffer(name, interpolation_matrix(n_in, n_out, mode), False)
+        self._names = names
+        low, up = "dhw"[-len(names) :], "DHW"[-len(names) :]
+        mats = [f"{u}{lo}" for u, lo in zip(up, low, strict=True)]
+        # 2-D: "Hh,bchw,Ww->bcHW"; 3-D: "Dd,bcdhw,Hh,Ww->bcDHW"
+        self._equation = ",".join([mats[0], f"bc{low}", *mats[1:]]) + f"->bc{up}"
 
     def forward(self, coarse: torch.Tensor) -> torch.Tensor:
-        if tuple(coarse.shape[-2:]) == self.out_size and self.mode != "bspline":
+        if tuple(coarse.shape[2:]) == self.out_size and self.mode != "bspline":
             return coarse
-        # (B, C, h, w) -> (B, C, H, W): rows (H, h) and cols (W, w)
-        return torch.einsum("Hh,bchw,Ww->bcHW", self.rows, coarse, self.cols)
+        mats = [getattr(self, name) for name in self._names]  # (out, in) per axis
+        return torch.einsum(self._equation, mats[0], coarse, *mats[1:])  # (B, C, *out_size)
 
     def extra_repr(self) -> str:
         return f"in_size={self.in_size}, out_size={self.out_size}, mode={self.mode!r}"
@@ -145,8 +197,8 @@ class FlowField(nn.Module):
     def __init__(
         self,
         *,
-        coarse_size: tuple[int, int],
-        image_size: tuple[int, int],
+        coarse_size: tuple[int, ...],
+        image_size: tuple[int, ...],
         interpolation: str = "bicubic",
         integration_steps: int = 0,
     ) -> None:
@@ -157,7 +209,7 @@ class FlowField(nn.Module):
         self.integration_steps = integration_steps
 
     def forward(self, coarse: torch.Tensor) -> torch.Tensor:
-        dense = self.upsample(coarse)  # (B, 2, H, W)
+        dense = self.upsample(coarse)  # (B, D, *spatial)
         if self.integration_steps:
             dense = integrate_velocity(dense, self.integration_steps)
         return dense
