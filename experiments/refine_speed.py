@@ -4,14 +4,17 @@ beside SimpleITK Demons, interleaved in one run on the same brain MRI pairs.
     python -m air_reg.data.brain           # once: data/brain_mni152/ from nilearn's wheel
     python experiments/refine_speed.py     # -> experiments/results/refine_speed/
     python experiments/refine_speed.py --pairs 8 --rounds 2   # quicker
+    python experiments/refine_speed.py --per-op    # + the kernels without the fused level loop
 
 Each round times, one after the other on the same pairs (held-out MNI152 slices at their own
 233 x 197, each warped by a known smooth B-spline field of max 6 px, as in brain_mri.py):
-model-free ``refine`` with the shipped preset on the kernels (``air_reg.speed.warp``), the
-same with torch's ops (``speed.warp.torch_ops()``: the same maths), and Demons pair by pair
-(brain_mri.py's settings). The order rotates every round; a ratio is the median over rounds of
-the per-round ratio (the host is shared and noisy). The end-point error on the head shows the
-three compute the same registration. Writes refine_speed.md and refine_speed.csv.
+model-free ``refine`` with the shipped preset on the kernels (each level's Adam loop in one
+call, ``air_reg.speed.refine_loop``; with ``--per-op`` also step by step through autograd over
+``air_reg.speed.warp``), the same with torch's ops (``speed.warp.torch_ops()``: the same
+maths), and Demons pair by pair (brain_mri.py's settings). The order rotates every round; a
+ratio is the median over rounds of the per-round ratio (the host is shared and noisy). The
+end-point error on the head shows the three compute the same registration. Writes
+refine_speed.md and refine_speed.csv.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from air_reg.bench.refinement import (
 from air_reg.bench.speed.timing import speedup
 from air_reg.classical import demons, has_simpleitk
 from air_reg.models.components.spatial_transformer import warp
+from air_reg.speed import refine_loop
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("refine_speed")
@@ -47,6 +51,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=60, help="refine_steps (brain_mri.py's)")
+    parser.add_argument("--per-op", action="store_true", help="+ refine_loop.per_op()'s row")
     parser.add_argument("--out", type=Path, default=REPO / "experiments/results/refine_speed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -71,7 +76,13 @@ def main() -> None:
     def epe(flow):  # over every head pixel of every pair
         return (flow - targets).norm(dim=1)[fixed[:, 0] > brain.HEAD].mean().item()
 
+    def per_op():  # autograd over the kernels of speed.warp, step by step
+        with refine_loop.per_op():
+            return ours()
+
     rows = {"air-reg kernels": ours, "torch ops (same maths)": torch_ops(ours)}
+    if args.per_op:
+        rows["per-op kernels (no fused loop)"] = per_op
     if has_simpleitk():
         rows["SimpleITK Demons"] = peer
     ours()  # warm-up: the kernels' build or load, torch's first calls

@@ -41,6 +41,7 @@ from air_reg.refine.flows import (
     velocity_from_flow,
 )
 from air_reg.refine.settings import LEGACY_DEFAULTS, RefineSettings
+from air_reg.speed import refine_loop
 from air_reg.speed import warp as warp_ops
 
 log = logging.getLogger(__name__)
@@ -302,14 +303,21 @@ def refine(
             # gradient is that of its own objective, whatever the batch size.
             return b * loss
 
+        # The fused level loop computes this objective (MSE, pixel diffusion) and Adam exactly.
+        fused = (shape is not None and s.optimizer == "adam" and type(similarity) is MSE
+                 and type(regularizer) is Diffusion and regularizer.spacing is None
+                 and refine_loop.available(param, fixed))  # fmt: skip
         sizes, opt = pyramid((h, w), s.levels, s.min_size), None
         for i, size in enumerate(sizes):
             f, m = resize(fixed, size), resize(moving, size)
             grid = field_size(size, s.field_stride, s.min_size)
             up = _upsampler(shape, grid, s.grid_mode, param)
+            steps = s.steps * (len(sizes) - i)
+            if fused and steps and min(grid) >= 2:
+                opt = _fused_level(param, opt, f, m, up, (h, w), affine, squarings, s, steps)
+                continue
             loss = partial(objective, f, m, size, up)
-            opt = _optimise(param, loss, s.steps * (len(sizes) - i), s.optimizer, lr, opt,
-                            s.lr_decay)  # fmt: skip
+            opt = _optimise(param, loss, steps, s.optimizer, lr, opt, s.lr_decay)
         with torch.no_grad():
             # The result is integrated at full size (a bilinearly resampled coarse flow can
             # fold between its nodes where the coarse one does not), with as many more
@@ -326,6 +334,28 @@ def refine(
                     log.info("refine: %d of %d pair(s) ended less similar than unregistered: "
                              "identity returned for them", int(worse.sum()), b)  # fmt: skip
             return flow
+
+
+def _fused_level(param, adam, f, m, up, full, affine, squarings, s, steps) -> _Adam:
+    """``_optimise(param, objective, steps, "adam", ...)`` for refine's MSE + pixel diffusion
+    objective at one level, in one C++ call (``speed.refine_loop``); same Adam state."""
+    adam = adam or _Adam(param)
+    grid = up.out_size
+    scale = torch.tensor([grid[0] / full[0], grid[1] / full[1]], dtype=param.dtype)
+    field = matrix = None
+    if affine is not None:  # dense_flow's level affine, in field-grid pixels
+        level = torch.cat([affine[:, :, :2], affine[:, :, 2:] * scale[:, None]], 2)
+        field, matrix = affine_flow(level, grid), level[:, :, :2] - torch.eye(2).to(level)
+    rows, cols = up.rows, up.cols
+    if tuple(param.shape[-2:]) == grid and up.mode != "bspline":  # up() is the identity
+        rows, cols = torch.eye(grid[0]).to(rows), torch.eye(grid[1]).to(cols)
+    adam.t = refine_loop.adam_level(
+        param, adam.m, adam.v, adam.t, f, m, rows=rows, cols=cols,
+        scale=(float(scale[0]), float(scale[1])), squarings=squarings, steps=steps,
+        lr=s.step_size, decay=s.lr_decay, reg_weight=s.reg_weight, fold_weight=s.fold_weight,
+        fold_margin=s.fold_margin, affine=field, matrix=matrix,
+    )  # fmt: skip
+    return adam
 
 
 def _large_enough(theta: torch.Tensor, size, min_px: float) -> torch.Tensor | None:

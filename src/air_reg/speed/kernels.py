@@ -1,8 +1,9 @@
 """air-reg's C++ CPU kernels: built once per machine, cached, loaded with ``ctypes``.
 
 ``csrc/small_head_attention.cpp`` (attention for heads of size 1-16, ``speed.attention``),
-``csrc/dropout.cpp`` (counter-based dropout, ``speed.dropout``) and ``csrc/warp.cpp`` (the
-warps of instance optimisation, ``air_reg.speed.warp``) are compiled together into one
+``csrc/dropout.cpp`` (counter-based dropout, ``speed.dropout``), ``csrc/warp.cpp`` (the
+warps of instance optimisation, ``air_reg.speed.warp``) and ``csrc/refine_loop.cpp`` (a
+refinement level's whole Adam loop, ``speed.refine_loop``) are compiled together into one
 library with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``;
 ``-O3 -march=native -fopenmp``, a few seconds) into ``$AIR_REG_CACHE`` (default
 ``~/.cache/air_reg``), keyed by sources, compiler and CPU. Their threads are the OpenMP threads
@@ -36,7 +37,8 @@ from air_reg.errors import UserError
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "small_head_attention.cpp", CSRC / "dropout.cpp", CSRC / "warp.cpp")
+SOURCES = (CSRC / "small_head_attention.cpp", CSRC / "dropout.cpp", CSRC / "warp.cpp",
+           CSRC / "refine_loop.cpp")  # fmt: skip
 FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared"]
 # Tried in this order until one builds: without -march=native the build is portable (slower);
 # without -fopenmp (Apple clang) the kernels' threads are Python threads instead.

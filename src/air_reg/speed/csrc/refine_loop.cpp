@@ -1,0 +1,603 @@
+// One pyramid level of air_reg.refine's Adam loop in one call (issue #31), CPU float32.
+//
+// refine's objective per pair, at a level of (H, W) pixels with the field on an (fh, fw) grid:
+//   v      = scale * (rows @ param @ cols^T) / 2^n      (B-spline control grid -> field grid)
+//   u      = n squarings of v, each u + u sampled at p + u(p)          (scaling and squaring)
+//   coarse = affine + u + (A - I) u                      (after_affine; without one: u)
+//   loss   = MSE(warp(moving, up(coarse)), fixed) + wd Diffusion(coarse) + wf NegJac(coarse)
+// and its gradient, written out (no autograd), then torch.optim.Adam's update with refine's
+// cosine-decayed step: _optimise in air_reg/refine/optimise.py, step for step. The formulas
+// are warp.cpp's, per element (its taps mirrored, its per-pixel sampling rewritten as row
+// passes over structures of arrays, which vectorise): only the order of some sums differs
+// from the per-op path.
+//
+// Threads: pairs are independent, so pairs split over threads (each owns whole pairs), or,
+// with `team` > 1 (OpenMP only; B == 1), the threads share one pair's rows, meeting at a
+// barrier between passes; scatters (the squarings' and penalties' transposes) then go into a
+// buffer per thread, summed by rows afterwards.
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+struct AirRefineLevel {  // mirrored by air_reg.speed.refine_loop._Level
+    float* param;              // (B, 2, gh, gw) control grid, updated in place
+    float* m;                  // (B, 2, gh, gw) Adam's first moment, updated
+    float* v;                  // (B, 2, gh, gw) Adam's second moment, updated
+    const float* fixed;        // (B, C, H, W) at this level
+    const float* moving;       // (B, C, H, W)
+    const float* rows;         // (fh, gh) control rows -> field rows
+    const float* cols;         // (fw, gw)
+    const float* affine;       // (B, 2, fh, fw) affine displacement, or null
+    const float* matrix;       // (B, 2, 2) A - I, or null
+    long B, C, H, W, fh, fw, gh, gw;
+    long squarings, steps, t;  // t: Adam steps taken before this level
+    double lr, decay;          // step lr * (decay + (1 - decay) (1 + cos(pi i / (steps - 1))) / 2)
+    float scale_y, scale_x;    // field grid / image size, per axis
+    float reg_weight, fold_weight, fold_margin;
+};
+
+namespace {
+
+// ---- warp.cpp's upsampling tap and torch.gradient's differences (same formulas) ----
+
+struct Tap {
+    long i0, i1;
+    float l0, l1;
+};
+
+inline Tap upsample_tap(long dst, long n_in, long n_out) {
+    const float scale = float(n_in) / float(n_out);
+    float src = scale * (float(dst) + 0.5f) - 0.5f;
+    if (src < 0.f) src = 0.f;
+    long i0 = long(std::floor(src));
+    if (i0 > n_in - 1) i0 = n_in - 1;
+    float l1 = src - float(i0);
+    l1 = l1 < 0.f ? 0.f : (l1 > 1.f ? 1.f : l1);
+    return {i0, i0 + (i0 < n_in - 1 ? 1 : 0), 1.f - l1, l1};
+}
+
+inline void difference(long i, long n, long* plus, long* minus, float* factor) {
+    if (i == 0) {
+        *plus = 1, *minus = 0, *factor = 1.f;
+    } else if (i == n - 1) {
+        *plus = n - 1, *minus = n - 2, *factor = 1.f;
+    } else {
+        *plus = i + 1, *minus = i - 1, *factor = 0.5f;
+    }
+}
+
+inline long share(long n, int t, int threads) { return n * t / threads; }
+
+// ---- the level's plan: what every step reads ----
+
+struct Band {  // [lo, hi): the nonzero entries of one row or column of a banded matrix
+    long lo, hi;
+};
+
+// The band of each row (by_rows) or each column of an (n, k) matrix.
+std::vector<Band> bands(const float* a, long n, long k, bool by_rows) {
+    const long outer = by_rows ? n : k, inner = by_rows ? k : n;
+    std::vector<Band> out(outer);
+    for (long o = 0; o < outer; o++) {
+        long lo = inner, hi = 0;
+        for (long q = 0; q < inner; q++) {
+            if ((by_rows ? a[o * k + q] : a[q * k + o]) != 0.f) {
+                lo = std::min(lo, q);
+                hi = q + 1;
+            }
+        }
+        out[o] = lo < hi ? Band{lo, hi} : Band{0, 0};
+    }
+    return out;
+}
+
+struct Plan {
+    std::vector<Band> rows_of_row, cols_of_row, rows_of_col;  // B-spline bands
+    std::vector<int> col_i0, col_i1;   // image column j <- field columns (warp's upsampling)
+    std::vector<float> col_l0, col_l1;
+    std::vector<long> from;            // field row q gathers image rows take[from[q]:from[q+1]]
+    std::vector<std::pair<long, float>> take;  // (image row, weight)
+    std::vector<int> col_from, col_take;  // the same for field column q and image columns
+    std::vector<float> col_weight;
+    float up_scale[2];                 // the upsampling's displacement scale
+
+    explicit Plan(const AirRefineLevel& a)
+        : rows_of_row(bands(a.rows, a.fh, a.gh, true)),
+          cols_of_row(bands(a.cols, a.fw, a.gw, true)),
+          rows_of_col(bands(a.rows, a.fh, a.gh, false)),
+          col_i0(a.W),
+          col_i1(a.W),
+          col_l0(a.W),
+          col_l1(a.W),
+          from(a.fh + 1, 0),
+          col_from(a.fw + 1, 0),
+          up_scale{float(a.H) / float(a.fh), float(a.W) / float(a.fw)} {
+        for (long j = 0; j < a.W; j++) {
+            const Tap c = upsample_tap(j, a.fw, a.W);
+            col_i0[j] = int(c.i0), col_i1[j] = int(c.i1), col_l0[j] = c.l0, col_l1[j] = c.l1;
+        }
+        std::vector<std::vector<std::pair<long, float>>> by(a.fh);
+        for (long i = 0; i < a.H; i++) {  // the transpose of the row upsampling, as a gather
+            const Tap r = upsample_tap(i, a.fh, a.H);
+            by[r.i0].push_back({i, r.l0});
+            by[r.i1].push_back({i, r.l1});
+        }
+        for (long q = 0; q < a.fh; q++) {
+            take.insert(take.end(), by[q].begin(), by[q].end());
+            from[q + 1] = long(take.size());
+        }
+        std::vector<std::vector<std::pair<long, float>>> by_col(a.fw);
+        for (long j = 0; j < a.W; j++) {  // in the order the scatter adds them: same floats
+            by_col[col_i0[j]].push_back({j, col_l0[j]});
+            by_col[col_i1[j]].push_back({j, col_l1[j]});
+        }
+        for (long q = 0; q < a.fw; q++) {
+            for (const auto& [j, l] : by_col[q]) {
+                col_take.push_back(int(j));
+                col_weight.push_back(l);
+            }
+            col_from[q + 1] = int(col_take.size());
+        }
+    }
+};
+
+struct Work {  // one pair's fields (shared by a team)
+    std::vector<float> u, coarse, g0, g1, mx, tmp, priv;
+    Work(const AirRefineLevel& a, int team)
+        : u((a.squarings + 1) * 2 * a.fh * a.fw),
+          coarse(a.affine ? 2 * a.fh * a.fw : 0),
+          g0(2 * a.fh * a.fw),
+          g1(2 * a.fh * a.fw),
+          mx(2 * a.H * a.fw),
+          tmp(2 * a.fh * a.gw),
+          priv(team > 1 ? team * 2 * a.fh * a.fw : 0) {}
+};
+
+struct Scratch {  // one thread's rows, as structures of arrays (so the row passes vectorise)
+    std::vector<float> buf;
+    std::vector<int> ibuf;
+    float *mix, *row, *uy, *ux, *gy, *gx, *ty, *tx, *cy, *cx, *val, *dy, *dx, *dy1, *dx1;
+    int *at, *right, *down;
+    explicit Scratch(const AirRefineLevel& a) {
+        const long n = std::max(a.W, a.fw);
+        buf.resize(2 * a.fw + a.gw + 13 * n);
+        ibuf.resize(3 * n);
+        float* p = buf.data();
+        mix = p, row = p + 2 * a.fw, p = row + a.gw;
+        for (float** q : {&uy, &ux, &gy, &gx, &ty, &tx, &cy, &cx, &val, &dy, &dx, &dy1, &dx1}) {
+            *q = p, p += n;
+        }
+        at = ibuf.data(), right = at + n, down = right + n;
+    }
+};
+
+// warp.cpp's locate() for the n samples (i + uy[j], j + ux[j]) of one row of an (h, w) plane,
+// branch-free (the clip as selects) so that it vectorises: the clipped fractions ty, tx, the
+// clip's gradients cy, cx, the top-left corners `at` and the offsets to the other corners.
+void locate(long i, const float* __restrict uy, const float* __restrict ux, long n, long h,
+            long w, float* __restrict ty, float* __restrict tx, float* __restrict cy,
+            float* __restrict cx, int* __restrict at, int* __restrict right,
+            int* __restrict down) {
+    const float hy = float(h - 1), hx = float(w - 1), fi = float(i);
+    const int ih = int(h), iw = int(w);
+    for (int j = 0; j < int(n); j++) {
+        float y = fi + uy[j], x = float(j) + ux[j];
+        const bool y_in = y > 0.f, x_in = x > 0.f;
+        cy[j] = (y_in & (y < hy)) ? 1.f : 0.f;  // the clip's gradient
+        cx[j] = (x_in & (x < hx)) ? 1.f : 0.f;
+        y = y_in ? y : 0.f;  // NaN -> 0, as torch's clip
+        x = x_in ? x : 0.f;
+        y = y < hy ? y : hy;
+        x = x < hx ? x : hx;
+        const int y0 = int(y), x0 = int(x);
+        ty[j] = y - float(y0);
+        tx[j] = x - float(x0);
+        at[j] = y0 * iw + x0;
+        right[j] = (x0 + 1 < iw) ? 1 : 0;
+        down[j] = (y0 + 1 < ih) ? iw : 0;
+    }
+}
+
+inline void locate_row(long i, const float* uy, const float* ux, long n, long h, long w,
+                       const Scratch& s) {
+    locate(i, uy, ux, n, h, w, s.ty, s.tx, s.cy, s.cx, s.at, s.right, s.down);
+}
+
+// warp.cpp's value() (Values) and slope() (Slopes) of a plane at the row's n samples.
+template <bool Values, bool Slopes>
+void sample_row(const float* __restrict plane, long n, const Scratch& s, float* __restrict val,
+                float* __restrict dy, float* __restrict dx) {
+    const float *__restrict ty = s.ty, *__restrict tx = s.tx, *__restrict cy = s.cy,
+                *__restrict cx = s.cx;
+    const int *__restrict at = s.at, *__restrict right = s.right, *__restrict down = s.down;
+    for (int j = 0; j < int(n); j++) {
+        const int a = at[j], r = right[j], d = down[j];
+        const float v00 = plane[a], v01 = plane[a + r], v10 = plane[a + d], v11 = plane[a + d + r];
+        const float y = ty[j], x = tx[j];
+        if constexpr (Values) {
+            val[j] = (1.f - y) * ((1.f - x) * v00 + x * v01) + y * ((1.f - x) * v10 + x * v11);
+        }
+        if constexpr (Slopes) {
+            dy[j] = cy[j] * ((1.f - x) * (v10 - v00) + x * (v11 - v01));
+            dx[j] = cx[j] * ((1.f - y) * (v01 - v00) + y * (v11 - v10));
+        }
+    }
+}
+
+// warp.cpp's spread() of g0[j] into plane0 and g1[j] into plane1 at the row's n samples.
+void spread_row(float* plane0, float* plane1, const float* g0, const float* g1, long n,
+                const Scratch& s) {
+    for (long j = 0; j < n; j++) {
+        const float y = s.ty[j], x = s.tx[j], a = g0[j], b = g1[j];
+        const long at = s.at[j], r = s.right[j], d = s.down[j];
+        float *p = plane0 + at, *q = plane1 + at;
+        p[0] += a * (1.f - y) * (1.f - x);
+        p[r] += a * (1.f - y) * x;
+        p[d] += a * y * (1.f - x);
+        p[d + r] += a * y * x;
+        q[0] += b * (1.f - y) * (1.f - x);
+        q[r] += b * (1.f - y) * x;
+        q[d] += b * y * (1.f - x);
+        q[d + r] += b * y * x;
+    }
+}
+
+struct Team {
+    int id, size;
+    long lo(long n) const { return share(n, id, size); }
+    long hi(long n) const { return share(n, id + 1, size); }
+    void sync() const {
+#ifdef _OPENMP
+        if (size > 1) {
+#pragma omp barrier
+        }
+#endif
+    }
+};
+
+// ---- the passes of one step, over a team's share of rows ----
+
+// v (2, fh, fw) = factor[k] * rows @ p[k] @ cols^T
+void bspline(const AirRefineLevel& a, const Plan& plan, const float* p, const float factor[2],
+             float* v, float* row, const Team& team) {
+    for (long i = team.lo(a.fh); i < team.hi(a.fh); i++) {
+        const Band rb = plan.rows_of_row[i];
+        for (int k = 0; k < 2; k++) {
+            std::fill(row, row + a.gw, 0.f);
+            for (long r = rb.lo; r < rb.hi; r++) {
+                const float wr = a.rows[i * a.gh + r];
+                const float* pr = p + (k * a.gh + r) * a.gw;
+                for (long c = 0; c < a.gw; c++) row[c] += wr * pr[c];
+            }
+            float* out = v + (k * a.fh + i) * a.fw;
+            for (long j = 0; j < a.fw; j++) {
+                const Band cb = plan.cols_of_row[j];
+                const float* cj = a.cols + j * a.gw;
+                float acc = 0.f;
+                for (long c = cb.lo; c < cb.hi; c++) acc += cj[c] * row[c];
+                out[j] = acc * factor[k];
+            }
+        }
+    }
+}
+
+// The transpose: gp (2, gh, gw) = factor[k] * rows^T @ g[k] @ cols; tmp (2, fh, gw) between.
+void bspline_grad(const AirRefineLevel& a, const Plan& plan, const float* g,
+                  const float factor[2], float* tmp, float* gp, const Team& team) {
+    for (long i = team.lo(a.fh); i < team.hi(a.fh); i++) {
+        for (int k = 0; k < 2; k++) {
+            float* trow = tmp + (k * a.fh + i) * a.gw;
+            const float* gi = g + (k * a.fh + i) * a.fw;
+            std::fill(trow, trow + a.gw, 0.f);
+            for (long j = 0; j < a.fw; j++) {
+                const Band cb = plan.cols_of_row[j];
+                const float x = gi[j] * factor[k];
+                const float* cj = a.cols + j * a.gw;
+                for (long c = cb.lo; c < cb.hi; c++) trow[c] += x * cj[c];
+            }
+        }
+    }
+    team.sync();
+    for (long r = team.lo(a.gh); r < team.hi(a.gh); r++) {
+        const Band ib = plan.rows_of_col[r];
+        for (int k = 0; k < 2; k++) {
+            float* out = gp + (k * a.gh + r) * a.gw;
+            std::fill(out, out + a.gw, 0.f);
+            for (long i = ib.lo; i < ib.hi; i++) {
+                const float wr = a.rows[i * a.gh + r];
+                const float* trow = tmp + (k * a.fh + i) * a.gw;
+                for (long c = 0; c < a.gw; c++) out[c] += wr * trow[c];
+            }
+        }
+    }
+}
+
+// out = u + u sampled at p + u(p), rows [r0, r1)
+void square(const float* u, float* out, long h, long w, long r0, long r1, const Scratch& s) {
+    const long n = h * w;
+    for (long i = r0; i < r1; i++) {
+        const float *uy = u + i * w, *ux = u + n + i * w;
+        locate_row(i, uy, ux, w, h, w, s);
+        sample_row<true, false>(u, w, s, s.val, nullptr, nullptr);
+        for (long j = 0; j < w; j++) out[i * w + j] = uy[j] + s.val[j];
+        sample_row<true, false>(u + n, w, s, s.val, nullptr, nullptr);
+        for (long j = 0; j < w; j++) out[n + i * w + j] = ux[j] + s.val[j];
+    }
+}
+
+// The square's transpose for rows [r0, r1): gu += the location terms, the sampled values'
+// terms spread into `to` (gu itself for a lone thread).
+void square_grad(const float* u, const float* g, float* gu, float* to, long h, long w, long r0,
+                 long r1, const Scratch& s) {
+    const long n = h * w;
+    for (long i = r0; i < r1; i++) {
+        locate_row(i, u + i * w, u + n + i * w, w, h, w, s);
+        sample_row<false, true>(u, w, s, nullptr, s.dy, s.dx);
+        sample_row<false, true>(u + n, w, s, nullptr, s.dy1, s.dx1);
+        const float *g0 = g + i * w, *g1 = g + n + i * w;
+        float *gu0 = gu + i * w, *gu1 = gu + n + i * w;
+        for (long j = 0; j < w; j++) {
+            gu0[j] += g0[j] * s.dy[j] + g1[j] * s.dy1[j];
+            gu1[j] += g0[j] * s.dx[j] + g1[j] * s.dx1[j];
+        }
+        spread_row(to, to + n, g0, g1, w, s);
+    }
+}
+
+// The diffusion and fold penalties' gradient (warp.cpp's air_flow_penalty, one pair, no
+// value) for rows [r0, r1), scattered into g.
+void penalty_grad(const AirRefineLevel& a, const float* u, float* g, long r0, long r1) {
+    const long h = a.fh, w = a.fw, n = h * w;
+    if (a.reg_weight != 0.f) {
+        const float cy = float(2.0 * a.reg_weight / (2.0 * (h - 1) * w));
+        const float cx = float(2.0 * a.reg_weight / (2.0 * h * (w - 1)));
+        for (long k = 0; k < 2; k++) {
+            const float* v = u + k * n;
+            float* gk = g + k * n;
+            for (long i = r0; i < r1; i++) {
+                for (long j = 0; j < w; j++) {
+                    const long p = i * w + j;
+                    if (i + 1 < h) {
+                        const float d = v[p + w] - v[p];
+                        gk[p + w] += cy * d;
+                        gk[p] -= cy * d;
+                    }
+                    if (j + 1 < w) {
+                        const float d = v[p + 1] - v[p];
+                        gk[p + 1] += cx * d;
+                        gk[p] -= cx * d;
+                    }
+                }
+            }
+        }
+    }
+    if (a.fold_weight == 0.f) return;
+    const float gdet = float(-double(a.fold_weight) / double(n)), eps = a.fold_margin;
+    const float *v0 = u, *v1 = u + n;
+    float *h0 = g, *h1 = g + n;
+    for (long i = r0; i < r1; i++) {
+        long ip, im;
+        float fi;
+        difference(i, h, &ip, &im, &fi);
+        for (long j = 0; j < w; j++) {
+            long jp, jm;
+            float fj;
+            difference(j, w, &jp, &jm, &fj);
+            const long py = ip * w + j, my = im * w + j, px = i * w + jp, mx = i * w + jm;
+            const float ay = fi * (v0[py] - v0[my]), dy = fi * (v1[py] - v1[my]);
+            const float cx = fj * (v0[px] - v0[mx]), ex = fj * (v1[px] - v1[mx]);
+            const float det = (1.f + ay) * (1.f + ex) - cx * dy;
+            if (eps - det > 0.f) {
+                const float ga = gdet * (1.f + ex), ge = gdet * (1.f + ay);
+                const float gc = -gdet * dy, gd = -gdet * cx;
+                h0[py] += fi * ga, h0[my] -= fi * ga;
+                h1[py] += fi * gd, h1[my] -= fi * gd;
+                h0[px] += fj * gc, h0[mx] -= fj * gc;
+                h1[px] += fj * ge, h1[mx] -= fj * ge;
+            }
+        }
+    }
+}
+
+// Image rows [r0, r1): the warp through the upsampled coarse flow, MSE's gradient, back to the
+// flow at each image pixel, then through the column upsampling: mx (2, H, fw).
+void image_rows(const AirRefineLevel& a, const Plan& plan, long b, const float* coarse,
+                float* mx, const Scratch& s, long r0, long r1) {
+    const long H = a.H, W = a.W, h = a.fh, w = a.fw;
+    const float gcoef = float(2.0 / double(a.C * H * W));  // d(b * batch mean)/d(warped), a pair
+    const int *ci0 = plan.col_i0.data(), *ci1 = plan.col_i1.data();
+    const float *cl0 = plan.col_l0.data(), *cl1 = plan.col_l1.data();
+    for (long i = r0; i < r1; i++) {
+        const Tap r = upsample_tap(i, h, H);
+        for (int k = 0; k < 2; k++) {
+            const float* top = coarse + (k * h + r.i0) * w;
+            const float* bottom = coarse + (k * h + r.i1) * w;
+            float* m = s.mix + k * w;
+            const float scale = plan.up_scale[k];
+            for (long q = 0; q < w; q++) m[q] = scale * (r.l0 * top[q] + r.l1 * bottom[q]);
+        }
+        const float *my = s.mix, *mx_ = s.mix + w;
+        for (long j = 0; j < W; j++) {
+            s.uy[j] = cl0[j] * my[ci0[j]] + cl1[j] * my[ci1[j]];
+            s.ux[j] = cl0[j] * mx_[ci0[j]] + cl1[j] * mx_[ci1[j]];
+        }
+        locate_row(i, s.uy, s.ux, W, H, W, s);
+        std::fill(s.gy, s.gy + W, 0.f);
+        std::fill(s.gx, s.gx + W, 0.f);
+        for (long ch = 0; ch < a.C; ch++) {
+            const long at = (b * a.C + ch) * H * W;
+            sample_row<true, true>(a.moving + at, W, s, s.val, s.dy, s.dx);
+            const float* f = a.fixed + at + i * W;
+            for (long j = 0; j < W; j++) {
+                const float g = (s.val[j] - f[j]) * gcoef;
+                s.gy[j] += g * s.dy[j];
+                s.gx[j] += g * s.dx[j];
+            }
+        }
+        float* oy = mx + i * w;  // the column upsampling's transpose, as a gather
+        float* ox = mx + (H + i) * w;
+        for (long q = 0; q < w; q++) {
+            float sy = 0.f, sx = 0.f;
+            for (int e = plan.col_from[q]; e < plan.col_from[q + 1]; e++) {
+                sy += plan.col_weight[e] * s.gy[plan.col_take[e]];
+                sx += plan.col_weight[e] * s.gx[plan.col_take[e]];
+            }
+            oy[q] = sy;
+            ox[q] = sx;
+        }
+    }
+}
+
+// Adam on elements [e0, e1) of one pair's control grid, step `i` of the level.
+void adam(const AirRefineLevel& a, long b, const float* grad, long i, long e0, long e1) {
+    const long t = a.t + i + 1;
+    const double x = double(i) / double(std::max(a.steps - 1, 1L));
+    const double lr = a.lr * (a.decay + (1.0 - a.decay) * 0.5 * (1.0 + std::cos(M_PI * x)));
+    const float step = float(-lr / (1.0 - std::pow(0.9, double(t))));
+    const float bias2 = float(std::sqrt(1.0 - std::pow(0.999, double(t))));
+    const float b1 = float(1.0 - 0.9), b2 = float(0.999), c2 = float(1.0 - 0.999), eps = 1e-8f;
+    const long at = b * 2 * a.gh * a.gw;
+    float *p = a.param + at, *m = a.m + at, *v = a.v + at;
+    for (long e = e0; e < e1; e++) {
+        const float g = grad[e];
+        m[e] = m[e] + b1 * (g - m[e]);  // torch's lerp_ for weights < 0.5
+        v[e] = v[e] * b2 + c2 * g * g;
+        p[e] = p[e] + step * m[e] / (std::sqrt(v[e]) / bias2 + eps);
+    }
+}
+
+// Sums the team's scatter buffers into dst for rows [r0, r1) of a (2, h, w) field.
+void gather_priv(const float* priv, int team, float* dst, long h, long w, long r0, long r1,
+                 bool add) {
+    const long n = 2 * h * w;
+    for (int k = 0; k < 2; k++) {
+        for (long e = (k * h + r0) * w; e < (k * h + r1) * w; e++) {
+            float acc = add ? dst[e] : 0.f;
+            for (int t = 0; t < team; t++) acc += priv[t * n + e];
+            dst[e] = acc;
+        }
+    }
+}
+
+void run_pair(const AirRefineLevel& a, const Plan& plan, Work& work, const Scratch& s, long b,
+              const Team& team) {
+    const long h = a.fh, w = a.fw, n = 2 * h * w, ns = a.squarings;
+    const float inv = std::ldexp(1.f, -int(ns));  // 1 / 2^n, exact
+    const float factor[2] = {a.scale_y * inv, a.scale_x * inv};
+    const float* param = a.param + b * 2 * a.gh * a.gw;
+    const bool shared = team.size > 1;
+    float* priv = shared ? work.priv.data() + team.id * n : nullptr;
+    float* u = work.u.data();
+    const long f0 = team.lo(h), f1 = team.hi(h);
+    std::vector<float> gp(2 * a.gh * a.gw);  // this pair's gradient (rows of the team's share)
+    for (long step = 0; step < a.steps; step++) {
+        // forward: control grid -> velocity -> flow -> (affine) coarse flow
+        bspline(a, plan, param, factor, u, s.row, team);
+        for (long k = 1; k <= ns; k++) {
+            team.sync();
+            square(u + (k - 1) * n, u + k * n, h, w, f0, f1, s);
+        }
+        const float* flow = u + ns * n;
+        const float* coarse = flow;
+        if (a.affine) {
+            const float* aff = a.affine + b * n;
+            const float* M = a.matrix + b * 4;
+            float* c = work.coarse.data();
+            for (long e = f0 * w; e < f1 * w; e++) {
+                const float y = flow[e], x = flow[n / 2 + e];
+                c[e] = aff[e] + y + (M[0] * y + M[1] * x);
+                c[n / 2 + e] = aff[n / 2 + e] + x + (M[2] * y + M[3] * x);
+            }
+            coarse = c;
+        }
+        team.sync();
+        // backward: the image term per image row, the penalties per field row
+        float* g = work.g0.data();
+        image_rows(a, plan, b, coarse, work.mx.data(), s, team.lo(a.H), team.hi(a.H));
+        if (shared) {
+            std::fill(priv, priv + n, 0.f);
+            penalty_grad(a, coarse, priv, f0, f1);
+        } else {
+            std::fill(g, g + n, 0.f);
+            penalty_grad(a, coarse, g, f0, f1);
+        }
+        team.sync();
+        for (long q = f0; q < f1; q++) {  // the row upsampling's transpose, then the affine's
+            if (shared) gather_priv(work.priv.data(), team.size, g, h, w, q, q + 1, false);
+            for (int k = 0; k < 2; k++) {
+                float* dst = g + (k * h + q) * w;
+                for (long e = plan.from[q]; e < plan.from[q + 1]; e++) {
+                    const float wt = plan.up_scale[k] * plan.take[e].second;
+                    const float* src = work.mx.data() + (k * a.H + plan.take[e].first) * w;
+                    for (long c = 0; c < w; c++) dst[c] += wt * src[c];
+                }
+            }
+            if (a.affine) {
+                const float* M = a.matrix + b * 4;
+                for (long e = q * w; e < (q + 1) * w; e++) {
+                    const float y = g[e], x = g[n / 2 + e];
+                    g[e] = y + (M[0] * y + M[2] * x);
+                    g[n / 2 + e] = x + (M[1] * y + M[3] * x);
+                }
+            }
+        }
+        for (long k = ns; k >= 1; k--) {  // the squarings' transposes
+            float* gu = g == work.g0.data() ? work.g1.data() : work.g0.data();
+            team.sync();
+            if (shared) {
+                std::copy(g + f0 * w, g + f1 * w, gu + f0 * w);
+                std::copy(g + n / 2 + f0 * w, g + n / 2 + f1 * w, gu + n / 2 + f0 * w);
+                std::fill(priv, priv + n, 0.f);
+                square_grad(u + (k - 1) * n, g, gu, priv, h, w, f0, f1, s);
+                team.sync();
+                gather_priv(work.priv.data(), team.size, gu, h, w, f0, f1, true);
+            } else {
+                std::copy(g, g + n, gu);
+                square_grad(u + (k - 1) * n, g, gu, gu, h, w, 0, h, s);
+            }
+            g = gu;
+        }
+        team.sync();
+        bspline_grad(a, plan, g, factor, work.tmp.data(), gp.data(), team);
+        for (int k = 0; k < 2; k++) {  // the team's control rows of both channels
+            const long base = k * a.gh * a.gw;
+            adam(a, b, gp.data(), step, base + team.lo(a.gh) * a.gw, base + team.hi(a.gh) * a.gw);
+        }
+        team.sync();
+    }
+}
+
+}  // namespace
+
+extern "C" void air_refine_level(const AirRefineLevel* a, int team, int threads, int t0, int t1) {
+#ifndef _OPENMP
+    team = 1;
+#endif
+    const Plan plan(*a);
+    if (team > 1) {  // the pairs one after the other, each pair's rows over the team
+        Work work(*a, team);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team)
+        {
+            const Scratch s(*a);
+            const Team tm{omp_get_thread_num(), omp_get_num_threads()};
+            for (long b = 0; b < a->B; b++) run_pair(*a, plan, work, s, b, tm);
+        }
+#endif
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(t1 - t0) schedule(static, 1)
+#endif
+    for (int t = t0; t < t1; t++) {
+        Work work(*a, 1);
+        const Scratch s(*a);
+        for (long b = share(a->B, t, threads); b < share(a->B, t + 1, threads); b++) {
+            run_pair(*a, plan, work, s, b, Team{0, 1});
+        }
+    }
+}
