@@ -257,3 +257,13 @@ def test_shipped_checkpoints_with_former_names_load_without_a_warning(name):
     if name.startswith("mapt"):
         assert "mix_weights" in net_cfg
         assert torch.allclose(model.net.mix_weights.sum(), torch.tensor(1.0))
+
+
+def test_reg_weight_auto_goes_with_the_similarity():
+    assert RefineSettings().reg_weight == "auto"
+    assert RefineSettings().regularisation_weight == 0.002  # MSE's (brain MRI validation)
+    assert RefineSettings(similarity="mi").regularisation_weight == 2.0  # MI's (families tune)
+    assert RefineSettings(similarity="ngf").regularisation_weight == 0.002
+    assert RefineSettings(similarity="mi", reg_weight=0.01).regularisation_weight == 0.01
+    with pytest.raises(ConfigError, match="reg_weight must be >= 0 or auto"):
+        RefineSettings(reg_weight="big")

@@ -297,7 +297,7 @@ def refine(
             coarse = dense_flow(field_size(size, s.field_stride, s.min_size), up)
             loss = similarity(warp_ops.warp_by_coarse_flow(m, coarse), f)
             loss = loss + warp_ops.penalty(
-                coarse, s.reg_weight, s.fold_weight, s.fold_margin, regularizer
+                coarse, s.regularisation_weight, s.fold_weight, s.fold_margin, regularizer
             )
             # Our losses are batch means: B x mean = sum of per-pair means, so each pair's
             # gradient is that of its own objective, whatever the batch size.
@@ -352,8 +352,8 @@ def _fused_level(param, adam, f, m, up, full, affine, squarings, s, steps) -> _A
     adam.t = refine_loop.adam_level(
         param, adam.m, adam.v, adam.t, f, m, rows=rows, cols=cols,
         scale=(float(scale[0]), float(scale[1])), squarings=squarings, steps=steps,
-        lr=s.step_size, decay=s.lr_decay, reg_weight=s.reg_weight, fold_weight=s.fold_weight,
-        fold_margin=s.fold_margin, affine=field, matrix=matrix,
+        lr=s.step_size, decay=s.lr_decay, reg_weight=s.regularisation_weight,
+        fold_weight=s.fold_weight, fold_margin=s.fold_margin, affine=field, matrix=matrix,
     )  # fmt: skip
     return adam
 

@@ -27,6 +27,11 @@ DEFAULT_PRESET = "default"
 OPTIMIZERS = ("adam", "lbfgs")
 DEFAULT_LR = {"adam": 0.5, "lbfgs": 1.0}  # Adam: pixels per step; L-BFGS: first line-search step
 SIMILARITY_NAMES = ("mse", "ncc", "lncc", "mi", "ngf")  # air_reg.refine.optimise.SIMILARITIES
+# reg_weight "auto": the diffusion weight that goes with each similarity's scale (MSE of [0, 1]
+# images is ~1e-3..1e-2, normalised MI ~1..2). MSE's was chosen on the brain MRI validation
+# slices, MI's on the tune split of the 2-D families (docs/protocol.md); the others take MSE's.
+REG_WEIGHTS = {"mse": 0.002, "mi": 2.0}
+DEFAULT_REG_WEIGHT = REG_WEIGHTS["mse"]
 NOT_IN_PRESET = ("steps", "regularizer")  # the CLI's refine_steps; a module, not a YAML value
 
 
@@ -56,7 +61,7 @@ class RefineSettings:
     optimizer: str = "adam"  # adam (pairs independent) | lbfgs (one problem per batch)
     lr: float | None = 0.5  # None: 0.5 for Adam, 1 for L-BFGS
     lr_decay: float = 0.1  # Adam's step falls from lr to lr_decay * lr within each level
-    reg_weight: float = 0.002  # weight of the regularizer (diffusion of the displacement)
+    reg_weight: float | str = "auto"  # of the regularizer (diffusion); auto: the similarity's
     fold_weight: float = 20.0  # weight of NegativeJacobian(fold_margin): 0 away from folds
     fold_margin: float = 0.05  # det J below which a pixel counts as (nearly) folded
     affine_steps: int = 0  # > 0: an affine stage first, the network (if any) after it
@@ -108,9 +113,11 @@ class RefineSettings:
                 f"grid={self.grid!r}, spacing={self.spacing!r} (set the other to null)"
             )
         _check(self, "lr", self.lr is None or (_is_number(self.lr) and self.lr > 0), "> 0 or null")
-        for name in ("lr_decay", "reg_weight", "fold_weight"):
+        for name in ("lr_decay", "fold_weight"):
             value = getattr(self, name)
             _check(self, name, _is_number(value) and value >= 0, ">= 0")
+        _check(self, "reg_weight", self.reg_weight == "auto" or (
+            _is_number(self.reg_weight) and self.reg_weight >= 0), ">= 0 or auto")  # fmt: skip
         _check(self, "fold_margin", _is_number(self.fold_margin), "a number")
         _check(self, "affine_min_px", _is_number(self.affine_min_px) and self.affine_min_px >= 0,
                ">= 0 pixels")  # fmt: skip
@@ -147,6 +154,15 @@ class RefineSettings:
     def replace(self, **changes) -> RefineSettings:
         """A copy with ``changes``, checked like a new one."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def regularisation_weight(self) -> float:
+        """``reg_weight``, or for ``auto`` the one that goes with the similarity
+        (``REG_WEIGHTS``: 0.002 for MSE, 2 for mutual information; MSE's for the others)."""
+        if self.reg_weight != "auto":
+            return float(self.reg_weight)
+        name = self.similarity if isinstance(self.similarity, str) else None
+        return REG_WEIGHTS.get(name, DEFAULT_REG_WEIGHT)
 
     @property
     def step_size(self) -> float:
