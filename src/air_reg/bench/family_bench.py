@@ -63,7 +63,9 @@ def make_method(key: str, family_name: str, steps: int = STEPS) -> Callable | No
             model = air_reg.load_model(path)  # resized; the guard judging by its similarity
             return lambda f, m: keep_if_better(model.network_flow(f, m), f, m,
                                                model.guard_similarity)[0]  # fmt: skip
-        return air_reg.load_model(path, refine_steps=steps)
+        # refined by MI on the contrast family (as ANTs is, and as docs/zero_shot.md says)
+        similarity = "mi" if family_name == "contrast" else "mse"
+        return air_reg.load_model(path, refine_steps=steps, similarity=similarity)
     if key == "refine":
         return air_reg.load_model(None, refine_steps=steps)
     if key == "refine_mi":
@@ -89,7 +91,7 @@ def label_of(key: str, steps: int = STEPS) -> str:
     kind, _, source = key.partition(":")
     if kind in (NET, NET_REFINE) and source:
         name = _name(source)
-        return f"{name} one-shot" if kind == NET else f"{name} + refine {steps}"
+        return f"{name} one-shot" if kind == NET else f"{name} + refine {steps} (MI on contrast)"
     return LABELS[key].format(steps=steps)
 
 
