@@ -152,4 +152,14 @@ def test_learned_models_get_a_one_shot_and_a_refined_row():
     with torch.no_grad():
         assert one_shot(fixed, moving).shape == (1, 2, 40, 52)  # resized as register does
     assert label_of("net:air_unet_mnist") == "air_unet_mnist one-shot"
-    assert label_of("net+refine:logs/x/run1/checkpoints/last.ckpt", 60) == "run1 + refine 60"
+    label = label_of("net+refine:logs/x/run1/checkpoints/last.ckpt", 60)
+    assert label == "run1 + refine 60 (MI on contrast)"
+
+
+def test_batched_one_shot_rows_give_each_model_its_epe_and_time():
+    from air_reg.bench.family_bench import batched
+
+    table = batched(["air_match_synth", "air_unet_mnist"], ["small"], 2, (32, 40), rounds=1)
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    assert [r[1].strip() for r in rows] == ["air_match_synth", "air_unet_mnist"]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)

@@ -193,3 +193,27 @@ def tables(rows: list[dict]) -> str:
                 f"{statistics.median(r['ms'] for r in p):.0f} | {len(p)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def batched(sources: list[str], families: list[str], n: int, size: tuple[int, int],
+            split: str = "test", *, seed: int = 0, rounds: int = 3) -> str:  # fmt: skip
+    """Markdown: each learned model one-shot on a family's ``n`` pairs in ONE call (as
+    ``register`` runs a folder of one size), ms per pair (median of ``rounds``, the models
+    interleaved) and EPE; ANTs and Demons have no batched mode, their per-pair times are in
+    ``tables``."""
+    from air_reg.bench.refinement import interleaved_times
+
+    lines = ["| family | model | one-shot EPE, batched | ms/pair, batched |", "|---" * 4 + "|"]
+    for name in families:
+        batch = family(name, n, size, seed, split=split)[0]
+        fns = {_name(s): make_method(f"{NET}:{s}", name) for s in sources}
+        f, m = batch["fixed"], batch["moving"]
+        rows = {k: (lambda fn=fn, f=f, m=m: fn(f, m)) for k, fn in fns.items()}
+        for fn in rows.values():
+            fn()  # warm-up
+        with torch.no_grad():
+            times, flows = interleaved_times(rows, rounds, n, lambda flow: flow)
+        for k in rows:
+            epe = M.epe(flows[k], batch["flow"]).mean().item()
+            lines.append(f"| {name} | {k} | {epe:.3f} | {statistics.median(times[k]):.1f} |")
+    return "\n".join(lines) + "\n"
