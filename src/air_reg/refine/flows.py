@@ -1,8 +1,9 @@
 """Flow algebra of the refinement: composition, a network applied repeatedly, pyramids,
 control grids, affine fields and an approximate log of a flow.
 
-Conventions as in ``spatial_transformer``: a flow is a (B, 2, H, W) displacement in pixels on
-the fixed grid, ``warped(p) = moving(p + flow(p))``.
+Conventions as in ``spatial_transformer``: a flow is a (B, D, *spatial) displacement in pixels
+(voxels) on the fixed grid, channel i along spatial axis i, ``warped(p) = moving(p + flow(p))``;
+D = 2 or 3, one code path for both.
 """
 
 from __future__ import annotations
@@ -48,12 +49,11 @@ def apply_repeatedly(
     return total
 
 
-def pyramid(size: tuple[int, int], levels: int, min_size: int = 16) -> list[tuple[int, int]]:
+def pyramid(size: tuple[int, ...], levels: int, min_size: int = 16) -> list[tuple[int, ...]]:
     """Level sizes, coarsest first: ``size`` halved up to ``levels - 1`` times, sides >= min."""
-    h, w = size
-    sizes = [(h, w)]
+    sizes = [tuple(size)]
     for k in range(1, levels):
-        coarse = (round(h / 2**k), round(w / 2**k))
+        coarse = tuple(round(n / 2**k) for n in size)
         if min(coarse) < min_size:
             break
         sizes.append(coarse)
@@ -69,19 +69,23 @@ def velocity_from_flow(flow: torch.Tensor, steps: int, iters: int = 8) -> torch.
         err = residual.square().flatten(1).mean(1)  # (B,)
         # The fixed point only contracts for moderate fields: keep each pair's best iterate.
         better = err < best_err
-        best = torch.where(better[:, None, None, None], velocity, best)
+        best = torch.where(better.view(-1, *[1] * (flow.ndim - 1)), velocity, best)
         best_err = torch.where(better, err, best_err)
         velocity = velocity + residual
     return best
 
 
 def fit_coarse(dense: torch.Tensor, up: CoarseToDense) -> torch.Tensor:
-    """Least-squares control grid (B, 2, gh, gw) whose upsampling best matches ``dense``."""
-    rows, cols = torch.linalg.pinv(up.rows), torch.linalg.pinv(up.cols)  # (gh, H), (gw, W)
-    return torch.einsum("gH,bcHW,hW->bcgh", rows, dense, cols)
+    """Least-squares control grid (B, D, *grid) whose upsampling best matches ``dense``."""
+    pinvs = [torch.linalg.pinv(m) for m in up.matrices]  # (grid side, size side) per axis
+    low, full = "dhw"[-len(pinvs) :], "DHW"[-len(pinvs) :]
+    mats = [f"{lo}{u}" for lo, u in zip(low, full, strict=True)]
+    # 2-D: "hH,bcHW,wW->bchw"; 3-D: "dD,bcDHW,hH,wW->bcdhw"
+    return torch.einsum(f"{mats[0]},bc{full},{','.join(mats[1:])}->bc{low}", pinvs[0], dense,
+                        *pinvs[1:])  # fmt: skip
 
 
-def field_size(size: tuple[int, int], stride: int, min_size: int = 16) -> tuple[int, int]:
+def field_size(size: tuple[int, ...], stride: int, min_size: int = 16) -> tuple[int, ...]:
     """The grid the field is computed on at a level of ``size``: ``stride`` times coarser,
     unless that makes a side shorter than ``min_size``."""
     if stride < 1:
@@ -91,16 +95,16 @@ def field_size(size: tuple[int, int], stride: int, min_size: int = 16) -> tuple[
 
 
 def control_grid(
-    size: tuple[int, int], grid: int | None, spacing, pixel_spacing=None
-) -> tuple[int, int] | None:
-    """(gh, gw) control points: ``grid`` x ``grid``, or ``spacing`` pixels apart (``"auto"``:
+    size: tuple[int, ...], grid: int | None, spacing, pixel_spacing=None
+) -> tuple[int, ...] | None:
+    """Control points per axis: ``grid`` along every axis, or ``spacing`` pixels apart (``"auto"``:
     ``auto_spacing``); neither: None (one value per pixel). ``pixel_spacing`` (mm per pixel,
     per axis, anisotropic): the control points are as far apart in millimetres along every
     axis, ``spacing`` pixels along the finest one."""
     if grid is not None and spacing is not None:
         raise ConfigError("give refine.grid (control points) or refine.spacing (px), not both")
     if grid is not None:
-        return (int(grid), int(grid))
+        return (int(grid),) * len(size)
     if spacing == "auto":
         spacing = auto_spacing(size)
     if spacing is not None:
@@ -114,31 +118,32 @@ def control_grid(
     return None
 
 
-def auto_spacing(size: tuple[int, int]) -> float:
+def auto_spacing(size: tuple[int, ...]) -> float:
     """4 px, or wider on large images: at most ``AUTO_POINTS`` control points along the short
     side (7 x 7 on 28 x 28 digits, spacing 8.2 px on 233 x 197 slices)."""
     return max(4.0, min(size) / AUTO_POINTS)
 
 
-def affine_flow(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Displacement of ``p -> p + (A - I)(p - c) + t``, (B, 2, H, W), from ``theta`` (B, 2, 3)
-    = [A | t] in pixels (rows, cols) about the image centre ``c``."""
-    h, w = size
-    p = identity_grid(size, device=theta.device, dtype=theta.dtype)  # (2, H, W)
-    centre = torch.tensor([(h - 1) / 2, (w - 1) / 2], device=theta.device, dtype=theta.dtype)
-    q = p - centre[:, None, None]
-    eye = torch.eye(2, device=theta.device, dtype=theta.dtype)
-    return torch.einsum("bij,jhw->bihw", theta[:, :, :2] - eye, q) + theta[:, :, 2, None, None]
+def affine_flow(theta: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Displacement of ``p -> p + (A - I)(p - c) + t``, (B, D, *size), from ``theta``
+    (B, D, D + 1) = [A | t] in pixels (array axes) about the image centre ``c``."""
+    d = len(size)
+    p = identity_grid(size, device=theta.device, dtype=theta.dtype)  # (D, *size)
+    centre = torch.tensor([(n - 1) / 2 for n in size], device=theta.device, dtype=theta.dtype)
+    q = p - centre.view(d, *[1] * d)
+    eye = torch.eye(d, device=theta.device, dtype=theta.dtype)
+    shift = theta[:, :, d].reshape(*theta.shape[:2], *[1] * d)
+    return torch.einsum("bij,j...->bi...", theta[:, :, :d] - eye, q) + shift
 
 
 def after_affine(flow: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
     """compose(affine, flow) in closed form: flow(p) + (A - I)(p + flow(p) - c) + t."""
     if theta is None:
         return flow
-    h, w = flow.shape[-2:]
-    eye = torch.eye(2, device=theta.device, dtype=theta.dtype)
+    d = flow.ndim - 2
+    eye = torch.eye(d, device=theta.device, dtype=theta.dtype)
     return (
-        affine_flow(theta, (h, w))
+        affine_flow(theta, tuple(flow.shape[2:]))
         + flow
-        + torch.einsum("bij,bjhw->bihw", theta[:, :, :2] - eye, flow)
+        + torch.einsum("bij,bj...->bi...", theta[:, :, :d] - eye, flow)
     )

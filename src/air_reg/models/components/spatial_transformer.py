@@ -177,10 +177,15 @@ class CoarseToDense(nn.Module):
         # 2-D: "Hh,bchw,Ww->bcHW"; 3-D: "Dd,bcdhw,Hh,Ww->bcDHW"
         self._equation = ",".join([mats[0], f"bc{low}", *mats[1:]]) + f"->bc{up}"
 
+    @property
+    def matrices(self) -> list[torch.Tensor]:
+        """The 1-D (out, in) matrices, one per axis in axis order."""
+        return [getattr(self, name) for name in self._names]
+
     def forward(self, coarse: torch.Tensor) -> torch.Tensor:
         if tuple(coarse.shape[2:]) == self.out_size and self.mode != "bspline":
             return coarse
-        mats = [getattr(self, name) for name in self._names]  # (out, in) per axis
+        mats = self.matrices  # (out, in) per axis
         return torch.einsum(self._equation, mats[0], coarse, *mats[1:])  # (B, C, *out_size)
 
     def extra_repr(self) -> str:
