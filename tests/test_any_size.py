@@ -116,7 +116,7 @@ def test_a_patch_size_that_misses_one_side_names_the_valid_ones(make, match):
         make()
 
 
-@pytest.mark.parametrize("size", [(28, 0), (28, 28, 1), "28", 28.5])
+@pytest.mark.parametrize("size", [(28, 0), (28, 28, 1, 1), "28", 28.5])
 def test_malformed_image_sizes_are_rejected(size):
     with pytest.raises(contract.ContractError, match="image size"):
         AiR(image_size=size)

@@ -2,10 +2,12 @@
 
 A registration network is an ``nn.Module`` with
 
-- ``forward(fixed, moving) -> flow``: ``fixed`` and ``moving`` are (B, 1, H, W) float tensors
-  in [0, 1]; ``flow`` is the displacement (B, 2, H, W) in pixels on the fixed grid, channel 0
-  along rows (y), channel 1 along columns (x): ``warped(p) = moving(p + flow(p))``;
-- ``image_size``: the (H, W) it takes (an attribute or a property; an int means square);
+- ``forward(fixed, moving) -> flow``: ``fixed`` and ``moving`` are (B, 1, H, W) images or
+  (B, 1, D, H, W) volumes, float in [0, 1]; ``flow`` is the displacement (B, 2, H, W) or
+  (B, 3, D, H, W) in pixels (voxels) on the fixed grid, channel i along spatial axis i (2-D:
+  channel 0 along rows (y), channel 1 along columns (x)): ``warped(p) = moving(p + flow(p))``;
+- ``image_size``: the (H, W) or (D, H, W) it takes (an attribute or a property; an int means
+  square 2-D);
 - optionally ``integration_steps`` (int, default 0): > 0 when its flow is the exponential of
   a stationary velocity (scaling and squaring with that many steps). Refinement then keeps the
   result diffeomorphic;
@@ -32,32 +34,48 @@ class ContractError(UserError, TypeError):
     """A network that does not provide what the contract asks for."""
 
 
-def as_size(size) -> tuple[int, int]:
-    """An int (square) or an (H, W) pair as a tuple of two positive ints."""
+SIZE_NAMES = {2: "(H, W)", 3: "(D, H, W)"}
+
+
+def as_size(size, ndim: int | None = 2) -> tuple[int, ...]:
+    """An image size as a tuple of positive ints: ``ndim=2`` (the default) an int (square) or
+    (H, W); ``ndim=3`` an int (cube) or (D, H, W); ``ndim=None`` either rank (an int: square
+    2-D)."""
+    if ndim not in (2, 3, None):
+        raise ValueError(f"ndim must be 2, 3 or None, got {ndim!r}")
+    shapes = " or ".join(SIZE_NAMES[n] for n in ((2, 3) if ndim is None else (ndim,)))
     if isinstance(size, (bool, str, bytes)):
-        raise ContractError(f"an image size is an int or (H, W), got {size!r}")
+        raise ContractError(f"an image size is an int or {shapes}, got {size!r}")
     if isinstance(size, int):
-        size = (size, size)
+        size = (size,) * (ndim or 2)
     try:
-        h, w = (int(s) for s in size)
+        sides = tuple(int(s) for s in size)
     except (TypeError, ValueError):
-        raise ContractError(f"an image size is an int or (H, W), got {size!r}") from None
-    if h < 1 or w < 1 or (h, w) != tuple(size):
-        raise ContractError(f"an image size needs two positive integers, got {size!r}")
-    return h, w
+        raise ContractError(f"an image size is an int or {shapes}, got {size!r}") from None
+    if len(sides) not in ((2, 3) if ndim is None else (ndim,)):
+        raise ContractError(f"an image size is an int or {shapes}, got {size!r}")
+    if min(sides) < 1 or sides != tuple(size):
+        count = {2: "two", 3: "three"}[len(sides)]
+        raise ContractError(f"an image size needs {count} positive integers, got {size!r}")
+    return sides
 
 
-def image_size(net: nn.Module) -> tuple[int, int]:
-    """The (H, W) a network takes, from its ``image_size``."""
+def spatial_size(size) -> tuple[int, ...]:
+    """An int (square), (H, W) or (D, H, W) as a tuple of 2 or 3 positive ints."""
+    return as_size(size, ndim=None)
+
+
+def image_size(net: nn.Module) -> tuple[int, ...]:
+    """The (H, W) or (D, H, W) a network takes, from its ``image_size``."""
     name = type(net).__name__
     if not hasattr(net, "image_size"):
         raise ContractError(
-            f"{name} has no `image_size`: a registration network must say the (H, W) it "
-            f"takes, e.g. `self.image_size = (28, 28)` in its __init__ (see "
+            f"{name} has no `image_size`: a registration network must say the (H, W) or "
+            f"(D, H, W) it takes, e.g. `self.image_size = (28, 28)` in its __init__ (see "
             f"air_reg.models.contract)"
         )
     try:
-        return as_size(net.image_size)
+        return spatial_size(net.image_size)
     except ContractError as err:
         raise ContractError(f"{name}.image_size: {err}") from None
 
@@ -84,23 +102,25 @@ def check_network(net: nn.Module, *, dry_run: bool = True) -> None:
         raise ContractError(
             f"{name}.forward must take (fixed, moving): got {inspect.signature(net.forward)}"
         ) from None
-    h, w = image_size(net)
+    size = image_size(net)
     integration_steps(net)
     if not dry_run:
         return
     param = next(net.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    zeros = torch.zeros(1, 1, h, w, device=device, dtype=dtype)
+    zeros = torch.zeros(1, 1, *size, device=device, dtype=dtype)
     was_training = net.training
     try:
         with torch.no_grad():
             flow = net.eval()(zeros, zeros)
     finally:
         net.train(was_training)
-    if not isinstance(flow, torch.Tensor) or tuple(flow.shape) != (1, 2, h, w):
+    expected = (1, len(size), *size)
+    if not isinstance(flow, torch.Tensor) or tuple(flow.shape) != expected:
         got = tuple(flow.shape) if isinstance(flow, torch.Tensor) else type(flow).__name__
+        axes = "H, W" if len(size) == 2 else "D, H, W"
         raise ContractError(
-            f"{name}(fixed, moving) must return the flow (B, 2, H, W) = (1, 2, {h}, {w}) for "
-            f"(1, 1, {h}, {w}) inputs, got {got}"
+            f"{name}(fixed, moving) must return the flow (B, {len(size)}, {axes}) = "
+            f"{expected} for {(1, 1, *size)} inputs, got {got}"
         )

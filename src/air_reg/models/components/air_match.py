@@ -1,4 +1,5 @@
-"""AiR-Match: attention does the matching (GMFlow-style), coarse to fine, any image size.
+"""AiR-Match: attention does the matching (GMFlow-style), coarse to fine, any image size,
+images or volumes.
 
 A shared conv encoder (instance-normed, so brightness and contrast matter little) gives
 features at 1/1 ... 1/2**L. At the coarsest scale a sine position encoding is added and a
@@ -9,7 +10,9 @@ gives its displacement as the weighted mean of their coordinates minus its own
 ``FlowPropagation`` optionally smooths that flow by self-attention over the fixed features.
 At each finer scale in ``local_scales`` the flow is upsampled, the moving features warped
 by it, and a local window match (radius ``radius``) adds a residual. The field is resized
-bilinearly to the image and optionally integrated (a stationary velocity).
+bilinearly to the image and optionally integrated (a stationary velocity). An (H, W)
+``image_size`` builds it for images, a (D, H, W) one for volumes: the same class with
+``Conv3d`` layers, a 3-D sine encoding, D*H*W tokens and (2r+1)^3 windows.
 
 Memory: the global match and the Transformer are (H/8 * W/8)^2 per image at 1/8. Above
 ``max_tokens`` tokens the global match (and the propagation) goes in chunks of query rows,
@@ -19,6 +22,16 @@ the Transformer uses ``scaled_dot_product_attention`` (no N x N matrix on CPU). 
 0.22 GB / 1.3 s at 512x512, 0.64 GB / 15 s at 1024x1024 (2.4 GB without chunking);
 training 0.22 GB at 256x256, 0.8 GB at 512x512. Time grows as the square of the pixel
 count above ~512x512: about 1024x1024 is the practical top.
+
+Volumes: a 96^3 volume has 12^3 = 1728 tokens at 1/8, so the global match is a 1728 x 1728
+score matrix (12 MB in float32) per pair, like a 336x336 image; up to 128^3 (4096 tokens,
+67 MB) it is one matrix, beyond that it goes in chunks (at most 64 MB of scores at a time,
+time still quadratic: 256^3 is 32768 tokens, 64 times 128^3's match work). The local windows
+cost (2r+1)^3 = 343 scores per voxel at r = 3 (at 1/2 of 96^3: 48^3 x 343 floats = 152 MB),
+and they, not the global match, set the memory; radius 2 (125) or 1 (27) is the knob for
+large volumes. Measured (CPU, one thread, batch 1, defaults, one-shot inference, peak live
+memory): 0.7 s / 0.2 GB at 64^3, 1.4 s / 0.38 GB at 80^3, 2.8 s / 0.66 GB at 96^3, 4.8 s at
+112^3; radius 2: 0.9 s / 0.22 GB at 80^3, 1.4 s / 0.38 GB at 96^3.
 """
 
 from __future__ import annotations
@@ -45,7 +58,7 @@ from air_reg.models.components.spatial_transformer import (
     resize_flow,
     warp,
 )
-from air_reg.models.contract import as_size
+from air_reg.models.contract import spatial_size
 
 MATCHINGS = ("global", "local")
 SCORES = ("l2", "dot")
@@ -53,9 +66,14 @@ NORMS = ("instance", "group", "none")
 PADDINGS = ("replicate", "reflect", "constant")
 
 
-def conv_block(c_in: int, c_out: int, *, stride: int = 1, norm: str = "instance") -> nn.Sequential:
-    """3x3 conv (replicate padding) + norm + LeakyReLU(0.2)."""
-    conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, padding_mode="replicate")
+CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def conv_block(
+    c_in: int, c_out: int, *, stride: int = 1, norm: str = "instance", ndim: int = 2
+) -> nn.Sequential:
+    """3x3 (3x3x3) conv (replicate padding) + norm + LeakyReLU(0.2), on ``ndim`` axes."""
+    conv = CONVS[ndim](c_in, c_out, 3, stride=stride, padding=1, padding_mode="replicate")
     if norm == "none":
         return nn.Sequential(conv, nn.LeakyReLU(0.2))
     groups = c_out if norm == "instance" else math.gcd(c_out, 8)  # instance = one per channel
@@ -79,7 +97,8 @@ class AiRMatch(nn.Module):
     coarse tokens the global match goes in chunks. ``integration_steps`` > 0: the field is a
     stationary velocity, integrated at the end (and at each finer scale before warping, so
     every level matches what the result will do). Any image size: ``register`` runs it on a
-    pair at the pair's own size (``accepts_any_size``), not resized to ``image_size``.
+    pair at the pair's own size (``accepts_any_size``), not resized to ``image_size``; the
+    rank of ``image_size`` ((H, W) or (D, H, W)) fixes whether it takes images or volumes.
     """
 
     accepts_any_size = True  # the contract's option: pairs at their own size
@@ -123,6 +142,9 @@ class AiRMatch(nn.Module):
             raise ConfigError(
                 f"the coarsest channels ({dim}) must be divisible by heads ({heads}) and by 4"
             )
+        n = len(spatial_size(image_size))  # 2: images, 3: volumes
+        if dim < 2 * n:  # the sine encoding: >= one sin/cos pair per axis
+            raise ConfigError(f"the coarsest channels ({dim}) must be >= {2 * n} for {n}-D")
         finer = [2**i for i in range(levels)]
         scales = sorted({int(s) for s in local_scales}, reverse=True)
         if any(s not in finer for s in scales):
@@ -142,23 +164,29 @@ class AiRMatch(nn.Module):
             raise ConfigError(f"model.net.temperature must be > 0, got {temperature!r}")
         if not prior >= 0:
             raise ConfigError(f"model.net.prior must be >= 0, got {prior!r}")
-        self.image_size = as_size(image_size)  # the contract (models/contract.py)
+        self.image_size = spatial_size(image_size)  # the contract (models/contract.py)
+        self.ndim = n
         self.integration_steps = integration_steps
         self.multiple, self.padding, self.matching = 2**levels, padding, matching
         self.score = score
         self.local_scales, self.radius, self.max_tokens = scales, radius, max_tokens
-        self.encoder = nn.ModuleList([nn.Sequential(conv_block(1, channels[0], norm=norm))])
+        self.encoder = nn.ModuleList(
+            [nn.Sequential(conv_block(1, channels[0], norm=norm, ndim=n))]
+        )
         for c_in, c_out in zip(channels, channels[1:], strict=False):
             self.encoder.append(
                 nn.Sequential(
-                    conv_block(c_in, c_out, stride=2, norm=norm),
-                    conv_block(c_out, c_out, norm=norm),
+                    conv_block(c_in, c_out, stride=2, norm=norm, ndim=n),
+                    conv_block(c_out, c_out, norm=norm, ndim=n),
                 )
             )
         self.project = nn.ModuleDict(  # matching features per scale, "8" = the tokens
-            {str(s): nn.Conv2d(channels[s.bit_length() - 1], channels[s.bit_length() - 1], 1)
+            {str(s): CONVS[n](channels[s.bit_length() - 1], channels[s.bit_length() - 1], 1)
              for s in [self.multiple, *scales]}
         )  # fmt: skip
+        axes = " ".join("dhw"[-n:])  # einops axes of the token grid, 2-D: "h w"
+        self._to_tokens = f"b c {axes} -> b ({axes}) c"
+        self._to_grid = f"b ({axes}) c -> b c {axes}"
         self.layers = nn.ModuleList(
             MatchingLayer(dim=dim, heads=heads, ff_dim=ff_mult * dim) for _ in range(layers)
         )
@@ -169,7 +197,7 @@ class AiRMatch(nn.Module):
         self.log_prior = None if log_p is None else nn.Parameter(log_p, requires_grad=learn_scores)
 
     def _match(self, i: int, fixed: torch.Tensor, moving: torch.Tensor, kind: str):
-        """Flow (B, 2, h, w) from features (B, C, h, w) with scale ``i``'s scores."""
+        """Flow (B, n, *grid) from features (B, C, *grid) with scale ``i``'s scores."""
         scale = self.log_temperature[i].exp() / math.sqrt(fixed.shape[1])
         prior = 0.0 if self.log_prior is None else self.log_prior[i].exp()
         kw = {"scale": scale, "score": self.score, "prior": prior}
@@ -178,35 +206,41 @@ class AiRMatch(nn.Module):
         return local_match(fixed, moving, radius=self.radius, **kw)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        return self._integrate(self.velocity(fixed, moving))  # (B, 2, H, W) pixels
+        return self._integrate(self.velocity(fixed, moving))  # (B, n, *size) pixels
 
     def velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        """The field (B, 2, H, W) before the final integration (the flow itself if none)."""
-        b, h, w = fixed.shape[0], *fixed.shape[-2:]
-        # (2B, 1, H', W'): one encoder pass for both images, padded to the multiple
+        """The field (B, n, *size) before the final integration (the flow itself if none)."""
+        if fixed.ndim != self.ndim + 2 or moving.shape != fixed.shape:
+            raise ConfigError(
+                f"this AiRMatch is {self.ndim}-D (image_size {self.image_size}): it takes two "
+                f"(B, 1, {', '.join('DHW'[-self.ndim :])}) tensors of one shape, got "
+                f"{tuple(fixed.shape)} and {tuple(moving.shape)}"
+            )
+        b, size = fixed.shape[0], tuple(fixed.shape[2:])
+        # (2B, 1, *padded): one encoder pass for both images, padded to the multiple
         x, pads = pad_to_multiple(torch.cat([fixed, moving]), self.multiple, self.padding)
-        padded = tuple(x.shape[-2:])
-        features = []  # per level, finest first: (2B, C_i, H / 2**i, W / 2**i)
+        padded = tuple(x.shape[2:])
+        features = []  # per level, finest first: (2B, C_i, *padded / 2**i)
         for stage in self.encoder:
             x = stage(x)
             features.append(x)
-        coarse = self.project[str(self.multiple)](features[-1])  # (2B, C, h, w)
-        gh, gw = coarse.shape[-2:]
-        coarse = coarse + sine_position_encoding(coarse.shape[1], (gh, gw), coarse.device)
-        tokens = rearrange(coarse, "b c h w -> b (h w) c")  # (2B, N, C)
+        coarse = self.project[str(self.multiple)](features[-1])  # (2B, C, *grid)
+        grid = dict(zip("dhw"[-self.ndim :], coarse.shape[2:], strict=True))
+        coarse = coarse + sine_position_encoding(coarse.shape[1], coarse.shape[2:], coarse.device)
+        tokens = rearrange(coarse, self._to_tokens)  # (2B, N, C)
         for layer in self.layers:
             tokens = layer(tokens)
-        f, m = (rearrange(t, "b (h w) c -> b c h w", h=gh) for t in (tokens[:b], tokens[b:]))
-        flow = self._match(0, f, m, self.matching)  # (B, 2, h, w) in 1/2**L pixels
+        f, m = (rearrange(t, self._to_grid, **grid) for t in (tokens[:b], tokens[b:]))
+        flow = self._match(0, f, m, self.matching)  # (B, n, *grid) in 1/2**L pixels
         if self.propagation is not None:
             flow = self.propagation(tokens[:b], flow, max_tokens=self.max_tokens)
         for i, s in enumerate(self.local_scales, start=1):
-            feats = self.project[str(s)](features[s.bit_length() - 1])  # (2B, C_s, H/s, W/s)
-            flow = resize_flow(flow, feats.shape[-2:])  # in this scale's pixels
+            feats = self.project[str(s)](features[s.bit_length() - 1])  # (2B, C_s, *padded/s)
+            flow = resize_flow(flow, feats.shape[2:])  # in this scale's pixels
             shown = self._integrate(flow)  # what the flow will do, to warp by
             flow = flow + self._match(i, feats[:b], warp(feats[b:], shown), "local")
         flow = resize_flow(flow, padded)
-        return crop(flow, pads, (h, w))
+        return crop(flow, pads, size)
 
     def _integrate(self, flow: torch.Tensor) -> torch.Tensor:
         if self.integration_steps:

@@ -1,4 +1,5 @@
-"""MAPT: Multi-scale Attention Parallel Transformer (N AiR branches with different patch sizes)."""
+"""MAPT: Multi-scale Attention Parallel Transformer (N AiR branches with different patch sizes),
+on images or, with a (D, H, W) ``image_size``, volumes (cubic patches in every branch)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,8 @@ from torch import nn
 
 from air_reg import deprecation
 from air_reg.errors import ConfigError
-from air_reg.models.components.air import AiRBranch, check_branch_kwargs
-from air_reg.models.components.spatial_transformer import (
-    CoarseToDense,
-    FlowField,
-    check_patch_sizes,
-)
+from air_reg.models.components.air import AiRBranch, check_branch_kwargs, patch_image_size
+from air_reg.models.components.spatial_transformer import CoarseToDense, FlowField
 
 
 class MAPT(nn.Module):
@@ -23,7 +20,8 @@ class MAPT(nn.Module):
 
     ``mix_weights`` sets the initial (``learn_weights=True``, softmax-normalised so they stay
     positive and sum to 1) or fixed (normalised once) mixing weights; default uniform.
-    ``image_size`` is an int (square) or (H, W); every patch size must divide both sides.
+    ``image_size`` is an int (square), (H, W) or (D, H, W); every patch size must divide every
+    side.
     ``weights`` is the former name of ``mix_weights`` (``load_model`` maps it in stored
     configs; elsewhere it warns).
     """
@@ -45,7 +43,7 @@ class MAPT(nn.Module):
         weights = deprecation.renamed("MAPT", "weights", "mix_weights", weights, mix_weights)
         check_branch_kwargs(MAPT, branch_kwargs, fixed=("patch_size",))
         patch_sizes = [int(p) for p in patch_sizes]
-        size = check_patch_sizes(image_size, patch_sizes)  # (H, W); an int is square
+        size = patch_image_size(image_size, patch_sizes)  # (H, W) or (D, H, W); int: square
         if weights is None:
             weights = [1.0] * len(patch_sizes)
         if len(weights) != len(patch_sizes) or min(weights) <= 0:
@@ -95,7 +93,7 @@ class MAPT(nn.Module):
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         w = self.mix_weights
         coarse = sum(
-            w[i] * up(branch(fixed, moving))  # (B, 2, H/pmin, W/pmin)
+            w[i] * up(branch(fixed, moving))  # (B, n, *size / pmin)
             for i, (branch, up) in enumerate(zip(self.branches, self.resample, strict=True))
         )
         return self.field(coarse)

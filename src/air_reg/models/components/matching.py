@@ -3,13 +3,16 @@
 A fixed-image feature attends to moving-image features; the attention-weighted mean of the
 candidates' coordinates, minus the query's own, is its displacement. ``global_match`` takes
 every moving position as a candidate (chunked over query rows so memory stays bounded),
-``local_match`` the (2r+1)^2 window around the query. ``MatchingLayer`` is GMFlow's
-Transformer block (self-attention in each image, cross-attention to the other with shared
-weights) and ``FlowPropagation`` its self-attention smoothing of the coarse flow.
+``local_match`` the (2r+1)^2 window (volumes: (2r+1)^3) around the query. ``MatchingLayer``
+is GMFlow's Transformer block (self-attention in each image, cross-attention to the other
+with shared weights) and ``FlowPropagation`` its self-attention smoothing of the coarse flow.
+Features are (B, C, h, w) or (B, C, d, h, w), flows (B, 2, h, w) or (B, 3, d, h, w): one
+code path for both.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -22,18 +25,25 @@ from air_reg.models.components.attention import MultiheadAttention, feed_forward
 from air_reg.models.components.spatial_transformer import identity_grid
 
 
-def sine_position_encoding(dim: int, size: tuple[int, int], device=None) -> torch.Tensor:
-    """DETR/GMFlow's 2-D sine encoding (1, dim, H, W) of pixel indices: dim/2 channels each
-    for rows and columns, interleaved sin/cos at geometric frequencies; any (H, W)."""
-    if dim % 4:
+def sine_position_encoding(dim: int, size: tuple[int, ...], device=None) -> torch.Tensor:
+    """DETR/GMFlow's sine encoding (1, dim, *size) of pixel indices, (H, W) or (D, H, W):
+    2 * (dim // (2 * ndim)) channels per axis (2-D: dim/2 for rows, dim/2 for columns),
+    interleaved sin/cos at geometric frequencies, zeros in any channels left over (3-D)."""
+    n = len(size)
+    if n == 2 and dim % 4:
         raise ConfigError(f"the sine position encoding needs a dim divisible by 4, got {dim}")
-    quarter = dim // 4
+    quarter = dim // (2 * n)  # frequencies per axis
+    if quarter < 1:
+        raise ConfigError(f"the {n}-D sine position encoding needs a dim >= {2 * n}, got {dim}")
     freq = 10000.0 ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-    rows, cols = identity_grid(size, device=device, dtype=torch.float32) + 1  # (H, W) each
+    grid = identity_grid(size, device=device, dtype=torch.float32) + 1  # (n, *size)
     parts = []
-    for axis in (rows, cols):
-        angle = axis[None] * freq[:, None, None]  # (dim/4, H, W)
-        parts.append(torch.stack([angle.sin(), angle.cos()], 1).flatten(0, 1))  # (dim/2, H, W)
+    for axis in grid:
+        angle = axis[None] * freq.view(-1, *(1,) * n)  # (quarter, *size)
+        parts.append(torch.stack([angle.sin(), angle.cos()], 1).flatten(0, 1))  # (2 quarter, ...)
+    left = dim - 2 * n * quarter  # 3-D: dim = 64 leaves 4 channels
+    if left:
+        parts.append(grid.new_zeros(left, *size))
     return torch.cat(parts)[None]
 
 
@@ -73,21 +83,22 @@ def global_match(
     prior=0.0,
     max_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Flow (B, 2, h, w) in grid pixels from features (B, C, h, w): each fixed position's
-    softmax over ALL moving positions, read as the mean candidate coordinate minus its own.
+    """Flow (B, n, *grid) in grid pixels from features (B, C, *grid), grid (h, w) or
+    (d, h, w): each fixed position's softmax over ALL moving positions, read as the mean
+    candidate coordinate minus its own.
 
     ``score``: ``dot`` (``f . m``, GMFlow's) or ``l2`` (``-|f - m|^2 / 2``: the same up to a
     per-key ``-|m|^2 / 2``, so that an identical feature always scores highest), times
     ``scale``; ``prior``: minus ``prior * |d|^2 / 2`` for a displacement d (a Gaussian prior
     on it: ties, as in a flat region, resolve to zero). Both may be tensors."""
-    b, _, h, w = fixed.shape
-    coords = identity_grid((h, w), device=fixed.device, dtype=fixed.dtype).flatten(1).T  # (N, 2)
+    b, grid = fixed.shape[0], tuple(fixed.shape[2:])
+    coords = identity_grid(grid, device=fixed.device, dtype=fixed.dtype).flatten(1).T  # (N, n)
     coords = coords - coords.mean(0)  # centred: smaller prior terms, the same softmax
     q, k = (x.flatten(2).transpose(1, 2) for x in (fixed, moving))  # (B, N, C)
     # extra channels, so the chunked attention needs no bias: q' . k' = scale * (q . k -
     # [l2] |k|^2 / 2) - prior * (|p_k|^2 / 2 - p_q . p_k), the same softmax as the scores above
     ones = q.new_ones(*q.shape[:2], 1)  # (B, N, 1)
-    pos = coords.expand(b, -1, -1)  # (B, N, 2)
+    pos = coords.expand(b, -1, -1)  # (B, N, n)
     q_extra, k_extra = [q * scale], [k]
     if score == "l2":
         q_extra.append(ones * (-0.5 * scale))
@@ -97,7 +108,7 @@ def global_match(
         k_extra += [pos, pos.square().sum(-1, keepdim=True)]
     q, k = torch.cat(q_extra, dim=-1), torch.cat(k_extra, dim=-1)
     target = soft_attend(q, k, pos, scale=1.0, max_tokens=max_tokens)
-    return (target - coords).transpose(1, 2).reshape(b, 2, h, w)
+    return (target - coords).transpose(1, 2).reshape(b, len(grid), *grid)
 
 
 def local_match(
@@ -109,24 +120,30 @@ def local_match(
     score: str = "l2",
     prior=0.0,
 ) -> torch.Tensor:
-    """Flow (B, 2, h, w) in grid pixels from features (B, C, h, w): each fixed position's
-    softmax over the (2r+1)^2 moving positions around it (replicate-padded), read as the
-    weighted mean offset; ``score``, ``scale`` and ``prior`` as in ``global_match``."""
-    h, w = fixed.shape[-2:]
-    k = 2 * radius + 1
-    padded = F.pad(moving, (radius,) * 4, mode="replicate")  # (B, C, h + 2r, w + 2r)
+    """Flow (B, n, *grid) in grid pixels from features (B, C, *grid), grid (h, w) or
+    (d, h, w): each fixed position's softmax over the (2r+1)^n moving positions around it
+    (replicate-padded), read as the weighted mean offset; ``score``, ``scale`` and ``prior``
+    as in ``global_match``."""
+    grid = tuple(fixed.shape[2:])
+    n, k = len(grid), 2 * radius + 1
+    padded = F.pad(moving, (radius,) * (2 * n), mode="replicate")  # (B, C, *(grid + 2r))
     # channels last, one shifted product per offset: the sums run over contiguous memory,
-    # and there is no (B, C, K, h, w) copy as F.unfold would make
-    padded, fixed = (x.permute(0, 2, 3, 1).contiguous() for x in (padded, fixed))
-    windows = [(slice(i, i + h), slice(j, j + w)) for i in range(k) for j in range(k)]
-    scores = torch.stack([(fixed * padded[:, r, c]).sum(-1) for r, c in windows], dim=-1)
+    # and there is no (B, C, K, *grid) copy as F.unfold would make
+    last = (0, *range(2, n + 2), 1)
+    padded, fixed = (x.permute(*last).contiguous() for x in (padded, fixed))
+    windows = [  # one (slice per axis) window per offset, row-major
+        (slice(None), *(slice(o, o + g) for o, g in zip(offset, grid, strict=True)))
+        for offset in itertools.product(range(k), repeat=n)
+    ]
+    scores = torch.stack([(fixed * padded[win]).sum(-1) for win in windows], dim=-1)
     if score == "l2":  # -|f - m|^2 / 2 = f . m - |m|^2 / 2 - |f|^2 / 2 (the last: no matter)
-        half = padded.square().sum(-1) * 0.5  # (B, h + 2r, w + 2r)
-        scores = scores - torch.stack([half[:, r, c] for r, c in windows], dim=-1)
-    offsets = identity_grid((k, k), device=fixed.device, dtype=fixed.dtype).flatten(1) - radius
-    scores = scores * scale - prior * 0.5 * offsets.square().sum(0)  # (B, h, w, K)
+        half = padded.square().sum(-1) * 0.5  # (B, *(grid + 2r))
+        scores = scores - torch.stack([half[win] for win in windows], dim=-1)
+    offsets = identity_grid((k,) * n, device=fixed.device, dtype=fixed.dtype).flatten(1) - radius
+    scores = scores * scale - prior * 0.5 * offsets.square().sum(0)  # (B, *grid, K)
     weights = torch.softmax(scores, dim=-1)  # offsets row-major
-    return torch.einsum("bhwk,ck->bchw", weights, offsets)  # (B, 2, h, w)
+    axes = "dhw"[-n:]  # 2-D: "bhwk,ck->bchw"
+    return torch.einsum(f"b{axes}k,ck->bc{axes}", weights, offsets)  # (B, n, *grid)
 
 
 class MatchingLayer(nn.Module):
@@ -162,9 +179,9 @@ class FlowPropagation(nn.Module):
     def forward(
         self, tokens: torch.Tensor, flow: torch.Tensor, *, max_tokens: int | None = None
     ) -> torch.Tensor:
-        b, _, h, w = flow.shape  # tokens: (B, N, C) fixed features, flow: (B, 2, h, w)
+        # tokens: (B, N, C) fixed features, flow: (B, n, *grid) with N = prod(grid)
         q, k = self.q_proj(tokens), self.k_proj(tokens)
-        values = flow.flatten(2).transpose(1, 2)  # (B, N, 2)
+        values = flow.flatten(2).transpose(1, 2)  # (B, N, n)
         scale = 1 / math.sqrt(tokens.shape[-1])
         out = soft_attend(q, k, values, scale=scale, max_tokens=max_tokens)
-        return out.transpose(1, 2).reshape(b, 2, h, w)
+        return out.transpose(1, 2).reshape(flow.shape)

@@ -2,10 +2,12 @@
 
 ``voxelmorph.nn.models.VxmPairwise`` (voxelmorph >= 0.3, PyTorch) is imported only here and
 only when the model is built: ``pip install air-reg[peers]``. Its displacement is already in
-our convention: voxels (pixels), channel 0 along rows, ``warped(p) = source(p + disp(p))``
+our convention: voxels (pixels), channel i along spatial axis i (2-D: channel 0 along rows),
+``warped(p) = source(p + disp(p))``
 with ``source`` the moving image (``grid_sample``, ``align_corners=True``); with
 ``integration_steps > 0`` it is the exponential of a stationary velocity (scaling and
 squaring). The adapter only swaps the argument order, pads to what the UNet takes and crops.
+Images or volumes: the rank of ``image_size`` ((H, W) or (D, H, W)) picks VxmPairwise's ``ndim``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 
 from air_reg.errors import ConfigError
 from air_reg.models.components.spatial_transformer import crop, pad_to_multiple
-from air_reg.models.contract import as_size
+from air_reg.models.contract import spatial_size
 
 INSTALL_HINT = "model=voxelmorph needs the voxelmorph package: pip install air-reg[peers]"
 PADDINGS = ("replicate", "reflect", "constant")
@@ -41,7 +43,8 @@ def has_voxelmorph() -> bool:
 
 
 class VoxelMorph(nn.Module):
-    """``VxmPairwise`` (2-D UNet on the concatenated pair, velocity head, integration).
+    """``VxmPairwise`` (UNet on the concatenated pair, velocity head, integration), 2-D for an
+    (H, W) ``image_size`` (an int: square), 3-D for a (D, H, W) one.
 
     ``nb_features``: the UNet's channels per level as voxelmorph spells them (the encoder's;
     the decoder mirrors them); each level pools by 2, so inputs are padded (``padding`` mode)
@@ -77,11 +80,12 @@ class VoxelMorph(nn.Module):
             raise ConfigError(f"integration_steps must be >= 0, got {integration_steps}")
         if padding not in PADDINGS:
             raise ConfigError(f"model.net.padding must be one of {PADDINGS}, got {padding!r}")
-        self.image_size = as_size(image_size)  # the contract (models/contract.py)
+        self.image_size = spatial_size(image_size)  # the contract (models/contract.py)
+        self.ndim = len(self.image_size)  # 2: images, 3: volumes
         self.multiple = 2 ** len(features)  # each UNet level max-pools by 2
         self.padding = padding
         self.vxm = vxm.nn.models.VxmPairwise(
-            ndim=2,
+            ndim=self.ndim,
             source_channels=1,
             target_channels=1,
             nb_features=features,
@@ -97,13 +101,18 @@ class VoxelMorph(nn.Module):
         return self.vxm.integration_steps
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        size = tuple(fixed.shape[-2:])
+        if fixed.ndim != self.ndim + 2:
+            raise ConfigError(
+                f"this VoxelMorph is {self.ndim}-D (image_size {self.image_size}): it takes "
+                f"(B, 1, {', '.join('DHW'[-self.ndim :])}) pairs, got {tuple(fixed.shape)}"
+            )
+        size = tuple(fixed.shape[2:])
         fixed, pads = pad_to_multiple(fixed, self.multiple, self.padding)
         moving, _ = pad_to_multiple(moving, self.multiple, self.padding)
         # voxelmorph caches its identity grid as a plain attribute, not a buffer: it would
         # stay on the device and dtype of the first call (the contract's CPU dry run)
         for module in self.vxm.modules():
             module.__dict__.pop("meshgrid", None)
-        flow = self.vxm(moving, fixed)  # source = moving, target = fixed: (B, 2, H', W')
+        flow = self.vxm(moving, fixed)  # source = moving, target = fixed: (B, ndim, *padded)
         self.vxm.__dict__.pop("velocity", None)  # it keeps the last velocity (and its graph)
         return crop(flow, pads, size)
