@@ -15,11 +15,17 @@ Fashion-MNIST same-class test pairs and the same images under known warps): Dice
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import torch
+
 from air_reg import zoo
+from air_reg.bench import families
+from air_reg.bench.family_bench import batched
 
 ABLATIONS = ("air_match_local_synth", "voxelmorph_synth")  # experiments/train_foundation.sh
 
@@ -49,6 +55,15 @@ def main() -> None:
     methods = ["identity", "refine", "refine_mi", "syn_affine", "demons"]
     run("refine_families.py", [*quick, "--methods", *methods, "--models", *models,
                                *args.shipped, "--out", str(args.out / "families")])  # fmt: skip
+    # one-shot, the family's pairs in one call (register on a folder): ms per pair, batched
+    n, size = (3, (96, 128)) if args.quick else (18, families.SIZE)
+    table = batched(models + args.shipped, list(families.FAMILIES), n, size)
+    (args.out / "families" / "batched.md").write_text(
+        f"# One-shot, batched ({n} pairs a call, {size[0]} x {size[1]}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {torch.get_num_threads()} torch threads, load "
+        f"{os.getloadavg()[0]:.2f})\n\n" + table
+    )
+    print(table)
     digits = ["--pairs", "20", "--batch", "20", "--no-ants"] if args.quick else []
     digits += ["--checkpoints", *models] if models else []
     run("refine_benchmark.py", [*digits, "--weights", "air_unet", "--steps", "50",
