@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from air_reg.errors import UserError
+from air_reg.models.components.spatial_transformer import resample
 from air_reg.utils import write_with
 
 log = logging.getLogger(__name__)
@@ -230,11 +230,11 @@ def save_npy(path: str | Path, array) -> Path:
     return Path(path)
 
 
-def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """(N, 1, h, w) float images to (N, 1, H, W), bilinear, antialiased when shrinking."""
+def resize(images: torch.Tensor, size: int | tuple[int, ...]) -> torch.Tensor:
+    """(N, C, *s) float images to (N, C, *size), 2-D or 3-D: bilinear (trilinear),
+    antialiased when shrinking; an int is a square 2-D size."""
     size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(images.shape[-2:]) == size:
+    if tuple(images.shape[2:]) == size:
         return images
-    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
-    out = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-    return out.clamp(0, 1)
+    shrink = any(n < o for n, o in zip(size, images.shape[2:], strict=True))
+    return resample(images, size, antialias=shrink).clamp(0, 1)

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from air_reg import deprecation
@@ -30,7 +29,7 @@ from air_reg.losses import (
     MutualInformation,
     NormalisedGradientFields,
 )
-from air_reg.models.components.spatial_transformer import CoarseToDense, warp
+from air_reg.models.components.spatial_transformer import CoarseToDense, resample, warp
 from air_reg.refine.flows import (
     affine_flow,
     after_affine,
@@ -112,7 +111,7 @@ def keep_if_better(
             type(similarity).__name__,
         )
     worse = worse | lost
-    return torch.where(worse[:, None, None, None], 0.0, flow), worse
+    return torch.where(worse.view(-1, *[1] * (flow.ndim - 1)), 0.0, flow), worse
 
 
 class _Adam:
@@ -173,23 +172,24 @@ def estimate_affine(
     levels: int = 3,
     min_size: int = 16,
 ) -> torch.Tensor:
-    """Affine pre-alignment ``theta`` (B, 2, 3) per pair (see ``affine_flow``), coarse to fine."""
+    """Affine pre-alignment ``theta`` (B, D, D + 1) per pair (see ``affine_flow``), coarse to
+    fine; 2-D or 3-D."""
     similarity = similarity_module(similarity)
     b = fixed.shape[0]
-    size = tuple(fixed.shape[-2:])
+    size = tuple(fixed.shape[2:])
+    nd = len(size)
     with torch.inference_mode(False), torch.enable_grad():
         fixed, moving = fixed.detach().clone(), moving.detach().clone()
-        eye = torch.eye(2, 3, device=fixed.device, dtype=fixed.dtype)
-        matrix = eye[:, :2].expand(b, 2, 2).clone().requires_grad_(True)
-        shift = fixed.new_zeros(b, 2, 1).requires_grad_(True)
+        eye = torch.eye(nd, nd + 1, device=fixed.device, dtype=fixed.dtype)
+        matrix = eye[:, :nd].expand(b, nd, nd).clone().requires_grad_(True)
+        shift = fixed.new_zeros(b, nd, 1).requires_grad_(True)
         opt = torch.optim.Adam([{"params": [matrix], "lr": AFFINE_LR[0]},
                                 {"params": [shift], "lr": AFFINE_LR[1]}])  # fmt: skip
         sizes = pyramid(size, levels, min_size)
         for i, level_size in enumerate(sizes):
             f, m = resize(fixed, level_size), resize(moving, level_size)
-            scale = torch.tensor(
-                [level_size[0] / size[0], level_size[1] / size[1]], dtype=f.dtype, device=f.device
-            )
+            scale = torch.tensor([n / full for n, full in zip(level_size, size, strict=True)],
+                                 dtype=f.dtype, device=f.device)  # fmt: skip
             for _ in range(steps * (len(sizes) - i)):
                 opt.zero_grad(set_to_none=True)
                 theta = torch.cat([matrix, shift * scale[:, None]], 2)  # t in level pixels
@@ -244,8 +244,9 @@ def refine(
         spacing = None  # isotropic: the pixel form is the physical one
     regularizer = Diffusion(spacing) if s.regularizer is None else s.regularizer
     squarings, lr = s.integration_steps or 0, s.step_size
-    b, _, h, w = fixed.shape
-    shape = control_grid((h, w), s.grid, s.spacing, spacing)
+    b, full = fixed.shape[0], tuple(fixed.shape[2:])  # (H, W) or (D, H, W)
+    nd = len(full)
+    shape = control_grid(full, s.grid, s.spacing, spacing)
     # Lightning's test/predict loops run under inference_mode, which enable_grad alone does
     # not lift; clones made inside inference_mode(False) are ordinary tensors autograd can use.
     with torch.inference_mode(False), torch.enable_grad():
@@ -253,43 +254,42 @@ def refine(
         if affine is None and s.affine_steps:
             affine = estimate_affine(fixed, moving, steps=s.affine_steps, similarity=similarity,
                                      levels=s.levels, min_size=s.min_size)  # fmt: skip
-            affine = _large_enough(affine, (h, w), s.affine_min_px)
+            affine = _large_enough(affine, full, s.affine_min_px)
         affine = None if affine is None else affine.detach().clone()
         if callable(init_flow):  # a network sees the moving image after the affine stage
             with torch.no_grad():
-                aligned = moving if affine is None else warp(moving, affine_flow(affine, (h, w)))
+                aligned = moving if affine is None else warp(moving, affine_flow(affine, full))
                 init_flow = init_flow(fixed, aligned)
-        start = fixed.new_zeros(b, 2, h, w) if init_flow is None else init_flow.detach().clone()
+        start = fixed.new_zeros(b, nd, *full) if init_flow is None else init_flow.detach().clone()
         if s.guard and init_flow is not None:  # a worse start than the identity: the identity
             with torch.no_grad():
                 base = after_affine(torch.zeros_like(start), affine)
                 s_init = per_pair(similarity, warp(moving, after_affine(start, affine)), fixed)
                 s_base = per_pair(similarity, warp(moving, base), fixed)
-            start = torch.where((s_init < s_base)[:, None, None, None], start, 0.0)
+            start = torch.where((s_init < s_base).view(-1, *[1] * (nd + 1)), start, 0.0)
         if squarings and init_velocity is not None:
             start = init_velocity.detach().clone()
         elif squarings and init_flow is not None:
             start = velocity_from_flow(start, squarings)
         if shape is not None:
-            up = CoarseToDense(in_size=shape, out_size=(h, w), mode=s.grid_mode).to(start)
+            up = CoarseToDense(in_size=shape, out_size=full, mode=s.grid_mode).to(start)
             start = fit_coarse(start, up)
-        param = start.requires_grad_(True)  # (B, 2, H, W), or (B, 2, gh, gw)
+        param = start.requires_grad_(True)  # (B, D, *full), or (B, D, *control grid)
 
-        def dense_flow(size: tuple[int, int], up: CoarseToDense | None, extra: int = 0):
+        def dense_flow(size: tuple[int, ...], up: CoarseToDense | None, extra: int = 0):
             """The flow on a ``size`` grid, in that grid's pixels (``extra`` squarings more)."""
             if up is not None:
                 field = up(param)
             else:  # one value per pixel: resampled like a flow, without its rescaling
-                field = F.interpolate(param, size=size, mode="bilinear", align_corners=False,
-                                      antialias=True) if size != (h, w) else param  # fmt: skip
-            scale = torch.tensor([size[0] / h, size[1] / w], dtype=field.dtype,
-                                 device=field.device)  # fmt: skip
-            if size != (h, w):  # full-size pixels -> this grid's pixels
-                field = field * scale.view(1, 2, 1, 1)
+                field = resample(param, size, antialias=True) if size != full else param
+            scale = torch.tensor([n / f for n, f in zip(size, full, strict=True)],
+                                 dtype=field.dtype, device=field.device)  # fmt: skip
+            if size != full:  # full-size pixels -> this grid's pixels
+                field = field * scale.view(1, nd, *[1] * nd)
             n = squarings + extra if squarings else 0
             flow = warp_ops.integrate(field, n) if n else field
             if affine is not None:
-                level = torch.cat([affine[:, :, :2], affine[:, :, 2:] * scale[:, None]], 2)
+                level = torch.cat([affine[:, :, :nd], affine[:, :, nd:] * scale[:, None]], 2)
                 flow = after_affine(flow, level)
             return flow
 
@@ -303,18 +303,20 @@ def refine(
             # gradient is that of its own objective, whatever the batch size.
             return b * loss
 
-        # The fused level loop computes this objective (MSE, pixel diffusion) and Adam exactly.
-        fused = (shape is not None and s.optimizer == "adam" and type(similarity) is MSE
+        # The fused level loop computes this objective (MSE or all-pixel MI, pixel diffusion)
+        # and Adam exactly.
+        fused = (shape is not None and s.optimizer == "adam" and refine_loop.supports(similarity)
                  and type(regularizer) is Diffusion and regularizer.spacing is None
                  and refine_loop.available(param, fixed))  # fmt: skip
-        sizes, opt = pyramid((h, w), s.levels, s.min_size), None
+        sizes, opt = pyramid(full, s.levels, s.min_size), None
         for i, size in enumerate(sizes):
             f, m = resize(fixed, size), resize(moving, size)
             grid = field_size(size, s.field_stride, s.min_size)
             up = _upsampler(shape, grid, s.grid_mode, param)
             steps = s.steps * (len(sizes) - i)
-            if fused and steps and min(grid) >= 2:
-                opt = _fused_level(param, opt, f, m, up, (h, w), affine, squarings, s, steps)
+            if fused and nd == 2 and steps and min(grid) >= 2:  # the loop is 2-D
+                opt = _fused_level(param, opt, f, m, up, full, affine, squarings, s, steps,
+                                   similarity)  # fmt: skip
                 continue
             loss = partial(objective, f, m, size, up)
             opt = _optimise(param, loss, steps, s.optimizer, lr, opt, s.lr_decay)
@@ -324,9 +326,9 @@ def refine(
             # squarings as the field grid is halvings coarser: the same step per grid cell
             # as while optimising. More would integrate a different, more compressive map
             # than the one the fold penalty saw (a test pair of the brain slices folded).
-            coarse = field_size((h, w), s.field_stride, s.min_size)
-            extra = max(0, round(math.log2(h / coarse[0]))) if squarings else 0
-            flow = dense_flow((h, w), _upsampler(shape, (h, w), s.grid_mode, param),
+            coarse = field_size(full, s.field_stride, s.min_size)
+            extra = max(0, round(math.log2(full[0] / coarse[0]))) if squarings else 0
+            flow = dense_flow(full, _upsampler(shape, full, s.grid_mode, param),
                               extra).detach()  # fmt: skip
             if s.guard:
                 flow, worse = keep_if_better(flow, fixed, moving, similarity)
@@ -336,9 +338,10 @@ def refine(
             return flow
 
 
-def _fused_level(param, adam, f, m, up, full, affine, squarings, s, steps) -> _Adam:
-    """``_optimise(param, objective, steps, "adam", ...)`` for refine's MSE + pixel diffusion
-    objective at one level, in one C++ call (``speed.refine_loop``); same Adam state."""
+def _fused_level(param, adam, f, m, up, full, affine, squarings, s, steps, similarity) -> _Adam:
+    """``_optimise(param, objective, steps, "adam", ...)`` for refine's similarity (MSE or MI,
+    ``refine_loop.supports``) + pixel diffusion objective at one level, in one C++ call
+    (``speed.refine_loop``); same Adam state."""
     adam = adam or _Adam(param)
     grid = up.out_size
     scale = torch.tensor([grid[0] / full[0], grid[1] / full[1]], dtype=param.dtype)
@@ -354,6 +357,7 @@ def _fused_level(param, adam, f, m, up, full, affine, squarings, s, steps) -> _A
         scale=(float(scale[0]), float(scale[1])), squarings=squarings, steps=steps,
         lr=s.step_size, decay=s.lr_decay, reg_weight=s.regularisation_weight,
         fold_weight=s.fold_weight, fold_margin=s.fold_margin, affine=field, matrix=matrix,
+        similarity=similarity,
     )  # fmt: skip
     return adam
 
@@ -368,7 +372,8 @@ def _large_enough(theta: torch.Tensor, size, min_px: float) -> torch.Tensor | No
     keep = moves > min_px
     if not keep.any():
         return None
-    eye = torch.eye(2, 3, dtype=theta.dtype, device=theta.device).expand_as(theta)
+    nd = theta.shape[1]
+    eye = torch.eye(nd, nd + 1, dtype=theta.dtype, device=theta.device).expand_as(theta)
     return torch.where(keep[:, None, None], theta, eye)
 
 

@@ -1,16 +1,20 @@
 """One pyramid level of ``air_reg.refine``'s Adam loop in one C++ call (``csrc/refine_loop.cpp``,
 issue #31).
 
-``refine`` takes ``steps`` Adam steps per level on ``b * (MSE(warped, fixed) + penalty)``, each
-an autograd pass through a dozen small ops (and the kernels of ``speed.warp``); most of a
-step's time there is per-op overhead, not arithmetic. ``adam_level`` runs the same maths (the
-B-spline control grid made dense, scaling and squaring, the affine composition, the warp
-through the upsampled flow, MSE, the diffusion and fold penalties, every transpose written out,
-then ``_Adam``'s update with ``_optimise``'s cosine step) for a whole level in one call: pairs
-over torch's threads when B > 1, one pair's rows over them when B == 1. Same floats up to the
-order of some sums (tested against autograd). ``refine`` takes it for float32 CPU, MSE, the
-pixel ``Diffusion``, Adam and a control grid; ``per_op()`` turns it off (benchmarks, tests)
-and ``speed.warp.torch_ops()`` turns it off with the kernels.
+``refine`` takes ``steps`` Adam steps per level on ``b * (similarity(warped, fixed) +
+penalty)``, each an autograd pass through a dozen small ops (and the kernels of
+``speed.warp``); most of a step's time there is per-op overhead, not arithmetic.
+``adam_level`` runs the same maths (the B-spline control grid made dense, scaling and squaring,
+the affine composition, the warp through the upsampled flow, the similarity, the diffusion and
+fold penalties, every transpose written out, then ``_Adam``'s update with ``_optimise``'s
+cosine step) for a whole level in one call: pairs over torch's threads when B > 1, one pair's
+rows over them when B == 1. Same floats up to the order of some sums (tested against
+autograd). The similarity is ``MSE`` or a ``MutualInformation`` over all pixels with its box
+window on the fixed image (``supports``): then each step builds the joint histogram, its
+entropies and ``_ParzenMI``'s analytic gradient (the min/max mapping's terms too). ``refine``
+takes it for float32 CPU, those similarities, the pixel ``Diffusion``, Adam and a control grid;
+``per_op()`` turns it off (benchmarks, tests) and ``speed.warp.torch_ops()`` turns it off with
+the kernels.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import ctypes
 import functools
 
 import torch
+from torch import nn
 
 from air_reg.errors import UserError
+from air_reg.losses import MSE, MutualInformation
 from air_reg.speed import kernels
 from air_reg.speed import warp as warp_ops
 
@@ -47,6 +53,9 @@ class _Level(ctypes.Structure):
             (n, ctypes.c_float)
             for n in ("scale_y", "scale_x", "reg_weight", "fold_weight", "fold_margin")
         ],  # fmt: skip
+        ("fixed_bins", ctypes.c_void_p),
+        ("bins", ctypes.c_long),
+        ("normalised", ctypes.c_long),
     ]
 
 
@@ -67,6 +76,25 @@ def per_op():
         yield
     finally:
         _state["fused"] = before
+
+
+def supports(similarity: nn.Module) -> bool:
+    """Whether the fused loop computes this similarity: ``MSE``, or ``MutualInformation`` over
+    all pixels (``sampling`` 1) with the box window on the fixed image (its defaults)."""
+    if type(similarity) is MSE:
+        return True
+    return (
+        type(similarity) is MutualInformation
+        and similarity.sampling == 1
+        and similarity.fixed_window == "box"
+    )
+
+
+def _fixed_bins(mi: MutualInformation, fixed: torch.Tensor) -> torch.Tensor:
+    """(B, C * H * W) int32 box-window bins of the fixed image, as ``mutual_information``."""
+    s = mi._bin_coordinates(fixed.detach().flatten(1))
+    scaled = (s - 1) / (mi.bins - 3) * mi.bins
+    return scaled.long().clamp(0, mi.bins - 1).int().contiguous()
 
 
 def available(*tensors: torch.Tensor) -> bool:
@@ -95,9 +123,11 @@ def adam_level(
     fold_margin: float,
     affine: torch.Tensor | None = None,
     matrix: torch.Tensor | None = None,
+    similarity: nn.Module | None = None,
 ) -> int:
-    """``steps`` Adam steps on each pair's ``MSE(warp_by_coarse_flow(moving, flow), fixed) +
-    penalty(flow, reg_weight, fold_weight, fold_margin)``, ``flow`` =
+    """``steps`` Adam steps on each pair's ``similarity(warp_by_coarse_flow(moving, flow),
+    fixed) + penalty(flow, reg_weight, fold_weight, fold_margin)`` (``similarity``: ``MSE()``
+    when None; see ``supports``), ``flow`` =
     ``after_affine(integrate(scale * rows @ param @ cols^T, squarings))``: ``param`` (B, 2, gh,
     gw) and Adam's moments ``m``, ``v`` are updated in place; returns Adam's step count after
     ``t``. ``fixed``, ``moving`` (B, C, H, W) are the level's images, ``rows`` (fh, gh) and
@@ -120,6 +150,12 @@ def adam_level(
             f"{tuple(fixed.shape)}, rows {tuple(rows.shape)}, cols {tuple(cols.shape)} (need "
             f"param (B, 2, gh, gw), rows (fh, gh), cols (fw, gw), 2 <= fh <= H, 2 <= fw <= W)"
         )
+    similarity = MSE() if similarity is None else similarity
+    if not supports(similarity):
+        raise UserError(
+            f"adam_level computes MSE or MutualInformation (sampling=1, fixed_window='box'), "
+            f"not {similarity!r}; refine runs the others through autograd"
+        )
     kernels.count("refine_level", "fused")
     if not steps:
         return t
@@ -128,11 +164,15 @@ def adam_level(
     inputs = [x.detach().contiguous() for x in (fixed, moving, rows, cols)]
     if affine is not None:
         inputs += [affine.detach().contiguous(), matrix.detach().contiguous()]
+    mi = type(similarity) is MutualInformation
+    bins = _fixed_bins(similarity, fixed) if mi else None
     level = _Level(
         *[x.data_ptr() for x in work + inputs[:4]],
         *([x.data_ptr() for x in inputs[4:]] or [None, None]),
         b, c, h, w, fh, fw, gh, gw, squarings, steps, t,
         lr, decay, *scale, reg_weight, fold_weight, fold_margin,
+        None if bins is None else bins.data_ptr(), similarity.bins if mi else 0,
+        int(mi and similarity.normalised),
     )  # fmt: skip
     threads = max(1, torch.get_num_threads())
     fn = _function()

@@ -91,15 +91,16 @@ def crop(y: torch.Tensor, pads: tuple[int, ...], size: tuple[int, ...]) -> torch
     return y[(..., *window)]
 
 
-def _resample(x: torch.Tensor, size: tuple[int, ...], antialias: bool) -> torch.Tensor:
-    """Linear resampling of (B, C, *spatial) to ``size`` (align_corners=False)."""
+def resample(x: torch.Tensor, size: tuple[int, ...], antialias: bool) -> torch.Tensor:
+    """Linear resampling of (B, C, *spatial) to ``size`` (align_corners=False; bilinear or
+    trilinear, ``antialias`` when shrinking)."""
     if x.ndim == 4 or not antialias:
         mode = "bilinear" if x.ndim == 4 else "trilinear"
         return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
     # torch has no antialiased trilinear; the filter is separable: (H, W), then D
     b, c, d = x.shape[:3]
-    x = _resample(x.reshape(b, c * d, *x.shape[3:]), size[1:], True)  # (B, C D, H', W')
-    x = _resample(x.reshape(b, c, d, -1), (size[0], x.shape[2] * x.shape[3]), True)
+    x = resample(x.reshape(b, c * d, *x.shape[3:]), size[1:], True)  # (B, C D, H', W')
+    x = resample(x.reshape(b, c, d, -1), (size[0], x.shape[2] * x.shape[3]), True)
     return x.reshape(b, c, *size)
 
 
@@ -111,7 +112,7 @@ def resize_flow(flow: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     if old == size:
         return flow
     shrink = any(new < o for new, o in zip(size, old, strict=True))
-    out = _resample(flow, size, antialias=shrink)
+    out = resample(flow, size, antialias=shrink)
     scale = torch.tensor([new / o for new, o in zip(size, old, strict=True)], dtype=flow.dtype,
                          device=flow.device)  # fmt: skip
     return out * scale.view(1, n, *(1,) * n)  # a displacement of d model pixels is d * H / h here

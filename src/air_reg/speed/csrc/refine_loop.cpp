@@ -5,6 +5,8 @@
 //   u      = n squarings of v, each u + u sampled at p + u(p)          (scaling and squaring)
 //   coarse = affine + u + (A - I) u                      (after_affine; without one: u)
 //   loss   = MSE(warp(moving, up(coarse)), fixed) + wd Diffusion(coarse) + wf NegJac(coarse)
+// (or, given the fixed image's bins, -MutualInformation()(warped, fixed) for MSE: a histogram
+// pass, the entropies, then the analytic gradient as losses._ParzenMI's, min/max terms too)
 // and its gradient, written out (no autograd), then torch.optim.Adam's update with refine's
 // cosine-decayed step: _optimise in air_reg/refine/optimise.py, step for step. The formulas
 // are warp.cpp's, per element (its taps mirrored, its per-pixel sampling rewritten as row
@@ -38,6 +40,8 @@ struct AirRefineLevel {  // mirrored by air_reg.speed.refine_loop._Level
     double lr, decay;          // step lr * (decay + (1 - decay) (1 + cos(pi i / (steps - 1))) / 2)
     float scale_y, scale_x;    // field grid / image size, per axis
     float reg_weight, fold_weight, fold_margin;
+    const int* fixed_bins;     // (B, C * H * W) the fixed image's box-window bins, or null: MSE
+    long bins, normalised;     // MutualInformation's bins and normalised
 };
 
 namespace {
@@ -147,6 +151,10 @@ struct Plan {
 
 struct Work {  // one pair's fields (shared by a team)
     std::vector<float> u, coarse, g0, g1, mx, tmp, priv;
+    // mutual information: the warped image, its slopes, its gradient (C, H, W); a histogram
+    // per team thread and the gradient table (bins, bins); per thread min, max and sums
+    std::vector<float> val, dy, dx, gm, hist, table;
+    std::vector<double> stats;
     Work(const AirRefineLevel& a, int team)
         : u((a.squarings + 1) * 2 * a.fh * a.fw),
           coarse(a.affine ? 2 * a.fh * a.fw : 0),
@@ -154,7 +162,13 @@ struct Work {  // one pair's fields (shared by a team)
           g1(2 * a.fh * a.fw),
           mx(2 * a.H * a.fw),
           tmp(2 * a.fh * a.gw),
-          priv(team > 1 ? team * 2 * a.fh * a.fw : 0) {}
+          priv(team > 1 ? team * 2 * a.fh * a.fw : 0) {
+        if (!a.fixed_bins) return;
+        for (auto* x : {&val, &dy, &dx, &gm}) x->resize(a.C * a.H * a.W);
+        hist.resize(team * a.bins * a.bins);
+        table.resize(a.bins * a.bins);
+        stats.resize(8 * team);
+    }
 };
 
 struct Scratch {  // one thread's rows, as structures of arrays (so the row passes vectorise)
@@ -403,29 +417,54 @@ void penalty_grad(const AirRefineLevel& a, const float* u, float* g, long r0, lo
     }
 }
 
+// Image row i's displacement, the coarse flow upsampled (rows, then columns) into s.uy, s.ux,
+// and its samples located.
+void dense_row(const AirRefineLevel& a, const Plan& plan, const float* coarse, long i,
+               const Scratch& s) {
+    const long H = a.H, W = a.W, h = a.fh, w = a.fw;
+    const int *ci0 = plan.col_i0.data(), *ci1 = plan.col_i1.data();
+    const float *cl0 = plan.col_l0.data(), *cl1 = plan.col_l1.data();
+    const Tap r = upsample_tap(i, h, H);
+    for (int k = 0; k < 2; k++) {
+        const float* top = coarse + (k * h + r.i0) * w;
+        const float* bottom = coarse + (k * h + r.i1) * w;
+        float* m = s.mix + k * w;
+        const float scale = plan.up_scale[k];
+        for (long q = 0; q < w; q++) m[q] = scale * (r.l0 * top[q] + r.l1 * bottom[q]);
+    }
+    const float *my = s.mix, *mx_ = s.mix + w;
+    for (long j = 0; j < W; j++) {
+        s.uy[j] = cl0[j] * my[ci0[j]] + cl1[j] * my[ci1[j]];
+        s.ux[j] = cl0[j] * mx_[ci0[j]] + cl1[j] * mx_[ci1[j]];
+    }
+    locate_row(i, s.uy, s.ux, W, H, W, s);
+}
+
+// Row i of mx (2, H, fw): s.gy, s.gx through the column upsampling's transpose, as a gather.
+void columns_adjoint(const AirRefineLevel& a, const Plan& plan, const Scratch& s, float* mx,
+                     long i) {
+    const long w = a.fw;
+    float* oy = mx + i * w;
+    float* ox = mx + (a.H + i) * w;
+    for (long q = 0; q < w; q++) {
+        float sy = 0.f, sx = 0.f;
+        for (int e = plan.col_from[q]; e < plan.col_from[q + 1]; e++) {
+            sy += plan.col_weight[e] * s.gy[plan.col_take[e]];
+            sx += plan.col_weight[e] * s.gx[plan.col_take[e]];
+        }
+        oy[q] = sy;
+        ox[q] = sx;
+    }
+}
+
 // Image rows [r0, r1): the warp through the upsampled coarse flow, MSE's gradient, back to the
 // flow at each image pixel, then through the column upsampling: mx (2, H, fw).
 void image_rows(const AirRefineLevel& a, const Plan& plan, long b, const float* coarse,
                 float* mx, const Scratch& s, long r0, long r1) {
-    const long H = a.H, W = a.W, h = a.fh, w = a.fw;
+    const long H = a.H, W = a.W;
     const float gcoef = float(2.0 / double(a.C * H * W));  // d(b * batch mean)/d(warped), a pair
-    const int *ci0 = plan.col_i0.data(), *ci1 = plan.col_i1.data();
-    const float *cl0 = plan.col_l0.data(), *cl1 = plan.col_l1.data();
     for (long i = r0; i < r1; i++) {
-        const Tap r = upsample_tap(i, h, H);
-        for (int k = 0; k < 2; k++) {
-            const float* top = coarse + (k * h + r.i0) * w;
-            const float* bottom = coarse + (k * h + r.i1) * w;
-            float* m = s.mix + k * w;
-            const float scale = plan.up_scale[k];
-            for (long q = 0; q < w; q++) m[q] = scale * (r.l0 * top[q] + r.l1 * bottom[q]);
-        }
-        const float *my = s.mix, *mx_ = s.mix + w;
-        for (long j = 0; j < W; j++) {
-            s.uy[j] = cl0[j] * my[ci0[j]] + cl1[j] * my[ci1[j]];
-            s.ux[j] = cl0[j] * mx_[ci0[j]] + cl1[j] * mx_[ci1[j]];
-        }
-        locate_row(i, s.uy, s.ux, W, H, W, s);
+        dense_row(a, plan, coarse, i, s);
         std::fill(s.gy, s.gy + W, 0.f);
         std::fill(s.gx, s.gx + W, 0.f);
         for (long ch = 0; ch < a.C; ch++) {
@@ -438,17 +477,137 @@ void image_rows(const AirRefineLevel& a, const Plan& plan, long b, const float* 
                 s.gx[j] += g * s.dx[j];
             }
         }
-        float* oy = mx + i * w;  // the column upsampling's transpose, as a gather
-        float* ox = mx + (H + i) * w;
-        for (long q = 0; q < w; q++) {
-            float sy = 0.f, sx = 0.f;
-            for (int e = plan.col_from[q]; e < plan.col_from[q + 1]; e++) {
-                sy += plan.col_weight[e] * s.gy[plan.col_take[e]];
-                sx += plan.col_weight[e] * s.gx[plan.col_take[e]];
-            }
-            oy[q] = sy;
-            ox[q] = sx;
+        columns_adjoint(a, plan, s, mx, i);
+    }
+}
+
+// ---- mutual information (losses.MutualInformation(): all pixels, box window on the fixed) ----
+
+// Bin coordinate t = 1 + (x - lo) / span * (bins - 3), as _bin_coordinates; its window's first
+// bin minus one (floor(t) clamped to [1, bins - 3]) and fraction.
+inline float mi_fraction(float x, float lo, float span, float c, long nb, long* base) {
+    const float t = 1.f + (x - lo) / span * c;
+    const float f = std::min(std::max(std::floor(t), 1.f), float(nb - 3));
+    *base = long(f);
+    return t - f;
+}
+
+// The joint histogram's gradient table (bins, bins): d value / d joint, up to a constant per
+// pair, from the team's histograms (parts of them), as _ParzenMI.forward.
+void mi_table(const AirRefineLevel& a, const float* hist, int parts, long n, float* table) {
+    const long nb = a.bins, nn = nb * nb;
+    std::vector<float> joint(nn), pf(nb, 0.f), pm(nb, 0.f);
+    for (long e = 0; e < nn; e++) {
+        float acc = hist[e];
+        for (int t = 1; t < parts; t++) acc += hist[t * nn + e];
+        joint[e] = acc / float(n);
+    }
+    for (long f = 0; f < nb; f++) {
+        for (long m = 0; m < nb; m++) pf[f] += joint[f * nb + m], pm[m] += joint[f * nb + m];
+    }
+    auto xlogx = [](float p) { return p > 0.f ? double(p) * std::log(double(p)) : 0.0; };
+    double hf = 0.0, hm = 0.0, hfm = 0.0;
+    for (long k = 0; k < nb; k++) hf -= xlogx(pf[k]), hm -= xlogx(pm[k]);
+    for (long e = 0; e < nn; e++) hfm -= xlogx(joint[e]);
+    const float sum = float(hf) + float(hm), joint_h = float(hfm), denom = joint_h * joint_h;
+    for (long f = 0; f < nb; f++) {
+        for (long m = 0; m < nb; m++) {
+            const float lj = std::log(std::max(joint[f * nb + m], 1e-30f));
+            const float lm = std::log(std::max(pm[m], 1e-30f));
+            table[f * nb + m] = a.normalised ? (lj * sum - lm * joint_h) / denom : lj - lm;
         }
+    }
+}
+
+// The image term for mutual information over the team's image rows, into mx as image_rows:
+// warp and keep the warped image; its min and max (the team's); the joint histogram (moving
+// through a cubic B-spline window, 4 bins a sample); the gradient table; each pixel's
+// d(-value)/d(warped) through its bin coordinate, then the min's and max's share of the
+// coordinates' gradient (split between ties, as amin/amax); back to the flow.
+void mi_rows(const AirRefineLevel& a, const Plan& plan, Work& work, const Scratch& s, long b,
+             const float* coarse, const Team& team) {
+    const long H = a.H, W = a.W, C = a.C, hw = H * W, n = C * hw, nb = a.bins;
+    const long r0 = team.lo(H), r1 = team.hi(H);
+    const int* fb = a.fixed_bins + b * n;
+    float *val = work.val.data(), *dy = work.dy.data(), *dx = work.dx.data();
+    float* gm = work.gm.data();
+    double* mine = work.stats.data() + 8 * team.id;  // min, max, S1, S2, #min, #max
+    float lo = INFINITY, hi = -INFINITY;
+    for (long i = r0; i < r1; i++) {
+        dense_row(a, plan, coarse, i, s);
+        for (long ch = 0; ch < C; ch++) {
+            const long at = ch * hw + i * W;
+            sample_row<true, true>(a.moving + (b * C + ch) * hw, W, s, val + at, dy + at,
+                                   dx + at);
+            for (long j = 0; j < W; j++) {
+                lo = std::min(lo, val[at + j]);
+                hi = std::max(hi, val[at + j]);
+            }
+        }
+    }
+    mine[0] = lo, mine[1] = hi;
+    team.sync();
+    for (int t = 0; t < team.size; t++) {
+        lo = std::min(lo, float(work.stats[8 * t]));
+        hi = std::max(hi, float(work.stats[8 * t + 1]));
+    }
+    const float range = hi - lo, span = std::max(range, 1e-12f), c = float(nb - 3);
+    float* hist = work.hist.data() + team.id * nb * nb;
+    std::fill(hist, hist + nb * nb, 0.f);
+    for (long ch = 0; ch < C; ch++) {  // the samples in _ParzenMI's order (one thread: same sums)
+        for (long p = ch * hw + r0 * W; p < ch * hw + r1 * W; p++) {
+            long base;
+            const float f = mi_fraction(val[p], lo, span, c, nb, &base);
+            const float f2 = f * f, f3 = f * f * f, r = 1.f - f;
+            float* to = hist + fb[p] * nb + base - 1;
+            to[0] += r * r * r / 6.f;
+            to[1] += (3.f * f3 - 6.f * f2 + 4.f) / 6.f;
+            to[2] += (-3.f * f3 + 3.f * f2 + 3.f * f + 1.f) / 6.f;
+            to[3] += f3 / 6.f;
+        }
+    }
+    team.sync();
+    if (team.id == 0) mi_table(a, work.hist.data(), team.size, n, work.table.data());
+    team.sync();
+    const float* table = work.table.data();
+    double s1 = 0.0, s2 = 0.0, at_lo = 0.0, at_hi = 0.0;
+    for (long ch = 0; ch < C; ch++) {
+        for (long p = ch * hw + r0 * W; p < ch * hw + r1 * W; p++) {
+            long base;
+            const float x = val[p], f = mi_fraction(x, lo, span, c, nb, &base);
+            const float f2 = f * f, r = 1.f - f;
+            const float* tb = table + fb[p] * nb + base - 1;
+            const float g = tb[0] * (-r * r / 2.f) + tb[1] * ((3.f * f2 - 4.f * f) / 2.f) +
+                            tb[2] * ((-3.f * f2 + 2.f * f + 1.f) / 2.f) + tb[3] * (f2 / 2.f);
+            const float grad = -(g / float(n) * c) / span;  // d(-value)/d(x) at fixed lo, hi
+            gm[p] = grad;
+            s1 += grad;
+            s2 += double(grad) * double((x - lo) / span);
+            at_lo += x == lo, at_hi += x == hi;
+        }
+    }
+    mine[2] = s1, mine[3] = s2, mine[4] = at_lo, mine[5] = at_hi;
+    team.sync();
+    s1 = s2 = at_lo = at_hi = 0.0;
+    for (int t = 0; t < team.size; t++) {
+        const double* st = work.stats.data() + 8 * t;
+        s1 += st[2], s2 += st[3], at_lo += st[4], at_hi += st[5];
+    }
+    const double d_span = range >= 1e-12f ? -s2 : 0.0;  // clamp_min passes no gradient below
+    const float g_lo = float(-s1 - d_span) / float(at_lo), g_hi = float(d_span) / float(at_hi);
+    for (long i = r0; i < r1; i++) {
+        std::fill(s.gy, s.gy + W, 0.f);
+        std::fill(s.gx, s.gx + W, 0.f);
+        for (long ch = 0; ch < C; ch++) {
+            const long at = ch * hw + i * W;
+            for (long j = 0; j < W; j++) {
+                const float x = val[at + j];
+                const float g = gm[at + j] + (x == lo ? g_lo : 0.f) + (x == hi ? g_hi : 0.f);
+                s.gy[j] += g * dy[at + j];
+                s.gx[j] += g * dx[at + j];
+            }
+        }
+        columns_adjoint(a, plan, s, work.mx.data(), i);
     }
 }
 
@@ -517,7 +676,11 @@ void run_pair(const AirRefineLevel& a, const Plan& plan, Work& work, const Scrat
         team.sync();
         // backward: the image term per image row, the penalties per field row
         float* g = work.g0.data();
-        image_rows(a, plan, b, coarse, work.mx.data(), s, team.lo(a.H), team.hi(a.H));
+        if (a.fixed_bins) {
+            mi_rows(a, plan, work, s, b, coarse, team);
+        } else {
+            image_rows(a, plan, b, coarse, work.mx.data(), s, team.lo(a.H), team.hi(a.H));
+        }
         if (shared) {
             std::fill(priv, priv + n, 0.f);
             penalty_grad(a, coarse, priv, f0, f1);
