@@ -23,8 +23,9 @@ from air_reg.utils import write_json, write_text
 log = logging.getLogger(__name__)
 
 
-def grid_image(size: tuple[int, int], step: int = 4) -> torch.Tensor:
-    """(1, 1, H, W) image of lines every ``step`` pixels; warping it draws the deformation."""
+def grid_image(size: tuple[int, ...], step: int = 4) -> torch.Tensor:
+    """(1, 1, *size) image of lines (planes in 3-D) every ``step`` pixels along the last two
+    axes; warping it draws the deformation."""
     img = torch.zeros(1, 1, *size)
     img[..., ::step, :] = 1
     img[..., :, ::step] = 1
@@ -33,10 +34,14 @@ def grid_image(size: tuple[int, int], step: int = 4) -> torch.Tensor:
 
 @torch.no_grad()
 def pair_grid(fixed, moving, flow) -> torch.Tensor:
-    """(3, H', W') image: one row per pair, columns fixed | moving | warped | deformation."""
+    """(3, H', W') image: one row per pair, columns fixed | moving | warped | deformation;
+    for volumes (B, 1, D, H, W), their middle slice along the first axis."""
     warped = warp(moving, flow)
-    lines = warp(grid_image(fixed.shape[-2:]).to(flow).expand(len(flow), -1, -1, -1), flow)
-    tiles = torch.stack([fixed, moving, warped, lines], 1).flatten(0, 1)  # (4B, 1, H, W)
+    lines = warp(grid_image(fixed.shape[2:]).to(flow).expand(len(flow), -1, *fixed.shape[2:]),
+                 flow)  # fmt: skip
+    tiles = torch.stack([fixed, moving, warped, lines], 1).flatten(0, 1)  # (4B, 1, *spatial)
+    if tiles.ndim == 5:  # a volume: its middle slice
+        tiles = tiles[:, :, tiles.shape[2] // 2]
     return make_grid(tiles.clamp(0, 1).cpu(), nrow=4, padding=2, pad_value=0.5)
 
 

@@ -19,7 +19,7 @@ from air_reg.checkpoint import CheckpointError, load_configured, shipped_weights
 from air_reg.config import CONFIG_DIR
 from air_reg.data.preprocess import Preprocessing
 from air_reg.errors import ConfigError
-from air_reg.models.contract import as_size
+from air_reg.models.contract import spatial_size
 from air_reg.scoring import (
     identity_method,
     markdown_table,
@@ -81,11 +81,12 @@ def eval_datamodule(cfg: DictConfig, model):
     if cfg.get("batch_size"):
         data_cfg.eval_batch_size = cfg.batch_size
     datamodule = instantiate(data_cfg)
-    if model.image_size is not None and as_size(datamodule.image_size) != tuple(model.image_size):
-        h, w = model.image_size
+    data_size = spatial_size(datamodule.image_size)
+    if model.image_size is not None and data_size != tuple(model.image_size):
+        size = "x".join(map(str, model.image_size))
         raise ConfigError(
-            f"the model was trained on {h}x{w} images but the data are "
-            f"{'x'.join(map(str, as_size(datamodule.image_size)))}; set data.image_size=[{h},{w}]"
+            f"the model was trained on {size} images but the data are "
+            f"{'x'.join(map(str, data_size))}; set data.image_size=[{size.replace('x', ',')}]"
         )
     datamodule.setup("test")
     return datamodule

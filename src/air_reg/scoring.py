@@ -27,7 +27,7 @@ PER_LABEL = "_dice_per_label"  # collected (B, K), reported as dice_label_1 .. d
 
 def identity_method(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     """No registration: the "Original" row."""
-    return fixed.new_zeros(fixed.shape[0], 2, *fixed.shape[-2:])
+    return fixed.new_zeros(fixed.shape[0], fixed.ndim - 2, *fixed.shape[2:])  # 2-D or 3-D
 
 
 @torch.no_grad()

@@ -1,18 +1,21 @@
-"""``data=folder``: a folder of your own 2-D images (or slices of volumes), with label maps.
+"""``data=folder``: a folder of your own 2-D images (or of volumes, sliced or whole), with labels.
 
 Images: every PNG/JPEG/TIFF/``.npy``/NIfTI file below ``path`` (sub-folders included, hidden
-files and the label folder excluded). A 3-D NIfTI volume becomes its slices along
-``slice_axis`` (``slice_range: [first, last)`` keeps some). Label maps (integer images or
+files and the label folder excluded). With ``volumes: slices`` (the default) a 3-D volume
+becomes its slices along ``slice_axis`` (``slice_range: [first, last)`` keeps some); with
+``volumes: whole`` every file must be a 3-D volume and is one image (B, 1, D, H, W), its
+array axes in stored order (NIfTI: (X, Y, Z) as (D, H, W)). Label maps (integer images or
 volumes, optional): same relative name under ``path/<labels>/`` (any supported suffix), or
 ``<name><label_suffix>`` beside the image; they travel with the pairs as ``fixed_labels`` /
-``moving_labels`` (B, 1, H, W) and are warped with nearest-neighbour sampling for the metrics.
+``moving_labels`` (B, 1, *size) and are warped with nearest-neighbour sampling for the metrics.
 
-Reading, normalising (``normalize``: minmax, percentile or none, per image) and sizing go
-through ``air_reg.data.preprocess.Preprocessing``, the record ``register`` applies too. Sizes:
-all images keep their own size when they share one; ``image_size: [H, W]`` resizes every image
-(bilinear; labels nearest); ``pad_to: N`` zero-pads each image, centred, to the largest height
-and width rounded up to a multiple of N (so patch sizes dividing N fit), or to ``image_size``
-when both are set (``train`` records the padded size as ``image_size``).
+Reading, normalising (``normalize``: minmax, percentile or none, per image or volume) and
+sizing go through ``air_reg.data.preprocess.Preprocessing``, the record ``register`` applies
+too. Sizes: all images keep their own size when they share one; ``image_size: [H, W]`` (whole
+volumes: ``[D, H, W]``) resizes every image (bilinear or trilinear; labels nearest); ``pad_to:
+N`` zero-pads each image, centred, to the largest size per axis rounded up to a multiple of N
+(so patch sizes dividing N fit), or to ``image_size`` when both are set (``train`` records
+the padded size as ``image_size``).
 
 Pairing: ``random``; ``group`` (within a group: the image's sub-folder, or a CSV ``groups``
 with columns ``file,group``); ``atlas`` (``atlas`` names the one fixed image, every other image
@@ -39,11 +42,12 @@ from air_reg.data.preprocess import Preprocessing
 from air_reg.data.readers import FOLDER_SUFFIXES, read_array, slices, stem_of, suffix_of
 from air_reg.errors import ConfigError
 from air_reg.images import ImageError
-from air_reg.models.contract import as_size
+from air_reg.models.contract import spatial_size
 
 log = logging.getLogger(__name__)
 
 PAIRINGS = ("random", "group", "atlas", "csv")
+VOLUMES = ("slices", "whole")  # a 3-D file as its 2-D slices, or as one volume
 
 
 class FolderDataModule(PairDataModule):
@@ -55,6 +59,7 @@ class FolderDataModule(PairDataModule):
         path: str,
         labels: str | None = "labels",
         label_suffix: str | None = None,
+        volumes: str = "slices",
         slice_axis: int = 2,
         slice_range: list[int] | None = None,
         normalize: str = "minmax",
@@ -89,7 +94,19 @@ class FolderDataModule(PairDataModule):
             raise ConfigError("data.train_fraction must be in (0, 1), data.val_fraction in [0, 1)")
         # Plain Python values (not OmegaConf lists): they are saved in checkpoints, which are
         # read back with weights_only=True.
-        image_size = list(as_size(image_size)) if image_size is not None else None
+        if volumes not in VOLUMES:
+            raise ConfigError(f"data.volumes must be one of {VOLUMES}, got {volumes!r}")
+        whole = volumes == "whole"
+        if image_size is not None:
+            image_size = [image_size] * 3 if whole and isinstance(image_size, int) else image_size
+            image_size = list(spatial_size(image_size))
+            if len(image_size) != (3 if whole else 2):
+                raise ConfigError(
+                    f"data.image_size {image_size} needs {'[D,H,W]' if whole else '[H,W]'} with "
+                    f"data.volumes={volumes} (whole volumes take [D,H,W], images and slices [H,W])"
+                )
+        if whole and slice_range is not None:
+            raise ConfigError("data.slice_range cuts slices; leave it null for data.volumes=whole")
         percentiles = [float(p) for p in percentiles]
         if slice_range is not None:
             slice_range = [int(i) for i in slice_range]
@@ -162,6 +179,11 @@ class FolderDataModule(PairDataModule):
         prep = self.preprocessing
         for f in image_files:
             array, seg = prep.read(f), None
+            if hp.volumes == "whole" and array.ndim != 3:
+                raise ImageError(
+                    f"{f} is a 2-D image {array.shape} but data.volumes=whole reads 3-D volumes; "
+                    f"keep only volumes in {self.root}, or read slices (data.volumes=slices)"
+                )
             lab = label_files[f]
             if lab is not None:
                 seg = read_array(lab)
@@ -178,10 +200,10 @@ class FolderDataModule(PairDataModule):
             group = str(rel.parent) if rel.parent != Path(".") else ""
             cut = (
                 (lambda a: [(None, a)])
-                if array.ndim == 2
+                if array.ndim == 2 or hp.volumes == "whole"
                 else (lambda a: slices(a, hp.slice_axis, first, last))
             )
-            parts = cut(array)  # [(slice index or None, (H, W) image)]
+            parts = cut(array)  # [(slice index or None, (H, W) image or (D, H, W) volume)]
             seg_parts = cut(seg) if seg is not None else [(None, None)] * len(parts)
             for (i, image), (_, s) in zip(parts, seg_parts, strict=True):
                 names.append(str(rel) if i is None else f"{rel}#{i}")
@@ -192,18 +214,19 @@ class FolderDataModule(PairDataModule):
         return {"names": names, "images": images, "segs": segs, "groups": groups, "files": files}
 
     def _common_size(self, names, images, segs):
-        """(N, 1, H, W) tensors at one size: resized, padded, or refused (module docstring)."""
+        """(N, 1, *size) tensors at one size: resized, padded, or refused (module docstring)."""
         prep, shapes = self.preprocessing, [a.shape for a in images]
         sizes = Counter(shapes)
         size = prep.common_size(sizes)
         if size is None and len(sizes) > 1:
             listing = ", ".join(
-                f"{h}x{w} ({n} image(s), e.g. {names[shapes.index((h, w))]})"
-                for (h, w), n in sizes.most_common(4)
+                f"{'x'.join(map(str, shape))} ({n} image(s), e.g. {names[shapes.index(shape)]})"
+                for shape, n in sizes.most_common(4)
             )
+            sides = "[D,H,W]" if self.hparams.volumes == "whole" else "[H,W]"
             raise ImageError(
                 f"images of different sizes in {self.root}: {listing}; set data.image_size="
-                f"[H,W] to resize them all, or data.pad_to=N to pad them to a common size"
+                f"{sides} to resize them all, or data.pad_to=N to pad them to a common size"
             )
         for name, shape in zip(names, shapes, strict=True) if size is not None else ():
             prep.check_fits(shape, size, self.root / name)
@@ -216,8 +239,8 @@ class FolderDataModule(PairDataModule):
         return torch.cat(out), torch.cat(seg_out) if seg_out is not None else None
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        return tuple(self._data["images"].shape[-2:])
+    def image_size(self) -> tuple[int, ...]:
+        return tuple(self._data["images"].shape[2:])  # (H, W), or (D, H, W) for whole volumes
 
     def file_checksums(self) -> dict[str, str]:
         return {

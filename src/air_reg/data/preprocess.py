@@ -9,9 +9,10 @@ with the settings the checkpoint records in its data config (``build_config["dat
   datasets (MNIST, Fashion-MNIST) are 8-bit files, so / 255;
 - normalising, per image and before any sizing: ``minmax``, ``percentile`` (clip to
   ``percentiles``, then min-max) or ``none`` (the values must already lie in [0, 1]);
-- sizing to the network's (H, W): ``resize`` (bilinear, antialiased when shrinking; a flow
-  comes back resized, its displacements scaled per axis), ``pad`` (zeros, centred, the odd
-  pixel bottom/right; a flow comes back cropped to the image) or ``none`` (own size).
+- sizing to the network's (H, W) (or (D, H, W) for volumes, ``data.volumes=whole``):
+  ``resize`` (bilinear, trilinear for volumes, antialiased when shrinking; a flow comes back
+  resized, its displacements scaled per axis), ``pad`` (zeros, centred, the odd pixel
+  bottom/right; a flow comes back cropped to the image) or ``none`` (own size).
 
 Records written before this module existed hold the same keys (``normalize``, ``percentiles``,
 ``image_size``, ``pad_to``; none of them for the idx and synthetic data) and read the same way:
@@ -33,7 +34,7 @@ from air_reg.data.readers import NIFTI_SUFFIXES, NORMALISATIONS, normalise, read
 from air_reg.errors import ConfigError
 from air_reg.images import ImageError, resize
 from air_reg.models.components.spatial_transformer import resize_flow
-from air_reg.models.contract import as_size
+from air_reg.models.contract import as_size, spatial_size
 
 SIZINGS = ("resize", "pad", "none")
 
@@ -42,15 +43,15 @@ SIZINGS = ("resize", "pad", "none")
 class Preprocessing:
     """Normalisation and sizing of one image, as a model was trained with (module docstring).
 
-    ``size``: the network's (H, W) for ``resize`` and ``pad`` (for ``pad`` without it: the
-    largest image rounded up to a multiple of ``pad_to``). The default, ``Preprocessing()``,
-    takes [0, 1] images as they are: model-free registration.
+    ``size``: the network's (H, W) or (D, H, W) for ``resize`` and ``pad`` (for ``pad``
+    without it: the largest image rounded up to a multiple of ``pad_to``). The default,
+    ``Preprocessing()``, takes [0, 1] images as they are: model-free registration.
     """
 
     normalize: str = "none"
     percentiles: tuple[float, float] = (1.0, 99.0)
     sizing: str = "none"
-    size: tuple[int, int] | None = None
+    size: tuple[int, ...] | None = None
     pad_to: int | None = None
 
     def __post_init__(self) -> None:
@@ -82,7 +83,7 @@ class Preprocessing:
     ) -> Preprocessing:
         """``data=folder``'s settings: ``pad_to`` pads (to ``image_size`` when set, which
         ``train`` records), else ``image_size`` resizes, else each image keeps its size."""
-        size = as_size(image_size) if image_size is not None else None
+        size = spatial_size(image_size) if image_size is not None else None
         sizing = "pad" if pad_to else "resize" if size is not None else "none"
         lo, hi = (float(p) for p in percentiles)
         return cls(normalize, (lo, hi), sizing, size, int(pad_to) if pad_to else None)
@@ -142,54 +143,56 @@ class Preprocessing:
             )
 
     # -- sizes ----------------------------------------------------------------------------
-    def common_size(self, sizes: Iterable[tuple[int, int]]) -> tuple[int, int] | None:
-        """The one (H, W) images of ``sizes`` are brought to; None keeps their own size."""
+    def common_size(self, sizes: Iterable[tuple[int, ...]]) -> tuple[int, ...] | None:
+        """The one (H, W) or (D, H, W) images of ``sizes`` are brought to; None keeps their
+        own size."""
         if self.sizing == "none":
             return None
         if self.size is not None:
             return self.size
         sizes, n = list(sizes), self.pad_to
-        return tuple(-(-max(s[i] for s in sizes) // n) * n for i in (0, 1))
+        return tuple(-(-max(s[i] for s in sizes) // n) * n for i in range(len(sizes[0])))
 
-    def check_fits(self, shape, size: tuple[int, int], where: str | Path) -> None:
+    def check_fits(self, shape, size: tuple[int, ...], where: str | Path) -> None:
         """Padding never shrinks: refuse an image larger than ``size`` (one line, the fix)."""
-        h, w = shape[-2:]
-        if self.sizing == "pad" and (h > size[0] or w > size[1]):
+        sides, size = tuple(shape[-len(size) :]), tuple(size)
+        if self.sizing == "pad" and any(s > n for s, n in zip(sides, size, strict=True)):
+            have, most = "x".join(map(str, sides)), "x".join(map(str, size))
             raise ImageError(
-                f"{where} is {h}x{w}, larger than the {size[0]}x{size[1]} the network takes "
+                f"{where} is {have}, larger than the {most} the network takes "
                 f"(it was trained on images padded to that size with data.pad_to, never "
-                f"shrunk); crop or downsample the image to at most {size[0]}x{size[1]}"
+                f"shrunk); crop or downsample the image to at most {most}"
             )
 
     def to_model(
-        self, images: torch.Tensor, size: tuple[int, int], labels: bool = False
+        self, images: torch.Tensor, size: tuple[int, ...], labels: bool = False
     ) -> torch.Tensor:
-        """(N, C, h, w) images at the network's ``size`` (N, C, H, W): padded for ``pad``,
-        else resized (a no-op at that size); ``labels`` resize nearest-neighbour."""
-        size = tuple(size)
-        if tuple(images.shape[-2:]) == size:
+        """(N, C, *s) images at the network's ``size`` (N, C, *size): padded for ``pad``, else
+        resized (a no-op at that size); ``labels`` resize nearest-neighbour."""
+        size, own = tuple(size), tuple(images.shape[2:])
+        if own == size:
             return images
         if self.sizing == "pad":
-            self.check_fits(images.shape, size, f"an image of {images.shape[-2:]}")
-            top, left = pad_offsets(tuple(images.shape[-2:]), size)
-            dh, dw = size[0] - images.shape[-2], size[1] - images.shape[-1]
-            return F.pad(images, (left, dw - left, top, dh - top))
+            self.check_fits(images.shape, size, f"an image of {images.shape[2:]}")
+            starts = pad_offsets(own, size)
+            pads = [(a, n - s - a) for a, n, s in zip(starts, size, own, strict=True)]
+            return F.pad(images, [p for pair in reversed(pads) for p in pair])  # last axis first
         if labels:
             return F.interpolate(images, size=size, mode="nearest")
         return resize(images, size)
 
-    def from_model(self, flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """A flow (N, 2, H, W) on the network's grid back on the image's (N, 2, h, w): cropped
+    def from_model(self, flow: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        """A flow (N, D, *S) on the network's grid back on the image's (N, D, *size): cropped
         for ``pad`` (displacements in pixels are the same), resized and scaled otherwise."""
         size = tuple(size)
-        if tuple(flow.shape[-2:]) == size:
+        if tuple(flow.shape[2:]) == size:
             return flow
         if self.sizing == "pad":
-            top, left = pad_offsets(size, tuple(flow.shape[-2:]))
-            return flow[..., top : top + size[0], left : left + size[1]]
+            starts = pad_offsets(size, tuple(flow.shape[2:]))
+            return flow[(..., *(slice(a, a + n) for a, n in zip(starts, size, strict=True)))]
         return resize_flow(flow, size)
 
 
-def pad_offsets(image: tuple[int, int], padded: tuple[int, int]) -> tuple[int, int]:
-    """(top, left) of an ``image`` (h, w) padded, centred, to ``padded`` (H, W)."""
-    return (padded[0] - image[0]) // 2, (padded[1] - image[1]) // 2
+def pad_offsets(image: tuple[int, ...], padded: tuple[int, ...]) -> tuple[int, ...]:
+    """(top, left) (or (front, top, left)) of an ``image`` padded, centred, to ``padded``."""
+    return tuple((p - i) // 2 for i, p in zip(image, padded, strict=True))

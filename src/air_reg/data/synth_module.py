@@ -15,7 +15,7 @@ from air_reg.data.pairs import _rank_and_world
 from air_reg.data.preprocess import Preprocessing
 from air_reg.data.synth import SynthSettings, make_synth_pairs
 from air_reg.errors import ConfigError
-from air_reg.models.contract import as_size
+from air_reg.models.contract import spatial_size
 
 log = logging.getLogger(__name__)
 TRAIN, VAL, TEST = 0, 1, 2  # seed streams: training never draws a validation or test pair
@@ -33,7 +33,7 @@ def pair_generator(seed: int, stream: int, epoch: int, index: int) -> torch.Gene
 class SynthBatches(Dataset):
     """Training batch ``(epoch, i)``: ``batch_size`` pairs drawn from (seed, TRAIN, epoch, i)."""
 
-    def __init__(self, *, batch_size: int, size: tuple[int, int], seed: int, settings: dict):
+    def __init__(self, *, batch_size: int, size: tuple[int, ...], seed: int, settings: dict):
         self.batch_size, self.size, self.seed, self.settings = batch_size, size, seed, settings
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -75,7 +75,8 @@ class RankBatches(Sampler):
 
 
 class SynthDataModule(L.LightningDataModule):
-    """Synthetic pairs (module docstring), generated on the fly at ``image_size``.
+    """Synthetic pairs (module docstring), generated on the fly at ``image_size`` (H, W), or
+    (D, H, W) for volumes (``data=synth3d``): batches (B, 1, *image_size), flows (B, D, ...).
 
     Training batch ``i`` of epoch ``e`` is drawn from (seed, e, i): any batch can be
     regenerated, a resumed run sees the same stream, and ranks draw different batches.
@@ -100,9 +101,9 @@ class SynthDataModule(L.LightningDataModule):
         **settings,
     ) -> None:
         super().__init__()
-        size = as_size(image_size)
+        size = spatial_size(image_size)
         if min(size) < 8:
-            raise ConfigError(f"data.image_size must be at least 8 x 8, got {list(size)}")
+            raise ConfigError(f"data.image_size must be at least 8 per side, got {list(size)}")
         if seed < 0 or batch_size < 1 or eval_batch_size < 1:
             raise ConfigError("data.seed must be >= 0, data.batch_size and eval_batch_size >= 1")
         self.settings = SynthSettings.of(**settings)
@@ -127,7 +128,7 @@ class SynthDataModule(L.LightningDataModule):
         self.test_set: dict[str, torch.Tensor] | None = None
 
     @property
-    def image_size(self) -> tuple[int, int]:
+    def image_size(self) -> tuple[int, ...]:
         return tuple(self.hparams.image_size)
 
     def file_checksums(self) -> dict[str, str]:

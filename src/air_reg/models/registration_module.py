@@ -91,7 +91,7 @@ class RegistrationModule(L.LightningModule):
             self.net.forward = torch.compile(self.net.forward)
 
     @property
-    def image_size(self) -> tuple[int, int]:
+    def image_size(self) -> tuple[int, ...]:
         return contract.image_size(self.net)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ class RegistrationModule(L.LightningModule):
             if self.supervision == "labels":
                 f_lab, m_lab = batch["fixed_labels"].long(), batch["moving_labels"].long()
                 k = int(max(f_lab.max(), m_lab.max())) + 1
-                one_hot = lambda x: F.one_hot(x[:, 0], k).permute(0, 3, 1, 2).to(flow.dtype)  # noqa: E731
+                one_hot = lambda x: F.one_hot(x[:, 0], k).movedim(-1, 1).to(flow.dtype)  # noqa: E731
                 sim = self.loss(warp(one_hot(m_lab), flow), one_hot(f_lab))
             else:
                 sim = self.loss(flow, batch["flow"].to(flow.dtype))

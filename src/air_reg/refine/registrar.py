@@ -84,7 +84,7 @@ class Registrar(nn.Module):
         return "mi" if float(data.get("same_contrast_p", 1.0)) < 1.0 else "mse"
 
     @property
-    def image_size(self) -> tuple[int, int] | None:
+    def image_size(self) -> tuple[int, ...] | None:
         """The network's trained size; None without a network (any size)."""
         return None if self.net is None else contract.image_size(_inner(self.net))
 
