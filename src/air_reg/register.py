@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def register_batch(
     (``preprocessing_of``), its flows brought back (cropped or resized), and ``guard`` gives
     the identity to a pair it leaves no more similar.
     """
+    _check_dimensions(model, fixed[0].ndim - 2)
     params = next(model.parameters(), None)
     device = params.device if params is not None else torch.device("cpu")
     flows: list[torch.Tensor | None] = [None] * len(fixed)
@@ -135,8 +137,8 @@ def register_batch(
         prep, size = preprocessing_of(model)
         f = torch.cat([prep.to_model(x, size) for x in fixed]).to(device)  # (B, 1, h, w)
         m = torch.cat([prep.to_model(x, size) for x in moving]).to(device)
-        for i, flow in enumerate(model(f, m).cpu()):  # (2, h, w) on the model's grid
-            flows[i] = prep.from_model(flow[None], tuple(moving[i].shape[-2:]))  # (1, 2, H, W)
+        for i, flow in enumerate(model(f, m).cpu()):  # (D, *size) on the model's grid
+            flows[i] = prep.from_model(flow[None], tuple(moving[i].shape[2:]))  # (1, D, *size)
             if guard:  # not more similar than doing nothing: the identity
                 flows[i] = keep_if_better(flows[i], fixed[i], moving[i], judge)[0]
     return [(warp(mov, flow), flow) for flow, mov in zip(flows, moving, strict=True)]
@@ -148,12 +150,24 @@ def _same_size_groups(images: list[torch.Tensor], spacings=None) -> list[list[in
     spacings = spacings or [None] * len(images)
     by_size: dict[tuple, list[int]] = {}
     for i, x in enumerate(images):
-        by_size.setdefault((*x.shape[-2:], spacings[i]), []).append(i)
+        by_size.setdefault((tuple(x.shape[2:]), spacings[i]), []).append(i)
     groups = []
-    for (h, w, _), idx in by_size.items():
-        per_call = max(1, MAX_BATCH_PIXELS // (h * w))
+    for (size, _), idx in by_size.items():
+        per_call = max(1, MAX_BATCH_PIXELS // math.prod(size))
         groups += [idx[j : j + per_call] for j in range(0, len(idx), per_call)]
     return groups
+
+
+def _check_dimensions(model, ndim: int) -> None:
+    """A network built for images given volumes (or the reverse): one line naming the fix."""
+    size = getattr(model, "image_size", None)  # None: model-free, any dimension
+    if size is not None and len(size) != ndim:
+        kind = {2: "images", 3: "volumes"}
+        raise ConfigError(
+            f"the model registers {len(size)}-D {kind.get(len(size), 'arrays')} and these are "
+            f"{ndim}-D {kind.get(ndim, 'arrays')}: use a model trained on {kind.get(ndim)} "
+            f"(ckpt_path=...), or register model-free: weights=none refine_steps=50"
+        )
 
 
 ON_ERROR = ("skip", "stop")

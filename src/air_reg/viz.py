@@ -42,8 +42,11 @@ def pair_figure(
     """Save one row per pair (at most ``max_rows``); ``titles`` label the rows (e.g. names).
 
     Images are (B, 1, H, W) in [0, 1], ``flow`` (B, 2, H, W) in pixels; ``step`` is the grid
-    spacing in pixels (default: about 14 lines across).
+    spacing in pixels (default: about 14 lines across). Volumes (B, 1, D, H, W) with flows
+    (B, 3, D, H, W) show their middle slice along the first axis and the in-plane motion.
     """
+    if fixed.ndim == 5:
+        fixed, moving, warped, flow = middle_slice(fixed, moving, warped, flow)
     n = min(len(fixed), max_rows)
     h, w = fixed.shape[-2:]
     step = step or max(1, round(max(h, w) / 14))
@@ -68,6 +71,13 @@ def pair_figure(
     suffix = Path(path).suffix.lstrip(".") or "png"
     write_with(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=100))
     return Path(path)
+
+
+def middle_slice(fixed, moving, warped, flow) -> tuple[torch.Tensor, ...]:
+    """The images' middle slice along the first spatial axis and the flow's in-plane part
+    there (its components along the last two axes)."""
+    k = fixed.shape[2] // 2
+    return fixed[:, :, k], moving[:, :, k], warped[:, :, k], flow[:, 1:, k]
 
 
 @torch.no_grad()

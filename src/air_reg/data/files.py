@@ -114,8 +114,7 @@ def read_pair(
     if prep is None:
         prep = Preprocessing()
     files = [read_image_file(p, channel) for p in (fixed_path, moving_path)]
-    for f in files:
-        prep.check_2d(f.values, f.path)
+    _check_ranks(*files)
     fixed, moving = (torch.from_numpy(prep.normalise(f.values, f.path))[None, None]
                      for f in files)  # fmt: skip
     if size is not None:
@@ -131,6 +130,26 @@ def read_pair(
                 f"space (origin, spacing, direction); check their headers"
             )
     return Pair(fixed, on_fixed, files[0], files[1], moving)
+
+
+def _check_ranks(fixed: ImageFile, moving: ImageFile) -> None:
+    """Two 2-D images or two 3-D volumes (one message naming the fix otherwise)."""
+    for f in (fixed, moving):
+        if f.values.ndim not in (2, 3):
+            raise ImageError(f"{f.path} has shape {f.values.shape}: register takes 2-D images "
+                             f"or 3-D volumes")  # fmt: skip
+    if fixed.values.ndim != moving.values.ndim:
+        volume, image = (fixed, moving) if fixed.values.ndim == 3 else (moving, fixed)
+        how = (
+            "nibabel.save(nibabel.Nifti1Image(volume[:, :, k], affine), 'slice.nii.gz')"
+            if volume.is_nifti
+            else "np.save('slice.npy', volume[k])"
+        )
+        raise ImageError(
+            f"{volume.path} is a 3-D volume of shape {volume.values.shape} and {image.path} a "
+            f"2-D image: register two 2-D images or two volumes; to register a slice, save "
+            f"the slice to register as its own file, e.g. {how}"
+        )
 
 
 def _overlap(fixed_size, moving_size, fixed_g: Geometry, moving_g: Geometry) -> bool:

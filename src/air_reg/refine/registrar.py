@@ -135,11 +135,11 @@ class Registrar(nn.Module):
         images' (H, W)."""
         size, prep = self.image_size, Preprocessing.of_model(self)
         if self.net_takes_any_size:
-            size = tuple(fixed.shape[-2:])  # no resizing: the pair as it is
+            size = tuple(fixed.shape[2:])  # no resizing: the pair as it is
         with torch.no_grad():
             flow = apply_repeatedly(self.net, prep.to_model(fixed, size),
                                     prep.to_model(moving, size), self.cascade)  # fmt: skip
-        return prep.from_model(flow, tuple(fixed.shape[-2:]))
+        return prep.from_model(flow, tuple(fixed.shape[2:]))
 
     def extra_repr(self) -> str:
         return f"cascade={self.cascade}, settings={self.settings}"
