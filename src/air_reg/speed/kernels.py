@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "small_head_attention.cpp", CSRC / "dropout.cpp", CSRC / "warp.cpp",
            CSRC / "refine_loop.cpp")  # fmt: skip
+HEADERS = (CSRC / "interp.h",)  # included by the sources: part of the cache key
 FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared"]
 # Tried in this order until one builds: without -march=native the build is portable (slower);
 # without -fopenmp (Apple clang) the kernels' threads are Python threads instead.
@@ -133,12 +134,12 @@ def library() -> ctypes.CDLL:
             f"air-reg's CPU kernels are built on Linux only (this is {sys.platform}); "
             "set AIR_REG_KERNELS_ANY_OS=1 to try anyway"
         )
-    missing = [s for s in SOURCES if not s.is_file()]
+    missing = [s for s in (*SOURCES, *HEADERS) if not s.is_file()]
     if missing:
         raise KernelUnavailable(f"kernel source missing: {missing[0]} (reinstall air-reg)")
     cxx = _compiler()
     version = _run_compiler([cxx, "--version"]).stdout
-    sources = [s.read_text() for s in SOURCES]
+    sources = [s.read_text() for s in (*SOURCES, *HEADERS)]
     key = "\n".join([*sources, cxx, version, " ".join(FLAGS), _cpu_signature()])
     path = cache_dir() / f"air_reg_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not path.is_file():

@@ -44,35 +44,13 @@ struct AirRefineLevel {  // mirrored by air_reg.speed.refine_loop._Level
     long bins, normalised;     // MutualInformation's bins and normalised
 };
 
+#include "interp.h"
+
 namespace {
 
-// ---- warp.cpp's upsampling tap and torch.gradient's differences (same formulas) ----
-
-struct Tap {
-    long i0, i1;
-    float l0, l1;
-};
-
-inline Tap upsample_tap(long dst, long n_in, long n_out) {
-    const float scale = float(n_in) / float(n_out);
-    float src = scale * (float(dst) + 0.5f) - 0.5f;
-    if (src < 0.f) src = 0.f;
-    long i0 = long(std::floor(src));
-    if (i0 > n_in - 1) i0 = n_in - 1;
-    float l1 = src - float(i0);
-    l1 = l1 < 0.f ? 0.f : (l1 > 1.f ? 1.f : l1);
-    return {i0, i0 + (i0 < n_in - 1 ? 1 : 0), 1.f - l1, l1};
-}
-
-inline void difference(long i, long n, long* plus, long* minus, float* factor) {
-    if (i == 0) {
-        *plus = 1, *minus = 0, *factor = 1.f;
-    } else if (i == n - 1) {
-        *plus = n - 1, *minus = n - 2, *factor = 1.f;
-    } else {
-        *plus = i + 1, *minus = i - 1, *factor = 0.5f;
-    }
-}
+using air::Tap;
+using air::difference;
+using air::upsample_tap;  // interp.h: shared with warp.cpp
 
 inline long share(long n, int t, int threads) { return n * t / threads; }
 
