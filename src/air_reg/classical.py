@@ -1,5 +1,8 @@
 """Classical baselines, returning flows in our convention: SimpleITK diffeomorphic Demons and
-ANTs SyN (antspyx).
+ANTs SyN (antspyx), on 2-D or 3-D pairs in one code path.
+
+Our arrays are (H, W) or (D, H, W) and a flow's channel i runs along array axis i, in voxels.
+SimpleITK reads numpy axes in reverse (ITK's x is our last axis); antspyx keeps numpy's order.
 
 SimpleITK (``pip install air-reg[classical]``) and antspyx (``pip install air-reg[peers]``)
 are optional and imported only when used.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -41,30 +45,59 @@ def _sitk():
     return sitk
 
 
-def to_sitk_image(image: torch.Tensor):
-    """(H, W) tensor -> float32 SimpleITK image with unit spacing and origin 0 (index = mm)."""
+def _spacing(spacing, ndim: int) -> tuple[float, ...]:
+    """``spacing`` (mm per voxel, one per spatial axis in our axis order) as floats; 1s if None."""
+    if spacing is None:
+        return (1.0,) * ndim
+    out = tuple(float(s) for s in spacing)
+    if len(out) != ndim or not all(s > 0 for s in out):
+        raise ConfigError(
+            f"spacing needs {ndim} positive values (mm per voxel, one per axis), got {spacing!r}"
+        )
+    return out
+
+
+def to_sitk_image(image: torch.Tensor, spacing: tuple[float, ...] | None = None):
+    """(H, W) or (D, H, W) tensor -> float32 SimpleITK image, origin 0, identity direction,
+    ``spacing`` (our axis order; default 1: index = mm)."""
     sitk = _sitk()
-    # GetImageFromArray reads numpy (rows, cols) as ITK (y, x): index (i, j) = (col, row).
-    return sitk.GetImageFromArray(image.detach().cpu().numpy().astype(np.float32))
+    # GetImageFromArray reads numpy axes in reverse: our (D, H, W) is ITK's (z, y, x)
+    img = sitk.GetImageFromArray(image.detach().cpu().numpy().astype(np.float32))
+    if spacing is not None:
+        img.SetSpacing(_spacing(spacing, image.ndim)[::-1])
+    return img
 
 
 def field_to_flow(field) -> torch.Tensor:
-    """SimpleITK displacement field on the fixed grid -> our flow (2, H, W), ch0 = rows."""
+    """SimpleITK displacement field on the fixed grid -> our flow (N, *spatial) in voxels,
+    channel i along our axis i (rows before columns)."""
     sitk = _sitk()
-    arr = sitk.GetArrayFromImage(field)  # (H, W, 2), components in physical (x, y) order
-    # Unit spacing, identity direction, origin 0: physical mm == pixels. (x, y) -> (y, x).
-    return torch.from_numpy(np.ascontiguousarray(arr[..., ::-1].transpose(2, 0, 1))).float()
+    arr = sitk.GetArrayFromImage(field)  # (*spatial, N), components in physical (x, y[, z])
+    spacing = np.asarray(field.GetSpacing())  # (x, y[, z]) mm per voxel
+    if (spacing != 1).any():  # identity direction, origin 0: voxels = mm / spacing
+        arr = arr / spacing
+    # (x, y[, z]) -> our (... rows, cols) order, channels first
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr[..., ::-1], -1, 0))).float()
 
 
-def flow_to_field(flow: torch.Tensor):
-    """Our flow (2, H, W) -> SimpleITK displacement field image (float64 vectors, (x, y))."""
+def flow_to_field(flow: torch.Tensor, spacing: tuple[float, ...] | None = None):
+    """Our flow (N, *spatial) in voxels -> SimpleITK displacement field image (float64 vectors
+    in mm, (x, y[, z])), with ``spacing`` (our axis order; default 1)."""
     sitk = _sitk()
-    arr = flow.detach().cpu().double().numpy()[::-1].transpose(1, 2, 0)  # (H, W, 2) as (x, y)
-    return sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=True)
+    n = flow.shape[0]
+    arr = flow.detach().cpu().double().numpy()
+    if spacing is not None:
+        arr = arr * np.asarray(_spacing(spacing, n)).reshape(n, *(1,) * n)
+    arr = np.moveaxis(arr[::-1], 0, -1)  # (*spatial, N) as (x, y[, z])
+    field = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=True)
+    if spacing is not None:
+        field.SetSpacing(_spacing(spacing, n)[::-1])
+    return field
 
 
 def check_pairs(fixed: torch.Tensor, moving: torch.Tensor) -> None:
-    """Raise ``ConfigError`` unless ``fixed`` and ``moving`` are (B, 1, H, W) of one shape."""
+    """Raise ``ConfigError`` unless ``fixed`` and ``moving`` are (B, 1, H, W) or
+    (B, 1, D, H, W) of one shape."""
     shapes = [
         tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         for x in (fixed, moving)
@@ -72,16 +105,17 @@ def check_pairs(fixed: torch.Tensor, moving: torch.Tensor) -> None:
     if not (
         isinstance(fixed, torch.Tensor)
         and isinstance(moving, torch.Tensor)
-        and fixed.ndim == 4
+        and fixed.ndim in (4, 5)
         and fixed.shape[1] == 1
         and fixed.shape == moving.shape
         and fixed.shape[0] > 0
-        and min(fixed.shape[-2:]) > 1
+        and min(fixed.shape[2:]) > 1
     ):
         raise ConfigError(
             f"the classical baselines take fixed and moving tensors of one shape (B, 1, H, W) "
-            f"(B >= 1 pairs, one channel, H, W >= 2), got {shapes[0]} and {shapes[1]}; add the "
-            f"batch and channel axes with image[None, None] or pick one channel"
+            f"or (B, 1, D, H, W) (B >= 1 pairs, one channel, sides >= 2), got {shapes[0]} and "
+            f"{shapes[1]}; add the batch and channel axes with image[None, None] or pick one "
+            f"channel"
         )
 
 
@@ -118,14 +152,22 @@ def demons(
     update_sigma: float | None = None,
     max_step: float = 2.0,
     histogram_matching: bool = False,
+    levels: int = 1,
+    spacing: tuple[float, ...] | None = None,
     num_threads: int | None = None,
 ) -> torch.Tensor:
-    """Diffeomorphic Demons pair by pair; (B, 1, H, W) images -> flow (B, 2, H, W) in pixels.
+    """Diffeomorphic Demons pair by pair; (B, 1, H, W) or (B, 1, D, H, W) images -> flow
+    (B, 2, H, W) or (B, 3, D, H, W) in voxels.
 
     ``histogram_matching`` maps the moving intensities onto the fixed ones first (for
     different scanners; off by default because our pairs share intensities in [0, 1]).
+    ``levels > 1``: a pyramid, each level binned by 2 (``sitk.BinShrink``) and started from
+    the coarser level's field, ``iterations`` at each (sigmas in voxels of the level).
+    ``spacing`` (mm per voxel, our axis order) is the images' geometry; the flow stays in voxels.
     """
     check_pairs(fixed, moving)
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ConfigError(f"demons: levels must be an int >= 1, got {levels!r}")
     sitk = _sitk()
     f = demons_filter(
         iterations=iterations,
@@ -135,17 +177,37 @@ def demons(
         num_threads=num_threads,
     )
     flows = []
-    for fix, mov in zip(fixed[:, 0], moving[:, 0], strict=True):  # (H, W) each
-        fix_img, mov_img = to_sitk_image(fix), to_sitk_image(mov)
+    for fix, mov in zip(fixed[:, 0], moving[:, 0], strict=True):  # (*spatial) each
+        fix_img, mov_img = to_sitk_image(fix, spacing), to_sitk_image(mov, spacing)
         if histogram_matching:
             mov_img = sitk.HistogramMatching(mov_img, fix_img, 256, 7, True)
         # The output field d lives on the fixed grid and maps fixed points p to moving
         # points p + d(p): Resample(moving, DisplacementFieldTransform(d)) = moving(p + d(p)),
-        # which is exactly our backward-warp convention once (x, y) becomes (rows, cols).
-        field = f.Execute(fix_img, mov_img)
+        # which is exactly our backward-warp convention once (x, y[, z]) becomes our axes.
+        if levels == 1:
+            field = f.Execute(fix_img, mov_img)
+        else:
+            field = _demons_pyramid(sitk, f, fix_img, mov_img, levels)
         flows.append(field_to_flow(field))
-    log.debug("demons: %d pairs, %d iterations each", len(flows), iterations)
+    log.debug("demons: %d pairs, %d iterations, %d levels", len(flows), iterations, levels)
     return torch.stack(flows).to(device=fixed.device, dtype=fixed.dtype)
+
+
+def _demons_pyramid(sitk, f, fix_img, mov_img, levels: int):
+    """Coarse to fine: each level's field (physical mm) resampled onto the next level's grid."""
+    field = None
+    for k in reversed(range(levels)):
+        shrink = [min(2**k, max(1, n // 4)) for n in fix_img.GetSize()]  # >= 4 voxels a side
+        f_k, m_k = (sitk.BinShrink(x, shrink) if k else x for x in (fix_img, mov_img))
+        if field is None:
+            field = f.Execute(f_k, m_k)
+            continue
+        up = sitk.ResampleImageFilter()
+        up.SetReferenceImage(f_k)
+        up.SetInterpolator(sitk.sitkLinear)
+        up.SetUseNearestNeighborExtrapolator(True)  # binning drops an odd last voxel
+        field = f.Execute(f_k, m_k, up.Execute(field))
+    return field
 
 
 # ANTs SyN ------------------------------------------------------------------------------------
@@ -230,27 +292,39 @@ def _syn_settings(ants, settings: dict) -> dict:
     }
 
 
+RAMP_VOXELS = 2**22  # the most voxels a coordinate ramp of transforms_to_flow may hold
+
+
 def transforms_to_flow(ants, fixed_img, transforms: list[str]) -> torch.Tensor:
     """ANTs forward transforms (moving -> fixed, as ``registration`` returns them) -> our flow
-    (2, H, W) on the fixed grid, in pixels, channel 0 = rows.
+    (N, *spatial) on the fixed grid, in voxels, channel i along axis i (rows before columns).
 
-    Warping the row- and column-index images gives ``p + flow(p)`` whatever ANTs' axis order;
-    linear interpolation of a linear ramp is exact, and the ramps reach ``max(H, W)`` pixels
-    beyond the image so that points mapped outside it keep their coordinates.
+    Warping one index ramp per axis gives ``p + flow(p)`` whatever ANTs' axis order; linear
+    interpolation of a linear ramp is exact, so a ramp may be sampled every ``step`` voxels
+    (1 unless it would exceed ``RAMP_VOXELS``; volumes), and the ramps reach ``max(shape)``
+    voxels beyond the image so that points mapped outside it keep their coordinates. The
+    geometry (spacing, origin; identity direction) is ``fixed_img``'s, as the moving image's.
     """
-    h, w = fixed_img.shape
-    m = max(h, w)
-    rows, cols = np.meshgrid(
-        np.arange(-m, h + m, dtype=np.float64),
-        np.arange(-m, w + m, dtype=np.float64),
-        indexing="ij",
-    )
+    shape, n = tuple(fixed_img.shape), fixed_img.dimension
+    m = max(shape)
+    step = 1
+    while math.prod(-(-(s + 2 * m) // step) + 1 for s in shape) > RAMP_VOXELS:
+        step += 1
+    spacing, origin = tuple(fixed_img.spacing), tuple(fixed_img.origin)
+    axes = [np.arange(-m, s + m + step, step, dtype=np.float64) if step > 1 else
+            np.arange(-m, s + m, dtype=np.float64) for s in shape]  # fmt: skip
+    ramp_origin = tuple(o - m * sp for o, sp in zip(origin, spacing, strict=True))
+    ramp_spacing = tuple(step * sp for sp in spacing)
     target = []
-    for coord in (rows, cols):
-        ramp = ants.from_numpy(coord, origin=(-float(m), -float(m)), spacing=(1.0, 1.0))
+    for i in range(n):
+        view = [1] * n
+        view[i] = len(axes[i])
+        coord = np.broadcast_to(axes[i].reshape(view), [len(a) for a in axes])
+        ramp = ants.from_numpy(np.ascontiguousarray(coord), origin=ramp_origin,
+                               spacing=ramp_spacing)  # fmt: skip
         out = ants.apply_transforms(fixed_img, ramp, transforms, interpolator="linear")
-        target.append(out.numpy())  # (H, W): the row (column) each fixed pixel maps to
-    identity = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        target.append(out.numpy())  # (*spatial): the index along axis i each voxel maps to
+    identity = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
     return torch.from_numpy(np.stack(target) - np.stack(identity)).float()
 
 
@@ -259,27 +333,34 @@ def ants_syn(
     moving: torch.Tensor,
     *,
     transform: str = "SyNOnly",
+    spacing: tuple[float, ...] | None = None,
     num_threads: int | None = None,
     **settings,
 ) -> torch.Tensor:
-    """ANTs SyN pair by pair; (B, 1, H, W) images -> flow (B, 2, H, W) in pixels.
+    """ANTs SyN pair by pair; (B, 1, H, W) or (B, 1, D, H, W) images -> flow (B, 2, H, W) or
+    (B, 3, D, H, W) in voxels.
 
     ``transform``: antspyx's ``type_of_transform`` (``SyNOnly``: deformable only, our
     pairs need no affine stage; ``SyN`` adds one). ``settings``: keywords of
-    ``ants.registration`` over ``SYN_DEFAULTS``. ``num_threads`` (default: the cores this
-    process may use) can only be set before the first ANTs call of a process. ANTs' transform
-    files go to a temporary folder, removed afterwards.
+    ``ants.registration`` over ``SYN_DEFAULTS`` (radii and sigmas in voxels, as ANTs has
+    them). ``spacing`` (mm per voxel, our axis order; default 1) is the images' geometry; the
+    flow stays in voxels. ``num_threads`` (default: the cores this process may use) can only
+    be set before the first ANTs call of a process. ANTs' transform files go to a temporary
+    folder, removed afterwards.
     """
     check_pairs(fixed, moving)
     ants = _ants()
     settings = _syn_settings(ants, settings)
+    geometry = {} if spacing is None else {"spacing": _spacing(spacing, fixed.ndim - 2)}
     _set_threads(num_threads)
     flows = []
     with tempfile.TemporaryDirectory(prefix="air_reg_ants_") as tmp:
-        for i, (fix, mov) in enumerate(zip(fixed[:, 0], moving[:, 0], strict=True)):  # (H, W)
-            # unit spacing, origin 0: ANTs' physical mm are our pixels
+        for i, (fix, mov) in enumerate(zip(fixed[:, 0], moving[:, 0], strict=True)):
+            # (*spatial) each; antspyx keeps numpy's axis order (unlike SimpleITK): ANTs' axis
+            # i is ours, origin 0, so ANTs' physical mm are our voxels times the spacing
             fix_img, mov_img = (
-                ants.from_numpy(x.detach().cpu().numpy().astype(np.float32)) for x in (fix, mov)
+                ants.from_numpy(x.detach().cpu().numpy().astype(np.float32), **geometry)
+                for x in (fix, mov)
             )
             out = ants.registration(
                 fix_img,
