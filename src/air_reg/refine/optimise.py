@@ -314,7 +314,7 @@ def refine(
             grid = field_size(size, s.field_stride, s.min_size)
             up = _upsampler(shape, grid, s.grid_mode, param)
             steps = s.steps * (len(sizes) - i)
-            if fused and nd == 2 and steps and min(grid) >= 2:  # the loop is 2-D
+            if fused and refine_loop.supports(similarity, nd) and steps and min(grid) >= 2:
                 opt = _fused_level(param, opt, f, m, up, full, affine, squarings, s, steps,
                                    similarity)  # fmt: skip
                 continue
@@ -341,23 +341,25 @@ def refine(
 def _fused_level(param, adam, f, m, up, full, affine, squarings, s, steps, similarity) -> _Adam:
     """``_optimise(param, objective, steps, "adam", ...)`` for refine's similarity (MSE or MI,
     ``refine_loop.supports``) + pixel diffusion objective at one level, in one C++ call
-    (``speed.refine_loop``); same Adam state."""
+    (``speed.refine_loop``); same Adam state. 2-D or 3-D."""
     adam = adam or _Adam(param)
     grid = up.out_size
-    scale = torch.tensor([grid[0] / full[0], grid[1] / full[1]], dtype=param.dtype)
+    nd = len(grid)
+    scale = torch.tensor([g / n for g, n in zip(grid, full, strict=True)], dtype=param.dtype)
     field = matrix = None
     if affine is not None:  # dense_flow's level affine, in field-grid pixels
-        level = torch.cat([affine[:, :, :2], affine[:, :, 2:] * scale[:, None]], 2)
-        field, matrix = affine_flow(level, grid), level[:, :, :2] - torch.eye(2).to(level)
-    rows, cols = up.rows, up.cols
-    if tuple(param.shape[-2:]) == grid and up.mode != "bspline":  # up() is the identity
-        rows, cols = torch.eye(grid[0]).to(rows), torch.eye(grid[1]).to(cols)
+        level = torch.cat([affine[:, :, :nd], affine[:, :, nd:] * scale[:, None]], 2)
+        field, matrix = affine_flow(level, grid), level[:, :, :nd] - torch.eye(nd).to(level)
+    mats = up.matrices  # (field side, grid side) per axis
+    if tuple(param.shape[2:]) == grid and up.mode != "bspline":  # up() is the identity
+        mats = [torch.eye(n).to(x) for n, x in zip(grid, mats, strict=True)]
+    *slices, rows, cols = mats
     adam.t = refine_loop.adam_level(
         param, adam.m, adam.v, adam.t, f, m, rows=rows, cols=cols,
-        scale=(float(scale[0]), float(scale[1])), squarings=squarings, steps=steps,
-        lr=s.step_size, decay=s.lr_decay, reg_weight=s.regularisation_weight,
-        fold_weight=s.fold_weight, fold_margin=s.fold_margin, affine=field, matrix=matrix,
-        similarity=similarity,
+        slices=slices[0] if slices else None, scale=tuple(float(x) for x in scale),
+        squarings=squarings, steps=steps, lr=s.step_size, decay=s.lr_decay,
+        reg_weight=s.regularisation_weight, fold_weight=s.fold_weight,
+        fold_margin=s.fold_margin, affine=field, matrix=matrix, similarity=similarity,
     )  # fmt: skip
     return adam
 

@@ -2,8 +2,9 @@
 
 ``csrc/small_head_attention.cpp`` (attention for heads of size 1-16, ``speed.attention``),
 ``csrc/dropout.cpp`` (counter-based dropout, ``speed.dropout``), ``csrc/warp.cpp`` (the
-warps of instance optimisation, ``air_reg.speed.warp``) and ``csrc/refine_loop.cpp`` (a
-refinement level's whole Adam loop, ``speed.refine_loop``) are compiled together into one
+warps of instance optimisation, ``air_reg.speed.warp``), ``csrc/refine_loop.cpp`` and
+``csrc/refine_loop3d.cpp`` (a refinement level's whole Adam loop, 2-D and 3-D,
+``speed.refine_loop``) are compiled together into one
 library with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``;
 ``-O3 -march=native -fopenmp``, a few seconds) into ``$AIR_REG_CACHE`` (default
 ``~/.cache/air_reg``), keyed by sources, compiler and CPU. Their threads are the OpenMP threads
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "small_head_attention.cpp", CSRC / "dropout.cpp", CSRC / "warp.cpp",
-           CSRC / "refine_loop.cpp")  # fmt: skip
+           CSRC / "refine_loop.cpp", CSRC / "refine_loop3d.cpp")  # fmt: skip
 HEADERS = (CSRC / "interp.h",)  # included by the sources: part of the cache key
 FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared"]
 # Tried in this order until one builds: without -march=native the build is portable (slower);

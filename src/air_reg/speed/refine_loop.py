@@ -14,7 +14,9 @@ window on the fixed image (``supports``): then each step builds the joint histog
 entropies and ``_ParzenMI``'s analytic gradient (the min/max mapping's terms too). ``refine``
 takes it for float32 CPU, those similarities, the pixel ``Diffusion``, Adam and a control grid;
 ``per_op()`` turns it off (benchmarks, tests) and ``speed.warp.torch_ops()`` turns it off with
-the kernels.
+the kernels. Volumes (B, C, D, H, W) run ``csrc/refine_loop3d.cpp`` (issue #34): the same maths
+with trilinear sampling and the 3 x 3 Jacobian, MSE only, one volume's slices over the threads
+unless the machine is oversubscribed (``_oversubscribed``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 
 import torch
 from torch import nn
@@ -32,6 +35,7 @@ from air_reg.speed import kernels
 from air_reg.speed import warp as warp_ops
 
 _MIN_ROWS = 32  # field rows per thread below which one pair is not split (a barrier a pass)
+_MIN_SLICES = 8  # field slices per thread below which one volume is not split
 _state = {"fused": True}
 
 
@@ -59,10 +63,29 @@ class _Level(ctypes.Structure):
     ]
 
 
+class _Level3(ctypes.Structure):
+    """``AirRefineLevel3`` in ``csrc/refine_loop3d.cpp``."""
+
+    _fields_ = [
+        *[(n, ctypes.c_void_p) for n in ("param", "m", "v", "fixed", "moving")],
+        ("mats", ctypes.c_void_p * 3),
+        ("affine", ctypes.c_void_p),
+        ("matrix", ctypes.c_void_p),
+        ("B", ctypes.c_long),
+        ("C", ctypes.c_long),
+        *[(n, ctypes.c_long * 3) for n in ("size", "field", "grid")],
+        *[(n, ctypes.c_long) for n in ("squarings", "steps", "t")],
+        ("lr", ctypes.c_double),
+        ("decay", ctypes.c_double),
+        ("scale", ctypes.c_float * 3),
+        *[(n, ctypes.c_float) for n in ("reg_weight", "fold_weight", "fold_margin")],
+    ]
+
+
 @functools.cache
-def _function():
-    fn = kernels.library().air_refine_level
-    fn.argtypes = [ctypes.POINTER(_Level), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+def _function(name: str = "air_refine_level", level=_Level):
+    fn = getattr(kernels.library(), name)
+    fn.argtypes = [ctypes.POINTER(level), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     fn.restype = None
     return fn
 
@@ -78,13 +101,15 @@ def per_op():
         _state["fused"] = before
 
 
-def supports(similarity: nn.Module) -> bool:
-    """Whether the fused loop computes this similarity: ``MSE``, or ``MutualInformation`` over
-    all pixels (``sampling`` 1) with the box window on the fixed image (its defaults)."""
+def supports(similarity: nn.Module, nd: int = 2) -> bool:
+    """Whether the fused loop computes this similarity on ``nd``-D images: ``MSE``, or (2-D)
+    ``MutualInformation`` over all pixels (``sampling`` 1) with the box window on the fixed
+    image (its defaults)."""
     if type(similarity) is MSE:
-        return True
+        return nd in (2, 3)
     return (
-        type(similarity) is MutualInformation
+        nd == 2
+        and type(similarity) is MutualInformation
         and similarity.sampling == 1
         and similarity.fixed_window == "box"
     )
@@ -124,6 +149,7 @@ def adam_level(
     affine: torch.Tensor | None = None,
     matrix: torch.Tensor | None = None,
     similarity: nn.Module | None = None,
+    slices: torch.Tensor | None = None,
 ) -> int:
     """``steps`` Adam steps on each pair's ``similarity(warp_by_coarse_flow(moving, flow),
     fixed) + penalty(flow, reg_weight, fold_weight, fold_margin)`` (``similarity``: ``MSE()``
@@ -134,7 +160,14 @@ def adam_level(
     ``cols`` (fw, gw) make the grid dense on the (fh, fw) field grid (fh <= H, fw <= W,
     ``scale`` = field grid / full image size); ``affine`` (B, 2, fh, fw) and ``matrix`` (B, 2,
     2) = A - I the level's affine displacement and matrix, or None. The step is ``lr * (decay
-    + (1 - decay) * (1 + cos(pi i / (steps - 1))) / 2)`` at step i, as ``_optimise``'s."""
+    + (1 - decay) * (1 + cos(pi i / (steps - 1))) / 2)`` at step i, as ``_optimise``'s. Volumes
+    (B, C, D, H, W) take ``slices`` (fd, gd) too, a (B, 3, gd, gh, gw) ``param``, three
+    ``scale``s, ``affine`` (B, 3, fd, fh, fw), ``matrix`` (B, 3, 3) and MSE only."""
+    if fixed.ndim == 5:
+        return _adam_level_3d(param, m, v, t, fixed, moving, (slices, rows, cols), scale, affine,
+                              matrix, similarity, squarings=squarings, steps=steps, lr=lr,
+                              decay=decay, reg_weight=reg_weight, fold_weight=fold_weight,
+                              fold_margin=fold_margin)  # fmt: skip
     (b, c, h, w), (fh, gh), (fw, gw) = fixed.shape, rows.shape, cols.shape
     if (
         moving.shape != fixed.shape
@@ -185,3 +218,74 @@ def adam_level(
         if x.data_ptr() != y.data_ptr():
             x.copy_(y)
     return t + steps
+
+
+def _adam_level_3d(param, m, v, t, fixed, moving, mats, scale, affine, matrix, similarity,
+                   **knobs) -> int:  # fmt: skip
+    """``adam_level`` on volumes (``csrc/refine_loop3d.cpp``)."""
+    b, c, *size = fixed.shape
+    fits = all(x is not None and x.ndim == 2 for x in mats)
+    field = tuple(x.shape[0] for x in mats) if fits else ()
+    grid = tuple(x.shape[1] for x in mats) if fits else ()
+    shapes = [None if x is None else tuple(x.shape) for x in mats]
+    if (
+        not fits
+        or moving.shape != fixed.shape
+        or any(x.shape != (b, 3, *grid) for x in (param, m, v))
+        or not all(2 <= f <= n for f, n in zip(field, size, strict=True))
+        or len(scale) != 3
+        or (affine is None) != (matrix is None)
+        or (affine is not None and (affine.shape != (b, 3, *field) or matrix.shape != (b, 3, 3)))
+    ):
+        raise UserError(
+            f"adam_level: volume shapes do not fit: param {tuple(param.shape)}, images "
+            f"{tuple(fixed.shape)}, matrices {shapes} "
+            f"(need param (B, 3, gd, gh, gw), slices (fd, gd), rows (fh, gh), cols (fw, gw), "
+            f"2 <= field <= image per axis, three scales)"
+        )
+    similarity = MSE() if similarity is None else similarity
+    if not supports(similarity, 3):
+        raise UserError(
+            f"adam_level computes MSE on volumes, not {similarity!r}; refine runs the others "
+            f"through autograd"
+        )
+    kernels.count("refine_level", "fused")
+    if not knobs["steps"]:
+        return t
+    state = [x.detach() for x in (param, m, v)]
+    work = [x.contiguous() for x in state]  # updated in place, copied back when a copy
+    inputs = [x.detach().contiguous() for x in (fixed, moving, *mats)]
+    extra = [] if affine is None else [x.detach().contiguous() for x in (affine, matrix)]
+    k = knobs
+    level = _Level3(
+        *[x.data_ptr() for x in work + inputs[:2]],
+        (ctypes.c_void_p * 3)(*[x.data_ptr() for x in inputs[2:]]),
+        *([x.data_ptr() for x in extra] or [None, None]),
+        b, c, (ctypes.c_long * 3)(*size), (ctypes.c_long * 3)(*field),
+        (ctypes.c_long * 3)(*grid), k["squarings"], k["steps"], t, k["lr"], k["decay"],
+        (ctypes.c_float * 3)(*scale), k["reg_weight"], k["fold_weight"], k["fold_margin"],
+    )  # fmt: skip
+    threads = max(1, torch.get_num_threads())
+    fn = _function("air_refine_level3d", _Level3)
+    if b == 1 and kernels.library().openmp:  # one volume: its slices over the threads
+        team = 1 if _oversubscribed() else max(1, min(threads, field[0] // _MIN_SLICES))
+        fn(ctypes.byref(level), team, 1, 0, 1)
+    else:
+        threads = min(threads, b)
+        kernels.run_shares(lambda t0, t1: fn(ctypes.byref(level), 1, threads, t0, t1), threads)
+    for x, y in zip(state, work, strict=True):
+        if x.data_ptr() != y.data_ptr():
+            x.copy_(y)
+    return t + k["steps"]
+
+
+def _oversubscribed() -> bool:
+    """Whether more tasks want to run than this process has cores (1-minute load average). A
+    team of threads meets at ~15 barriers a step, and on such a machine each barrier waits for
+    a descheduled thread: measured 15 s with 2 threads vs 3 s with one on a 2 mm MNI152 pair
+    (load 4 on 2 cores), so one thread runs a lone volume then."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+        return os.getloadavg()[0] > cores
+    except (AttributeError, OSError):  # not Linux: no affinity or no load average
+        return False
