@@ -52,7 +52,8 @@ def main() -> None:
             file=sys.stderr,
         )
     quick = ["--quick", "--pairs", "3"] if args.quick else []
-    methods = ["identity", "refine", "refine_mi", "syn_affine", "demons"]
+    # ANTs both ways: its affine stage helps large motions, and hurts contrast changes
+    methods = ["identity", "refine", "refine_mi", "syn", "syn_affine", "demons"]
     run("refine_families.py", [*quick, "--methods", *methods, "--models", *models,
                                *args.shipped, "--out", str(args.out / "families")])  # fmt: skip
     # one-shot, the family's pairs in one call (register on a folder): ms per pair, batched
