@@ -208,15 +208,7 @@ def adam_level(
         int(mi and similarity.normalised),
     )  # fmt: skip
     threads = max(1, torch.get_num_threads())
-    fn = _function()
-    if b == 1 and kernels.library().openmp:  # one pair: its rows over the threads
-        fn(ctypes.byref(level), max(1, min(threads, fh // _MIN_ROWS)), 1, 0, 1)
-    else:
-        threads = min(threads, b)
-        kernels.run_shares(lambda t0, t1: fn(ctypes.byref(level), 1, threads, t0, t1), threads)
-    for x, y in zip(state, work, strict=True):
-        if x.data_ptr() != y.data_ptr():
-            x.copy_(y)
+    _run(_function(), level, b, max(1, min(threads, fh // _MIN_ROWS)), state, work)
     return t + steps
 
 
@@ -266,17 +258,22 @@ def _adam_level_3d(param, m, v, t, fixed, moving, mats, scale, affine, matrix, s
         (ctypes.c_float * 3)(*scale), k["reg_weight"], k["fold_weight"], k["fold_margin"],
     )  # fmt: skip
     threads = max(1, torch.get_num_threads())
-    fn = _function("air_refine_level3d", _Level3)
-    if b == 1 and kernels.library().openmp:  # one volume: its slices over the threads
-        team = 1 if _oversubscribed() else max(1, min(threads, field[0] // _MIN_SLICES))
+    team = 1 if _oversubscribed() else max(1, min(threads, field[0] // _MIN_SLICES))
+    _run(_function("air_refine_level3d", _Level3), level, b, team, state, work)
+    return t + k["steps"]
+
+
+def _run(fn, level, b: int, team: int, state, work) -> None:
+    """Call the level ``fn``: one pair's rows (slices) over a ``team`` of OpenMP threads, or
+    the pairs over torch's threads; then copy the Adam state back where it was a copy."""
+    if b == 1 and kernels.library().openmp:
         fn(ctypes.byref(level), team, 1, 0, 1)
     else:
-        threads = min(threads, b)
+        threads = min(max(1, torch.get_num_threads()), b)
         kernels.run_shares(lambda t0, t1: fn(ctypes.byref(level), 1, threads, t0, t1), threads)
     for x, y in zip(state, work, strict=True):
         if x.data_ptr() != y.data_ptr():
             x.copy_(y)
-    return t + k["steps"]
 
 
 def _oversubscribed() -> bool:
