@@ -17,7 +17,6 @@ method) and README.md (command, machine, time, load). The work: air_reg.bench.fa
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import shlex
@@ -30,6 +29,7 @@ import torch
 from air_reg.bench.families import FAMILIES, SIZE, SPLITS
 from air_reg.bench.family_bench import FIELDS, LABELS, NET, NET_REFINE, STEPS, run, tables
 from air_reg.bench.machine import cpu_name
+from air_reg.bench.tables import csv_rows
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results" / "families"
@@ -61,15 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     load, tic = os.getloadavg()[0], time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "results.csv", "w", newline="") as fh:  # row by row: a cut run keeps
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        w.writeheader()
-
-        def sink(rows: list[dict]) -> None:
-            w.writerows({k: f"{v:.5g}" if isinstance(v, float) else v for k, v in r.items()}
-                        for r in rows)  # fmt: skip
-            fh.flush()
-
+    with csv_rows(args.out / "results.csv", FIELDS) as sink:  # a cut run keeps its rows
         methods = args.methods + [f"{kind}:{m}" for m in args.models for kind in (NET, NET_REFINE)]
         rows = run(args.families, args.pairs, tuple(args.size), args.split, methods,
                    seed=args.seed, steps=args.steps, sink=sink)  # fmt: skip

@@ -4,6 +4,7 @@ compact tables of docs/results.md with the paper's quality bar.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import Path
 
@@ -106,3 +107,19 @@ def quality_bar(results: dict, method: str) -> str:
     ]
     head = f"| {method} vs Original | ours | paper's MAPT | bar met |\n|---|---|---|---|\n"
     return head + "\n".join(rows) + "\n"
+
+
+@contextlib.contextmanager
+def csv_rows(path: Path, fields):
+    """A sink writing each call's rows to the CSV at ``path`` at once (floats to 5 significant
+    digits), so a run cut short keeps the rows it made."""
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+
+        def sink(rows: list[dict]) -> None:
+            w.writerows({k: f"{v:.5g}" if isinstance(v, float) else v for k, v in r.items()}
+                        for r in rows)  # fmt: skip
+            fh.flush()
+
+        yield sink
