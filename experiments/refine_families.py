@@ -27,7 +27,16 @@ from pathlib import Path
 import torch
 
 from air_reg.bench.families import FAMILIES, SIZE, SPLITS
-from air_reg.bench.family_bench import FIELDS, LABELS, NET, NET_REFINE, STEPS, run, tables
+from air_reg.bench.family_bench import (
+    FIELDS,
+    LABELS,
+    NET,
+    NET_CASCADE,
+    NET_REFINE,
+    STEPS,
+    run,
+    tables,
+)
 from air_reg.bench.machine import cpu_name
 from air_reg.bench.tables import csv_rows
 
@@ -46,6 +55,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=[], metavar="SOURCE",
                    help="learned models (shipped weights names or .ckpt paths): a one-shot and "
                    "a refined row each")  # fmt: skip
+    p.add_argument("--cascaded", nargs="+", default=[], metavar="SOURCE",
+                   help="learned models also run one-shot in 3 passes with the affine fit "
+                   "between them (AiR-Match's default inference, for the ablations)")  # fmt: skip
     p.add_argument("--steps", type=int, default=STEPS, help="refine_steps of the refined rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="--pairs 9 --size 96 128 (a sanity run)")
@@ -63,6 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     with csv_rows(args.out / "results.csv", FIELDS) as sink:  # a cut run keeps its rows
         methods = args.methods + [f"{kind}:{m}" for m in args.models for kind in (NET, NET_REFINE)]
+        methods += [f"{NET_CASCADE}:{m}" for m in args.cascaded]
         rows = run(args.families, args.pairs, tuple(args.size), args.split, methods,
                    seed=args.seed, steps=args.steps, sink=sink)  # fmt: skip
     table = tables(rows)

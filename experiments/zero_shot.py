@@ -54,8 +54,12 @@ def main() -> None:
     quick = ["--quick", "--pairs", "3"] if args.quick else []
     # ANTs both ways: its affine stage helps large motions, and hurts contrast changes
     methods = ["identity", "refine", "refine_mi", "syn", "syn_affine", "demons"]
+    # the U-Net ablation also at AiR-Match's inference (3 passes, the affine fit between them)
+    cascaded = [m for m in models if "voxelmorph" in m]
+    cascaded = ["--cascaded", *cascaded] if cascaded else []
     run("refine_families.py", [*quick, "--methods", *methods, "--models", *models,
-                               *args.shipped, "--out", str(args.out / "families")])  # fmt: skip
+                               *args.shipped, *cascaded,
+                               "--out", str(args.out / "families")])  # fmt: skip
     # one-shot, the family's pairs in one call (register on a folder): ms per pair, batched
     n, size = (3, (96, 128)) if args.quick else (18, families.SIZE)
     table = batched(models + args.shipped, list(families.FAMILIES), n, size)

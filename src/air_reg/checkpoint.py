@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from air_reg import deprecation, speed
 from air_reg.errors import UserError
+from air_reg.models import contract
 from air_reg.refine import RefineSettings, Registrar
 from air_reg.zoo import WEIGHTS_DIR
 
@@ -191,7 +192,8 @@ def load_model(
     *,
     attention: str = "auto",
     refine_steps: int = 0,
-    cascade: int = 1,
+    cascade: int | None = None,
+    cascade_affine: bool | None = None,
     preset: str | None = "default",
     **refine_overrides,
 ) -> Registrar:
@@ -200,47 +202,62 @@ def load_model(
     ``model(fixed, moving)`` takes (B, 1, H, W) images in [0, 1] and returns the flow
     (B, 2, H, W) in pixels (channel 0 rows, channel 1 columns), on the fixed grid: the
     network's own flow, at its trained size (``model.image_size``). ``attention`` is the CLI's
-    ``speed.attention`` (``air_reg.speed``). ``refine_steps > 0`` (or ``cascade > 1``, or
-    ``affine_steps``) makes it refine: it then takes pairs at their own size
+    ``speed.attention`` (``air_reg.speed``). ``cascade`` (passes) and ``cascade_affine`` (the
+    flow reduced to its affine fit between passes) default to the network's own choice
+    (``contract.default_cascade``: 3 passes with the affine for AiR-Match, else 1).
+    ``refine_steps > 0`` (or ``affine_steps``, or ``cascade > 1`` on a network of one size)
+    makes it refine: it then takes pairs at their own size
     (``model.accepts_any_size``) and refines each pair's flow there with
     ``model.settings``: those of ``air_reg/conf/refinement/<preset>.yaml`` -- the CLI's for the
     same ``refine_steps`` -- unless ``refine_overrides`` (lr, spacing, levels, similarity, ...)
     say otherwise (``preset=None``: the overrides over ``RefineSettings()``). ``path=None``
     (or ``"none"``) is model-free registration: the refinement alone.
     """
+    net, record = (None, None) if _model_free(path) else _load_network(Path(path), attention)
+    cascade, cascade_affine = _cascade(net, cascade, cascade_affine)
     settings = None
-    if _refines(path, refine_steps, cascade, refine_overrides.get("affine_steps")):
+    if _refines(net, refine_steps, cascade, refine_overrides.get("affine_steps")):
         overrides = {"steps": refine_steps, **refine_overrides}
         if preset is None:
             settings = RefineSettings.from_config(overrides)
         else:
             settings = RefineSettings.preset(preset, **overrides)
-    return _registrar(path, device, attention, settings, cascade)
+    return _registrar(net, record, device, settings, cascade, cascade_affine)
 
 
 def load_configured(path: str | Path | None, cfg):
     """``load_model`` with an entry point's device and refinement settings (eval, register):
     the composed ``cfg.refine`` goes through ``RefineSettings.from_config``, as a preset does."""
-    settings = None
-    if _refines(path, cfg.refine_steps, cfg.cascade, cfg.refine.get("affine_steps")):
-        settings = RefineSettings.from_config(cfg.refine, steps=cfg.refine_steps)
     attention = speed.settings_of(cfg)["attention"]
-    return _registrar(path, cfg.device, attention, settings, cfg.cascade)
+    net, record = (None, None) if _model_free(path) else _load_network(Path(path), attention)
+    cascade, cascade_affine = _cascade(net, cfg.cascade, cfg.get("cascade_affine"))
+    settings = None
+    if _refines(net, cfg.refine_steps, cascade, cfg.refine.get("affine_steps")):
+        settings = RefineSettings.from_config(cfg.refine, steps=cfg.refine_steps)
+    return _registrar(net, record, cfg.device, settings, cascade, cascade_affine)
 
 
 def _model_free(path) -> bool:
     return path is None or str(path) == "none"
 
 
-def _refines(path, steps: int, cascade: int, affine_steps) -> bool:
-    """Whether the switches ask for the refinement (a cascade runs through it, at the images'
-    size, even with 0 steps)."""
-    return bool(_model_free(path) or steps or cascade != 1 or affine_steps)
+def _cascade(net, cascade: int | None, cascade_affine: bool | None) -> tuple[int, bool]:
+    """The switches, each None taking the network's own (``contract.default_cascade``)."""
+    passes, affine = contract.default_cascade(net)
+    return (passes if cascade is None else int(cascade),
+            affine if cascade_affine is None else bool(cascade_affine))  # fmt: skip
 
 
-def _registrar(path, device, attention: str, settings, cascade: int) -> Registrar:
-    net, record = (None, None) if _model_free(path) else _load_network(Path(path), attention)
-    return Registrar(net, settings, cascade=cascade, build_config=record).to(device).eval()
+def _refines(net, steps: int, cascade: int, affine_steps) -> bool:
+    """Whether the switches ask for the refinement: a cascade of a network of one size runs
+    through it (at the images' size, even with 0 steps); an any-size network cascades alone."""
+    any_size = bool(getattr(net, "accepts_any_size", False))
+    return bool(net is None or steps or (cascade != 1 and not any_size) or affine_steps)
+
+
+def _registrar(net, record, device, settings, cascade: int, cascade_affine: bool) -> Registrar:
+    return Registrar(net, settings, cascade=cascade, cascade_affine=cascade_affine,
+                     build_config=record).to(device).eval()  # fmt: skip
 
 
 def _load_network(path: Path, attention: str) -> tuple[nn.Module, dict]:

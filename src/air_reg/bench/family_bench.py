@@ -41,9 +41,12 @@ LABELS = {
     "demons": "SimpleITK Demons",
 }
 FAST = ("identity", "refine", "demons")  # the smoke test's
-# Learned models (issue #32): "net:<source>" one-shot, "net+refine:<source>" refined from it;
-# <source> a shipped weights name (air_unet_mnist) or a checkpoint path.
-NET, NET_REFINE = "net", "net+refine"
+# Learned models (issue #32): "net:<source>" one-shot (as the network asks to be applied: its
+# default cascade), "net+refine:<source>" refined from it, "net+cascade:<source>" one-shot in
+# 3 passes with the affine fit between them (AiR-Match's default, for any network: the
+# ablations at the same inference); <source> a shipped weights name or a checkpoint path.
+NET, NET_REFINE, NET_CASCADE = "net", "net+refine", "net+cascade"
+CASCADE = {"cascade": 3, "cascade_affine": True}  # NET_CASCADE's
 FIELDS = ("family", "pair", "source", "contrast", "method", "label", "epe", "epe_edges",
           "folding", "ms")  # fmt: skip
 
@@ -57,10 +60,11 @@ def make_method(key: str, family_name: str, steps: int = STEPS) -> Callable | No
     if key == "identity":
         return lambda f, m: torch.zeros(len(f), 2, *f.shape[-2:])
     kind, _, source = key.partition(":")
-    if kind in (NET, NET_REFINE) and source:
+    if kind in (NET, NET_REFINE, NET_CASCADE) and source:
         path = _checkpoint(source)
-        if kind == NET:  # as register runs it: any-size nets at the pair's size, others
-            model = air_reg.load_model(path)  # resized; the guard judging by its similarity
+        if kind in (NET, NET_CASCADE):  # as register runs it: any-size nets at the pair's
+            # size, others resized; the guard judging by its similarity
+            model = air_reg.load_model(path, **(CASCADE if kind == NET_CASCADE else {}))
             return lambda f, m: keep_if_better(model.network_flow(f, m), f, m,
                                                model.guard_similarity)[0]  # fmt: skip
         # refined by MI on the contrast family (as ANTs is, and as docs/zero_shot.md says)
@@ -89,9 +93,10 @@ def make_method(key: str, family_name: str, steps: int = STEPS) -> Callable | No
 def label_of(key: str, steps: int = STEPS) -> str:
     """A row's label: ``LABELS``' for the fixed methods; a model's name and how it ran."""
     kind, _, source = key.partition(":")
-    if kind in (NET, NET_REFINE) and source:
+    if kind in (NET, NET_REFINE, NET_CASCADE) and source:
         name = _name(source)
-        return f"{name} one-shot" if kind == NET else f"{name} + refine {steps} (MI on contrast)"
+        return {NET: f"{name} one-shot", NET_CASCADE: f"{name} one-shot, 3 passes + affine",
+                NET_REFINE: f"{name} + refine {steps} (MI on contrast)"}[kind]  # fmt: skip
     return LABELS[key].format(steps=steps)
 
 

@@ -14,7 +14,9 @@ A registration network is an ``nn.Module`` with
 - optionally ``accepts_any_size`` (bool, default False): True when it registers pairs of any
   size as they are (no token grid, nothing learned per position); ``register`` and the
   refinement then run it at the pair's own size instead of resizing the pair to
-  ``image_size`` (which stays the size it was trained at).
+  ``image_size`` (which stays the size it was trained at);
+- optionally ``default_cascade`` ((int, bool), default (1, False)): how ``load_model`` and the
+  CLI apply it when ``cascade`` / ``cascade_affine`` are not given (``default_cascade``).
 
 Nothing else: the training system (``RegistrationModule``), ``eval``, ``register``,
 refinement and ``load_model`` use only these. ``docs/extending.md`` shows a new model.
@@ -88,6 +90,15 @@ def integration_steps(net: nn.Module) -> int:
             f"{type(net).__name__}.integration_steps must be an int >= 0, got {steps!r}"
         )
     return steps
+
+
+def default_cascade(net: nn.Module | None) -> tuple[int, bool]:
+    """(passes, affine between passes) a network asks to be applied with (its optional
+    ``default_cascade``; (1, False) otherwise and without a network)."""
+    passes, affine = getattr(net, "default_cascade", (1, False))
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ContractError(f"{type(net).__name__}.default_cascade passes must be an int >= 1")
+    return passes, bool(affine)
 
 
 def check_network(net: nn.Module, *, dry_run: bool = True) -> None:

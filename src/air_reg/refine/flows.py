@@ -34,19 +34,49 @@ def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
 
 def apply_repeatedly(
-    net: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, times: int
+    net: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, times: int, affine: bool = False
 ) -> torch.Tensor:
     """Apply ``net`` ``times`` times to the progressively warped moving image (the CLI's
-    ``cascade``); the composed flow (B, 2, H, W)."""
+    ``cascade``); the composed flow (B, D, *spatial). ``affine`` (``cascade_affine``): before
+    each further pass the flow so far is reduced to its robust affine fit (``fit_affine``), so
+    the next pass starts from a global alignment, not from the previous pass's local errors."""
     if times < 1:
         raise ConfigError(f"cascade needs k >= 1, got {times}")
-    total = net(fixed, moving)  # (B, 2, H, W)
+    total = net(fixed, moving)  # (B, D, *spatial)
     for _ in range(times - 1):
+        start = affine_flow(fit_affine(total), tuple(total.shape[2:])) if affine else total
         # Resample the ORIGINAL moving image with the composed field: one interpolation, so
         # no blur accumulates over the cascade.
-        step = net(fixed, warp(moving, total))
-        total = compose(total, step)
+        step = net(fixed, warp(moving, start))
+        total = compose(start, step)
     return total
+
+
+FIT_POINTS = 65536  # fit_affine: at most about this many pixels (a regular subgrid beyond)
+FIT_FLOOR = 0.5  # px: residuals below this weigh as much as this one (IRLS)
+
+
+def fit_affine(flow: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """``theta`` (B, D, D + 1) whose ``affine_flow`` is closest to ``flow`` (B, D, *spatial):
+    least squares, then ``iterations`` reweightings by 1 / max(residual, ``FIT_FLOOR``) (an
+    L1-like fit: a region the flow gets wrong, e.g. where the target left the image, moves it
+    little). On at most about ``FIT_POINTS`` pixels (a regular subgrid of larger images)."""
+    d, size = flow.shape[1], tuple(flow.shape[2:])
+    stride = max(1, math.ceil((math.prod(size) / FIT_POINTS) ** (1 / d)))
+    sub = flow[(..., *[slice(None, None, stride)] * d)].double()  # (B, D, *sub)
+    centre = torch.tensor([(n - 1) / 2 for n in size], dtype=sub.dtype, device=sub.device)
+    q = identity_grid(tuple(sub.shape[2:]), device=sub.device, dtype=sub.dtype) * stride
+    q = (q.flatten(1) - centre[:, None]).T  # (N, D) about the image centre
+    x = torch.cat([q, torch.ones_like(q[:, :1])], 1)  # (N, D + 1)
+    y = sub.flatten(2).transpose(1, 2)  # (B, N, D)
+    weight = torch.ones_like(y[..., :1])  # (B, N, 1)
+    for _ in range(iterations + 1):
+        xtw = (x * weight).transpose(1, 2)  # (B, D + 1, N)
+        solution = torch.linalg.solve(xtw @ x, xtw @ y)  # (B, D + 1, D)
+        weight = 1 / (x @ solution - y).norm(dim=2, keepdim=True).clamp_min(FIT_FLOOR)
+    eye = torch.eye(d, dtype=sub.dtype, device=sub.device)
+    theta = torch.cat([solution[:, :d].transpose(1, 2) + eye, solution[:, d:].transpose(1, 2)], 2)
+    return theta.to(flow.dtype)
 
 
 def pyramid(size: tuple[int, ...], levels: int, min_size: int = 16) -> list[tuple[int, ...]]:

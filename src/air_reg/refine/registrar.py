@@ -28,9 +28,10 @@ class Registrar(nn.Module):
     also works), or None for model-free registration, which needs ``settings`` with
     ``steps`` or ``affine_steps``. ``settings.integration_steps=None`` takes the network's
     own (a diffeomorphic net stays diffeomorphic). ``cascade=k`` applies the net k times,
-    composed. ``build_config``: the checkpoint's record (model and data configs, versions).
-    A refining registrar keeps its network in eval mode without gradients: the starting flow
-    is the deterministic prediction and the parameters never change.
+    composed; ``cascade_affine`` reduces the flow to its affine fit before each further pass
+    (``apply_repeatedly``). ``build_config``: the checkpoint's record (model and data configs,
+    versions). A refining registrar keeps its network in eval mode without gradients: the
+    starting flow is the deterministic prediction and the parameters never change.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class Registrar(nn.Module):
         settings: RefineSettings | None = None,
         *,
         cascade: int = 1,
+        cascade_affine: bool = False,
         build_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -60,6 +62,7 @@ class Registrar(nn.Module):
             own = 0 if net is None else contract.integration_steps(_inner(net))
             settings = settings.replace(integration_steps=own)
         self.net, self.settings, self.cascade = net, settings, cascade
+        self.cascade_affine = bool(cascade_affine)
         self.build_config = build_config
         if settings is not None and net is not None:
             net.eval()
@@ -118,7 +121,7 @@ class Registrar(nn.Module):
                     "spacing and init_flow act on the refinement: load the model with "
                     "refine_steps (e.g. refine_steps=50)"
                 )
-            return apply_repeatedly(self.net, fixed, moving, self.cascade)
+            return apply_repeatedly(self.net, fixed, moving, self.cascade, self.cascade_affine)
         start = (
             init_flow
             if init_flow is not None
@@ -138,11 +141,13 @@ class Registrar(nn.Module):
             size = tuple(fixed.shape[2:])  # no resizing: the pair as it is
         with torch.no_grad():
             flow = apply_repeatedly(self.net, prep.to_model(fixed, size),
-                                    prep.to_model(moving, size), self.cascade)  # fmt: skip
+                                    prep.to_model(moving, size), self.cascade,
+                                    self.cascade_affine)  # fmt: skip
         return prep.from_model(flow, tuple(fixed.shape[2:]))
 
     def extra_repr(self) -> str:
-        return f"cascade={self.cascade}, settings={self.settings}"
+        return (f"cascade={self.cascade}, cascade_affine={self.cascade_affine}, "
+                f"settings={self.settings}")  # fmt: skip
 
 
 def _inner(net: nn.Module) -> nn.Module:

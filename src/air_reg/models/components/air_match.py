@@ -102,6 +102,10 @@ class AiRMatch(nn.Module):
     """
 
     accepts_any_size = True  # the contract's option: pairs at their own size
+    # applied 3 times, the flow reduced to its robust affine fit before the 2nd and 3rd pass
+    # (the contract's option; load_model's and the CLI's cascade / cascade_affine override it):
+    # large motions 4.40 -> 1.45 px one-shot on the tune families (docs/protocol.md)
+    default_cascade = (3, True)
 
     def __init__(
         self,
