@@ -69,6 +69,8 @@ class RefineSettings:
     regularizer: nn.Module | None = None  # None: Diffusion(), the one the kernels compute
     affine_min_px: float = 0.0  # the affine stage's result kept for a pair only if it moves
     # some pixel by more than this (0: always): large motions get it, nearly aligned pairs not
+    affine_max_voxels: int | None = 262144  # the affine stage's finest level: the images
+    # halved until at most this many pixels (None: their own size); 512 x 512 stays whole
 
     def __new__(cls, *args, **kwargs):
         unknown = sorted(set(kwargs) - set(cls.names()))
@@ -121,6 +123,9 @@ class RefineSettings:
         _check(self, "fold_margin", _is_number(self.fold_margin), "a number")
         _check(self, "affine_min_px", _is_number(self.affine_min_px) and self.affine_min_px >= 0,
                ">= 0 pixels")  # fmt: skip
+        _check(self, "affine_max_voxels", self.affine_max_voxels is None or (
+            _is_int(self.affine_max_voxels, 1)),
+            "an int >= 1 or null")  # fmt: skip
         _check(self, "guard", isinstance(self.guard, bool), "true or false")
         _check(
             self,

@@ -15,8 +15,9 @@ entropies and ``_ParzenMI``'s analytic gradient (the min/max mapping's terms too
 takes it for float32 CPU, those similarities, the pixel ``Diffusion``, Adam and a control grid;
 ``per_op()`` turns it off (benchmarks, tests) and ``speed.warp.torch_ops()`` turns it off with
 the kernels. Volumes (B, C, D, H, W) run ``csrc/refine_loop3d.cpp`` (issue #34): the same maths
-with trilinear sampling and the 3 x 3 Jacobian, MSE only, one volume's slices over the threads
-unless the machine is oversubscribed (``_oversubscribed``).
+with trilinear sampling and the 3 x 3 Jacobian, MSE or the same MI (``csrc/mi.h``, shared; its
+joint histogram summed in double), one volume's slices over the threads unless the machine is
+oversubscribed (``_oversubscribed``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class _Level3(ctypes.Structure):
         ("decay", ctypes.c_double),
         ("scale", ctypes.c_float * 3),
         *[(n, ctypes.c_float) for n in ("reg_weight", "fold_weight", "fold_margin")],
+        ("fixed_bins", ctypes.c_void_p),
+        ("bins", ctypes.c_long),
+        ("normalised", ctypes.c_long),
     ]
 
 
@@ -102,21 +106,21 @@ def per_op():
 
 
 def supports(similarity: nn.Module, nd: int = 2) -> bool:
-    """Whether the fused loop computes this similarity on ``nd``-D images: ``MSE``, or (2-D)
-    ``MutualInformation`` over all pixels (``sampling`` 1) with the box window on the fixed
+    """Whether the fused loop computes this similarity on ``nd``-D images (2 or 3): ``MSE``,
+    or ``MutualInformation`` over all pixels (``sampling`` 1) with the box window on the fixed
     image (its defaults)."""
-    if type(similarity) is MSE:
-        return nd in (2, 3)
-    return (
-        nd == 2
-        and type(similarity) is MutualInformation
+    if nd not in (2, 3):
+        return False
+    return type(similarity) is MSE or (
+        type(similarity) is MutualInformation
         and similarity.sampling == 1
         and similarity.fixed_window == "box"
     )
 
 
 def _fixed_bins(mi: MutualInformation, fixed: torch.Tensor) -> torch.Tensor:
-    """(B, C * H * W) int32 box-window bins of the fixed image, as ``mutual_information``."""
+    """(B, C * H * W) (or C * D * H * W) int32 box-window bins of the fixed image, as
+    ``mutual_information``."""
     s = mi._bin_coordinates(fixed.detach().flatten(1))
     scaled = (s - 1) / (mi.bins - 3) * mi.bins
     return scaled.long().clamp(0, mi.bins - 1).int().contiguous()
@@ -162,7 +166,7 @@ def adam_level(
     2) = A - I the level's affine displacement and matrix, or None. The step is ``lr * (decay
     + (1 - decay) * (1 + cos(pi i / (steps - 1))) / 2)`` at step i, as ``_optimise``'s. Volumes
     (B, C, D, H, W) take ``slices`` (fd, gd) too, a (B, 3, gd, gh, gw) ``param``, three
-    ``scale``s, ``affine`` (B, 3, fd, fh, fw), ``matrix`` (B, 3, 3) and MSE only."""
+    ``scale``s, ``affine`` (B, 3, fd, fh, fw) and ``matrix`` (B, 3, 3)."""
     if fixed.ndim == 5:
         return _adam_level_3d(param, m, v, t, fixed, moving, (slices, rows, cols), scale, affine,
                               matrix, similarity, squarings=squarings, steps=steps, lr=lr,
@@ -238,8 +242,8 @@ def _adam_level_3d(param, m, v, t, fixed, moving, mats, scale, affine, matrix, s
     similarity = MSE() if similarity is None else similarity
     if not supports(similarity, 3):
         raise UserError(
-            f"adam_level computes MSE on volumes, not {similarity!r}; refine runs the others "
-            f"through autograd"
+            f"adam_level computes MSE or MutualInformation (sampling=1, fixed_window='box') on "
+            f"volumes, not {similarity!r}; refine runs the others through autograd"
         )
     kernels.count("refine_level", "fused")
     if not knobs["steps"]:
@@ -248,6 +252,8 @@ def _adam_level_3d(param, m, v, t, fixed, moving, mats, scale, affine, matrix, s
     work = [x.contiguous() for x in state]  # updated in place, copied back when a copy
     inputs = [x.detach().contiguous() for x in (fixed, moving, *mats)]
     extra = [] if affine is None else [x.detach().contiguous() for x in (affine, matrix)]
+    mi = type(similarity) is MutualInformation
+    bins = _fixed_bins(similarity, fixed) if mi else None
     k = knobs
     level = _Level3(
         *[x.data_ptr() for x in work + inputs[:2]],
@@ -256,6 +262,8 @@ def _adam_level_3d(param, m, v, t, fixed, moving, mats, scale, affine, matrix, s
         b, c, (ctypes.c_long * 3)(*size), (ctypes.c_long * 3)(*field),
         (ctypes.c_long * 3)(*grid), k["squarings"], k["steps"], t, k["lr"], k["decay"],
         (ctypes.c_float * 3)(*scale), k["reg_weight"], k["fold_weight"], k["fold_margin"],
+        None if bins is None else bins.data_ptr(), similarity.bins if mi else 0,
+        int(mi and similarity.normalised),
     )  # fmt: skip
     threads = max(1, torch.get_num_threads())
     team = 1 if _oversubscribed() else max(1, min(threads, field[0] // _MIN_SLICES))

@@ -5,8 +5,8 @@
 //   u      = n squarings of v, each u + u sampled at p + u(p)          (scaling and squaring)
 //   coarse = affine + u + (A - I) u                      (after_affine; without one: u)
 //   loss   = MSE(warp(moving, up(coarse)), fixed) + wd Diffusion(coarse) + wf NegJac(coarse)
-// (or, given the fixed image's bins, -MutualInformation()(warped, fixed) for MSE: a histogram
-// pass, the entropies, then the analytic gradient as losses._ParzenMI's, min/max terms too)
+// (or, given the fixed image's bins, -MutualInformation()(warped, fixed) for MSE: mi.h's
+// histogram pass, entropies and analytic gradient as losses._ParzenMI's, min/max terms too)
 // and its gradient, written out (no autograd), then torch.optim.Adam's update with refine's
 // cosine-decayed step: _optimise in air_reg/refine/optimise.py, step for step. The formulas
 // are warp.cpp's, per element (its taps mirrored, its per-pixel sampling rewritten as row
@@ -45,6 +45,7 @@ struct AirRefineLevel {  // mirrored by air_reg.speed.refine_loop._Level
 };
 
 #include "interp.h"
+#include "mi.h"
 
 namespace {
 
@@ -461,55 +462,15 @@ void image_rows(const AirRefineLevel& a, const Plan& plan, long b, const float* 
 
 // ---- mutual information (losses.MutualInformation(): all pixels, box window on the fixed) ----
 
-// Bin coordinate t = 1 + (x - lo) / span * (bins - 3), as _bin_coordinates; its window's first
-// bin minus one (floor(t) clamped to [1, bins - 3]) and fraction.
-inline float mi_fraction(float x, float lo, float span, float c, long nb, long* base) {
-    const float t = 1.f + (x - lo) / span * c;
-    const float f = std::min(std::max(std::floor(t), 1.f), float(nb - 3));
-    *base = long(f);
-    return t - f;
-}
-
-// The joint histogram's gradient table (bins, bins): d value / d joint, up to a constant per
-// pair, from the team's histograms (parts of them), as _ParzenMI.forward.
-void mi_table(const AirRefineLevel& a, const float* hist, int parts, long n, float* table) {
-    const long nb = a.bins, nn = nb * nb;
-    std::vector<float> joint(nn), pf(nb, 0.f), pm(nb, 0.f);
-    for (long e = 0; e < nn; e++) {
-        float acc = hist[e];
-        for (int t = 1; t < parts; t++) acc += hist[t * nn + e];
-        joint[e] = acc / float(n);
-    }
-    for (long f = 0; f < nb; f++) {
-        for (long m = 0; m < nb; m++) pf[f] += joint[f * nb + m], pm[m] += joint[f * nb + m];
-    }
-    auto xlogx = [](float p) { return p > 0.f ? double(p) * std::log(double(p)) : 0.0; };
-    double hf = 0.0, hm = 0.0, hfm = 0.0;
-    for (long k = 0; k < nb; k++) hf -= xlogx(pf[k]), hm -= xlogx(pm[k]);
-    for (long e = 0; e < nn; e++) hfm -= xlogx(joint[e]);
-    const float sum = float(hf) + float(hm), joint_h = float(hfm), denom = joint_h * joint_h;
-    for (long f = 0; f < nb; f++) {
-        for (long m = 0; m < nb; m++) {
-            const float lj = std::log(std::max(joint[f * nb + m], 1e-30f));
-            const float lm = std::log(std::max(pm[m], 1e-30f));
-            table[f * nb + m] = a.normalised ? (lj * sum - lm * joint_h) / denom : lj - lm;
-        }
-    }
-}
-
 // The image term for mutual information over the team's image rows, into mx as image_rows:
-// warp and keep the warped image; its min and max (the team's); the joint histogram (moving
-// through a cubic B-spline window, 4 bins a sample); the gradient table; each pixel's
-// d(-value)/d(warped) through its bin coordinate, then the min's and max's share of the
-// coordinates' gradient (split between ties, as amin/amax); back to the flow.
+// warp, keeping the warped image and its slopes; mi.h's gradient per pixel (the team's
+// histogram and sums, float32 as _ParzenMI's); back to the flow.
 void mi_rows(const AirRefineLevel& a, const Plan& plan, Work& work, const Scratch& s, long b,
              const float* coarse, const Team& team) {
-    const long H = a.H, W = a.W, C = a.C, hw = H * W, n = C * hw, nb = a.bins;
+    const long H = a.H, W = a.W, C = a.C, hw = H * W;
     const long r0 = team.lo(H), r1 = team.hi(H);
-    const int* fb = a.fixed_bins + b * n;
     float *val = work.val.data(), *dy = work.dy.data(), *dx = work.dx.data();
     float* gm = work.gm.data();
-    double* mine = work.stats.data() + 8 * team.id;  // min, max, S1, S2, #min, #max
     float lo = INFINITY, hi = -INFINITY;
     for (long i = r0; i < r1; i++) {
         dense_row(a, plan, coarse, i, s);
@@ -523,64 +484,17 @@ void mi_rows(const AirRefineLevel& a, const Plan& plan, Work& work, const Scratc
             }
         }
     }
-    mine[0] = lo, mine[1] = hi;
-    team.sync();
-    for (int t = 0; t < team.size; t++) {
-        lo = std::min(lo, float(work.stats[8 * t]));
-        hi = std::max(hi, float(work.stats[8 * t + 1]));
-    }
-    const float range = hi - lo, span = std::max(range, 1e-12f), c = float(nb - 3);
-    float* hist = work.hist.data() + team.id * nb * nb;
-    std::fill(hist, hist + nb * nb, 0.f);
-    for (long ch = 0; ch < C; ch++) {  // the samples in _ParzenMI's order (one thread: same sums)
-        for (long p = ch * hw + r0 * W; p < ch * hw + r1 * W; p++) {
-            long base;
-            const float f = mi_fraction(val[p], lo, span, c, nb, &base);
-            const float f2 = f * f, f3 = f * f * f, r = 1.f - f;
-            float* to = hist + fb[p] * nb + base - 1;
-            to[0] += r * r * r / 6.f;
-            to[1] += (3.f * f3 - 6.f * f2 + 4.f) / 6.f;
-            to[2] += (-3.f * f3 + 3.f * f2 + 3.f * f + 1.f) / 6.f;
-            to[3] += f3 / 6.f;
-        }
-    }
-    team.sync();
-    if (team.id == 0) mi_table(a, work.hist.data(), team.size, n, work.table.data());
-    team.sync();
-    const float* table = work.table.data();
-    double s1 = 0.0, s2 = 0.0, at_lo = 0.0, at_hi = 0.0;
-    for (long ch = 0; ch < C; ch++) {
-        for (long p = ch * hw + r0 * W; p < ch * hw + r1 * W; p++) {
-            long base;
-            const float x = val[p], f = mi_fraction(x, lo, span, c, nb, &base);
-            const float f2 = f * f, r = 1.f - f;
-            const float* tb = table + fb[p] * nb + base - 1;
-            const float g = tb[0] * (-r * r / 2.f) + tb[1] * ((3.f * f2 - 4.f * f) / 2.f) +
-                            tb[2] * ((-3.f * f2 + 2.f * f + 1.f) / 2.f) + tb[3] * (f2 / 2.f);
-            const float grad = -(g / float(n) * c) / span;  // d(-value)/d(x) at fixed lo, hi
-            gm[p] = grad;
-            s1 += grad;
-            s2 += double(grad) * double((x - lo) / span);
-            at_lo += x == lo, at_hi += x == hi;
-        }
-    }
-    mine[2] = s1, mine[3] = s2, mine[4] = at_lo, mine[5] = at_hi;
-    team.sync();
-    s1 = s2 = at_lo = at_hi = 0.0;
-    for (int t = 0; t < team.size; t++) {
-        const double* st = work.stats.data() + 8 * t;
-        s1 += st[2], s2 += st[3], at_lo += st[4], at_hi += st[5];
-    }
-    const double d_span = range >= 1e-12f ? -s2 : 0.0;  // clamp_min passes no gradient below
-    const float g_lo = float(-s1 - d_span) / float(at_lo), g_hi = float(d_span) / float(at_hi);
+    const air::MiPair<float> pair{val, a.fixed_bins + b * C * hw, C, hw, r0 * W, r1 * W,
+                                  a.bins, a.normalised != 0, lo, hi, work.hist.data(),
+                                  work.table.data(), work.stats.data()};
+    const air::MiEnds ends = air::mi_gradient(pair, team, gm);
     for (long i = r0; i < r1; i++) {
         std::fill(s.gy, s.gy + W, 0.f);
         std::fill(s.gx, s.gx + W, 0.f);
         for (long ch = 0; ch < C; ch++) {
             const long at = ch * hw + i * W;
             for (long j = 0; j < W; j++) {
-                const float x = val[at + j];
-                const float g = gm[at + j] + (x == lo ? g_lo : 0.f) + (x == hi ? g_hi : 0.f);
+                const float g = ends.grad(gm[at + j], val[at + j]);
                 s.gy[j] += g * dy[at + j];
                 s.gx[j] += g * dx[at + j];
             }

@@ -1,5 +1,5 @@
 // One pyramid level of air_reg.refine's Adam loop on volumes in one call (issue #34), CPU
-// float32, MSE: refine_loop.cpp's maths one axis up.
+// float32, MSE or mutual information: refine_loop.cpp's maths one axis up.
 //
 // refine's objective per pair, at a level of (D, H, W) voxels with the field on an (fd, fh, fw)
 // grid:
@@ -7,6 +7,9 @@
 //   u      = n squarings of v, each u + u sampled (trilinear, border) at p + u(p)
 //   coarse = affine + u + (A - I) u               (after_affine; without one: u)
 //   loss   = MSE(warp(moving, up(coarse)), fixed) + wd Diffusion(coarse) + wf NegJac(coarse)
+// (or, given the fixed image's bins, -MutualInformation()(warped, fixed) for MSE: mi.h's
+// histogram, entropies and analytic gradient, the joint histogram summed in double: at 1 mm a
+// bin can hold millions of samples, where float32 sums drop the window's weights)
 // and its gradient, written out, then torch.optim.Adam's update with refine's cosine-decayed
 // step (_optimise in air_reg/refine/optimise.py). up() is torch's trilinear upsampling
 // (align_corners=False) times the size ratio (resize_flow); NegJac's det J takes
@@ -42,9 +45,12 @@ struct AirRefineLevel3 {  // mirrored by air_reg.speed.refine_loop._Level3
     double lr, decay;          // step lr * (decay + (1 - decay) (1 + cos(pi i / (steps - 1))) / 2)
     float scale[3];            // field grid / image size, per axis
     float reg_weight, fold_weight, fold_margin;
+    const int* fixed_bins;     // (B, C * D * H * W) the fixed image's box-window bins, or null
+    long bins, normalised;     // MutualInformation's bins and normalised
 };
 
 #include "interp.h"
+#include "mi.h"
 
 namespace {
 
@@ -181,6 +187,10 @@ inline void spread(float* p, const Loc& l, float g) {
 struct Work {
     long N, np;  // field voxels, control points
     std::vector<float> u, coarse, g0, g1, fold, mx, t2, t3, gp, priv;
+    // mutual information: the warped volume, its slopes, its gradient (C, D, H, W); per team
+    // thread a histogram (bins, bins) and sums; the gradient table
+    std::vector<float> val, dz, dy, dx, gm, table;
+    std::vector<double> hist, stats;
     Work(const AirRefineLevel3& a, int team)
         : N(a.field[0] * a.field[1] * a.field[2]),
           np(a.grid[0] * a.grid[1] * a.grid[2]),
@@ -193,7 +203,14 @@ struct Work {
           t2(3 * a.grid[0] * a.field[1] * a.field[2]),
           t3(3 * a.field[0] * a.grid[1] * a.grid[2]),
           gp(3 * np),
-          priv(team > 1 ? team * 3 * N : 0) {}
+          priv(team > 1 ? team * 3 * N : 0) {
+        if (!a.fixed_bins) return;
+        const long n = a.C * a.size[0] * a.size[1] * a.size[2];
+        for (auto* x : {&val, &dz, &dy, &dx, &gm}) x->resize(n);
+        hist.resize(team * a.bins * a.bins);
+        table.resize(a.bins * a.bins);
+        stats.resize(8 * team);
+    }
 };
 
 // ---- the passes of one step ----
@@ -449,57 +466,122 @@ void coarse_grad(const AirRefineLevel3& a, const Plan& plan, const Work& w, long
     }
 }
 
+// Image row (Z, Y)'s samples: the coarse flow upsampled (slices and rows, then columns,
+// scaled), each voxel's sample located, into locs (W); mix (3, fw) between.
+void locate_row(const AirRefineLevel3& a, const Plan& plan, const float* coarse, long Z, long Yi,
+                float* mix, Loc* locs) {
+    const long D = a.size[0], H = a.size[1], W = a.size[2];
+    const long h = a.field[1], w = a.field[2], n = a.field[0] * h * w;
+    const Tap tz = plan.ax[0].tap[Z], ty = plan.ax[1].tap[Yi];
+    for (int k = 0; k < 3; k++) {  // the field's row at (Z, Y), scaled
+        const float* c = coarse + k * n;
+        const float *a00 = c + (tz.i0 * h + ty.i0) * w, *a01 = c + (tz.i0 * h + ty.i1) * w;
+        const float *a10 = c + (tz.i1 * h + ty.i0) * w, *a11 = c + (tz.i1 * h + ty.i1) * w;
+        for (long q = 0; q < w; q++) {
+            mix[k * w + q] = plan.up_scale[k] * (tz.l0 * (ty.l0 * a00[q] + ty.l1 * a01[q]) +
+                                                 tz.l1 * (ty.l0 * a10[q] + ty.l1 * a11[q]));
+        }
+    }
+    for (long Xi = 0; Xi < W; Xi++) {
+        const Tap tx = plan.ax[2].tap[Xi];
+        float u[3];
+        for (int k = 0; k < 3; k++) u[k] = tx.l0 * mix[k * w + tx.i0] + tx.l1 * mix[k * w + tx.i1];
+        locs[Xi] = locate(float(Z) + u[0], float(Yi) + u[1], float(Xi) + u[2], D, H, W);
+    }
+}
+
+// Row (Z, Y) of mx (3, D, H, fw): grad (3, W) through the column upsampling's transpose, as a
+// gather.
+void columns_adjoint(const AirRefineLevel3& a, const Plan& plan, const float* grad, float* mx,
+                     long Z, long Yi) {
+    const Axis& X = plan.ax[2];
+    const long w = a.field[2], W = a.size[2];
+    for (int k = 0; k < 3; k++) {
+        float* out = mx + ((k * a.size[0] + Z) * a.size[1] + Yi) * w;
+        for (long q = 0; q < w; q++) {
+            float acc = 0.f;
+            for (long e = X.from[q]; e < X.from[q + 1]; e++) {
+                acc += X.take[e].second * grad[k * W + X.take[e].first];
+            }
+            out[q] = acc;
+        }
+    }
+}
+
 // Image slices [z0, z1): the warp through the upsampled coarse flow, MSE's gradient, back to
 // the flow at each voxel, then through the column upsampling's transpose: mx (3, D, H, fw).
 void image_slices(const AirRefineLevel3& a, const Plan& plan, long b, const float* coarse,
                   float* mx, long z0, long z1) {
-    const long D = a.size[0], H = a.size[1], W = a.size[2], vol = D * H * W;
-    const long d = a.field[0], h = a.field[1], w = a.field[2], n = d * h * w;
+    const long H = a.size[1], W = a.size[2], vol = a.size[0] * H * W;
     const float gcoef = float(2.0 / double(a.C * vol));  // d(b * batch mean)/d(warped), a pair
-    const Axis &X = plan.ax[2];
-    std::vector<float> mix(3 * w), grad(3 * W);
+    std::vector<float> mix(3 * a.field[2]), grad(3 * W);
+    std::vector<Loc> locs(W);
     for (long Z = z0; Z < z1; Z++) {
-        const Tap tz = plan.ax[0].tap[Z];
         for (long Yi = 0; Yi < H; Yi++) {
-            const Tap ty = plan.ax[1].tap[Yi];
-            for (int k = 0; k < 3; k++) {  // the field's row at (Z, Y), scaled
-                const float* c = coarse + k * n;
-                const float *a00 = c + (tz.i0 * h + ty.i0) * w, *a01 = c + (tz.i0 * h + ty.i1) * w;
-                const float *a10 = c + (tz.i1 * h + ty.i0) * w, *a11 = c + (tz.i1 * h + ty.i1) * w;
-                for (long q = 0; q < w; q++) {
-                    mix[k * w + q] = plan.up_scale[k] *
-                                     (tz.l0 * (ty.l0 * a00[q] + ty.l1 * a01[q]) +
-                                      tz.l1 * (ty.l0 * a10[q] + ty.l1 * a11[q]));
-                }
-            }
+            locate_row(a, plan, coarse, Z, Yi, mix.data(), locs.data());
             std::fill(grad.begin(), grad.end(), 0.f);
+            const long row = (Z * H + Yi) * W;
             for (long Xi = 0; Xi < W; Xi++) {
-                const Tap tx = X.tap[Xi];
-                float u[3];
-                for (int k = 0; k < 3; k++) {
-                    u[k] = tx.l0 * mix[k * w + tx.i0] + tx.l1 * mix[k * w + tx.i1];
-                }
-                const Loc l = locate(float(Z) + u[0], float(Yi) + u[1], float(Xi) + u[2], D, H, W);
-                const long p = (Z * H + Yi) * W + Xi;
+                const Loc& l = locs[Xi];
                 for (long ch = 0; ch < a.C; ch++) {
                     const long at = (b * a.C + ch) * vol;
                     const Corners cs(a.moving + at, l);
                     float dz, dy, dx;
                     cs.slopes(l, &dz, &dy, &dx);
-                    const float gv = (cs.value(l) - a.fixed[at + p]) * gcoef;
+                    const float gv = (cs.value(l) - a.fixed[at + row + Xi]) * gcoef;
                     grad[Xi] += gv * dz, grad[W + Xi] += gv * dy, grad[2 * W + Xi] += gv * dx;
                 }
             }
-            for (int k = 0; k < 3; k++) {  // the column upsampling's transpose, as a gather
-                float* out = mx + ((k * D + Z) * H + Yi) * w;
-                for (long q = 0; q < w; q++) {
-                    float acc = 0.f;
-                    for (long e = X.from[q]; e < X.from[q + 1]; e++) {
-                        acc += X.take[e].second * grad[k * W + X.take[e].first];
-                    }
-                    out[q] = acc;
+            columns_adjoint(a, plan, grad.data(), mx, Z, Yi);
+        }
+    }
+}
+
+// The image term for mutual information over the team's image slices, into mx as
+// image_slices: warp, keeping the warped volume and its slopes; mi.h's gradient per voxel
+// (the team's histogram and sums); back to the flow.
+void mi_slices(const AirRefineLevel3& a, const Plan& plan, Work& work, long b,
+               const float* coarse, const Team& team) {
+    const long H = a.size[1], W = a.size[2], hw = H * W, vol = a.size[0] * hw, C = a.C;
+    const long z0 = team.lo(a.size[0]), z1 = team.hi(a.size[0]);
+    float *val = work.val.data(), *dz = work.dz.data(), *dy = work.dy.data();
+    float *dx = work.dx.data(), *gm = work.gm.data();
+    std::vector<float> mix(3 * a.field[2]), grad(3 * W);
+    std::vector<Loc> locs(W);
+    float lo = INFINITY, hi = -INFINITY;
+    for (long Z = z0; Z < z1; Z++) {
+        for (long Yi = 0; Yi < H; Yi++) {
+            locate_row(a, plan, coarse, Z, Yi, mix.data(), locs.data());
+            for (long ch = 0; ch < C; ch++) {
+                const float* moving = a.moving + (b * C + ch) * vol;
+                const long row = ch * vol + (Z * H + Yi) * W;
+                for (long Xi = 0; Xi < W; Xi++) {
+                    const Corners cs(moving, locs[Xi]);
+                    const float x = cs.value(locs[Xi]);
+                    val[row + Xi] = x;
+                    lo = std::min(lo, x), hi = std::max(hi, x);
+                    cs.slopes(locs[Xi], dz + row + Xi, dy + row + Xi, dx + row + Xi);
                 }
             }
+        }
+    }
+    const air::MiPair<double> pair{val, a.fixed_bins + b * C * vol, C, vol, z0 * hw, z1 * hw,
+                                   a.bins, a.normalised != 0, lo, hi, work.hist.data(),
+                                   work.table.data(), work.stats.data()};
+    const air::MiEnds ends = air::mi_gradient(pair, team, gm);
+    for (long Z = z0; Z < z1; Z++) {
+        for (long Yi = 0; Yi < H; Yi++) {
+            std::fill(grad.begin(), grad.end(), 0.f);
+            for (long ch = 0; ch < C; ch++) {
+                const long row = ch * vol + (Z * H + Yi) * W;
+                for (long Xi = 0; Xi < W; Xi++) {
+                    const float g = ends.grad(gm[row + Xi], val[row + Xi]);
+                    grad[Xi] += g * dz[row + Xi];
+                    grad[W + Xi] += g * dy[row + Xi];
+                    grad[2 * W + Xi] += g * dx[row + Xi];
+                }
+            }
+            columns_adjoint(a, plan, grad.data(), work.mx.data(), Z, Yi);
         }
     }
 }
@@ -555,7 +637,12 @@ void run_pair(const AirRefineLevel3& a, const Plan& plan, Work& work, long b, co
         }
         team.sync();
         // backward: the image term per image slice, the fold term per field slice
-        image_slices(a, plan, b, coarse, work.mx.data(), team.lo(a.size[0]), team.hi(a.size[0]));
+        if (a.fixed_bins) {
+            mi_slices(a, plan, work, b, coarse, team);
+        } else {
+            image_slices(a, plan, b, coarse, work.mx.data(), team.lo(a.size[0]),
+                         team.hi(a.size[0]));
+        }
         if (a.fold_weight != 0.f) fold_terms(a, coarse, work.fold.data(), f0, f1);
         team.sync();
         float* g = work.g0.data();
