@@ -23,7 +23,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.y
 NEEDS = {"voxelmorph": "voxelmorph"}  # model.net target module -> the extra it imports
 
 
-def _size(image_size) -> tuple[int, int]:
+def _size(image_size) -> tuple[int, ...]:
     return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
 
 
@@ -45,12 +45,18 @@ def test_experiment_composes_instantiates_and_takes_a_step(experiment, make_cfg)
     model = instantiate(cfg.model)
     speed.accelerate(model.net, **speed.settings_of(cfg))  # as train.py does
 
-    h, w = _size(cfg.data.image_size)
+    size = _size(cfg.data.image_size)
     g = torch.Generator().manual_seed(0)
-    fixed, moving, flow, labels = make_pairs(2, max(h, w), 1.5, g)
-    fixed, moving = fixed[..., :h, :w].contiguous(), moving[..., :h, :w].contiguous()
-    label = labels[:, None, None, None] + 1  # the shape's label inside it, 0 outside
-    batch = {"flow": flow[..., :h, :w].contiguous(), "moving_labels": label * (moving > 0.5),
+    if len(size) == 2:
+        h, w = size
+        fixed, moving, flow, labels = make_pairs(2, max(h, w), 1.5, g)
+        fixed, moving = fixed[..., :h, :w].contiguous(), moving[..., :h, :w].contiguous()
+        flow, label = flow[..., :h, :w].contiguous(), labels[:, None, None, None] + 1
+    else:  # volumes (data=synth3d): smooth random images, a small random field
+        size = tuple(min(n, 16) for n in size)
+        fixed = torch.nn.functional.avg_pool3d(torch.rand(2, 1, *size, generator=g), 3, 1, 1)
+        moving, flow, label = fixed.roll(1, -1), 0.5 * torch.randn(2, 3, *size, generator=g), 1
+    batch = {"flow": flow, "moving_labels": label * (moving > 0.5),
              "fixed_labels": label * (fixed > 0.5)}  # as data=synth's batches  # fmt: skip
     optimizer = model.optimizer_factory(params=model.parameters())
     if model.scheduler_factory is not None:
@@ -68,7 +74,7 @@ def test_experiment_composes_instantiates_and_takes_a_step(experiment, make_cfg)
     model.eval()
     with torch.no_grad():
         flow = model(fixed, moving)
-    assert flow.shape == (2, 2, h, w), (experiment, flow.shape)
+    assert flow.shape == (2, len(size), *size), (experiment, flow.shape)
     assert torch.isfinite(flow).all()
 
 
