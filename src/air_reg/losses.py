@@ -7,6 +7,8 @@ Regularisers take a flow (B, D, *spatial) in pixels and return a scalar penalty.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -176,6 +178,14 @@ def _bspline3(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w, dw
 
 
+# _bspline3's weights as cubics in s: w_k(s) = sum_p _BSPLINE3[k, p] s^p (each column sums to
+# 1, 0, 0, 0: the weights sum to 1)
+_BSPLINE3 = (
+    torch.tensor([[1, -3, 3, -1], [4, 0, -6, 3], [1, 3, 3, -3], [0, 0, 0, 1]], dtype=torch.float64)
+    / 6
+)
+
+
 def _entropy(p: torch.Tensor, dims) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dims)
 
@@ -259,11 +269,11 @@ class MutualInformation(nn.Module):
         self.fixed_window = fixed_window
 
     def mutual_information(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """(B,) MI (or NMI) of each pair, in nats; higher is more similar."""
-        m, f = warped.flatten(1), fixed.flatten(1).detach()  # (B, N)
-        if self.sampling < 1:  # every k-th pixel
-            step = max(1, round(1 / self.sampling))
-            m, f = m[:, ::step], f[:, ::step]
+        """(B,) MI (or NMI) of each pair, in nats; higher is more similar. Without autograd
+        (no grad mode, or a ``warped`` that needs none): ``from_histogram(histogram(...))``."""
+        if not (torch.is_grad_enabled() and warped.requires_grad):
+            return self.from_histogram(self.histogram(warped, fixed)).to(warped.dtype)
+        m, f = self._samples(warped), self._samples(fixed.detach())  # (B, N)
         t, s = self._bin_coordinates(m), self._bin_coordinates(f)  # (B, N) in [1, bins - 2]
         if self.fixed_window == "bspline":
             base = s.floor().clamp(1, self.bins - 3)
@@ -274,6 +284,73 @@ class MutualInformation(nn.Module):
             f_bins = scaled.long().clamp(0, self.bins - 1)[..., None]  # (B, N, 1)
             wf = torch.ones_like(s)[..., None]
         return _ParzenMI.apply(t, wf, f_bins, self.bins, self.normalised)
+
+    @torch.no_grad()
+    def histogram(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """(B, bins, bins) float64 joint distribution (fixed bin, moving bin) of each pair: the
+        one ``mutual_information`` differentiates, without autograd or a (B, N, 4) tensor. The
+        window's weights are cubics in each sample's fraction s of a bin, so 4 (box) or 16
+        ``bincount``s of the power sums of s (times the fixed fraction's) give the histogram,
+        summed in double. A pair with a non-finite intensity: NaN."""
+        m, f = self._samples(warped), self._samples(fixed)  # (B, N)
+        b, bins = m.shape[0], self.bins
+        size = b * bins * bins
+        t, bad = self._finite_coordinates(m)
+        base = t.floor().clamp_(1, bins - 3)  # moving bins base - 1 + k, k = 0..3
+        s = t.sub_(base).flatten().to(torch.float64)
+        first, fixed_powers, bad_fixed = self._fixed_part(f)
+        first = first.add_(base.long()).flatten()  # (B N,) flat index of bins (f, base - 1)
+        sums = torch.zeros(len(fixed_powers), 4, size, dtype=torch.float64, device=m.device)
+        for a, x in enumerate(fixed_powers):  # x = u^a s^p (None: 1), u the fixed fraction
+            for p in range(4):
+                sums[a, p] = torch.bincount(first, x, minlength=size)
+                x = s if x is None else x * s if x is s else x.mul_(s)  # (s itself kept)
+        coef = _BSPLINE3.to(sums.device)
+        fixed_coef = coef if len(fixed_powers) == 4 else coef.new_ones(1, 1)
+        parts = torch.einsum("ja,kp,api->jki", fixed_coef, coef, sums)  # (J, 4, size)
+        joint = torch.zeros(size, dtype=torch.float64, device=m.device)
+        for j, k in itertools.product(range(len(fixed_coef)), range(4)):
+            shift = j * bins + k  # first + shift < size: the tail of parts[j, k] is empty
+            joint[shift:] += parts[j, k, : size - shift]
+        joint = joint.clamp_(min=0).view(b, bins, bins) / m.shape[1]  # clamp: rounding, < 1e-15
+        return joint.masked_fill_((bad | bad_fixed)[:, None, None], float("nan"))
+
+    def from_histogram(self, joint: torch.Tensor) -> torch.Tensor:
+        """(B,) MI (or NMI) of (B, bins, bins) joint distributions, as ``mutual_information``."""
+        h_f, h_m = _entropy(joint.sum(2), 1), _entropy(joint.sum(1), 1)
+        h_fm = _entropy(joint, (1, 2))
+        return (h_f + h_m) / h_fm if self.normalised else h_f + h_m - h_fm
+
+    def _samples(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N) intensities of (B, C, *spatial) images: every k-th if ``sampling`` < 1."""
+        x = x.flatten(1)
+        return x[:, :: max(1, round(1 / self.sampling))] if self.sampling < 1 else x
+
+    def _finite_coordinates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_bin_coordinates``'s numbers (B, N), by the same operations in place, and which
+        pairs (B,) hold a non-finite intensity (their coordinates all 1: NaN has no bin)."""
+        lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+        bad = ~(lo.isfinite() & hi.isfinite()).flatten()
+        t = (x - lo).div_((hi - lo).clamp_min(1e-12)).mul_(self.bins - 3).add_(1)
+        if bad.any():
+            t[bad] = 1
+        return t, bad
+
+    def _fixed_part(self, f: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor]:
+        """Of fixed samples (B, N): the flat index of (pair, first fixed bin, moving bin -1)
+        (B, N); the powers 1 (None), u, u^2, u^3 (B N,) of their fraction u of a bin (box: 1
+        only); and which pairs are non-finite (B,)."""
+        s, bad = self._finite_coordinates(f)
+        b, bins = f.shape[0], self.bins
+        offset = torch.arange(b, device=f.device)[:, None] * bins**2 - 1
+        if self.fixed_window == "bspline":
+            base = s.floor().clamp_(1, bins - 3)  # fixed bins base - 1 + j, j = 0..3
+            u = s.sub_(base).flatten().to(torch.float64, copy=True)
+            first, powers = base.long().sub_(1).mul_(bins), [None, u, u * u, u * u * u]
+        else:  # box: the bin the fixed intensity falls in, as mutual_information's
+            first = s.sub_(1).div_(bins - 3).mul_(bins).long().clamp_(0, bins - 1).mul_(bins)
+            powers = [None]
+        return first.add_(offset), powers, bad
 
     def _bin_coordinates(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N) intensities -> [1, bins - 2] by each pair's own min and max."""

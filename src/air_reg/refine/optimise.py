@@ -78,7 +78,10 @@ def similarity_module(similarity) -> nn.Module:
 
 
 def per_pair(similarity: nn.Module, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    """(B,) similarity of each pair alone (our similarities are batch means)."""
+    """(B,) similarity of each pair alone (our similarities are batch means); MI's in one call
+    (its per-pair values; without autograd under no_grad: ``MutualInformation.histogram``)."""
+    if type(similarity) is MutualInformation:
+        return -similarity.mutual_information(warped, fixed)
     return torch.stack(
         [similarity(warped[i : i + 1], fixed[i : i + 1]) for i in range(len(fixed))]
     )
@@ -99,12 +102,22 @@ def keep_if_better(
     """
     similarity = similarity_module(similarity)
     warped = warp(moving, flow)
-    after, before = per_pair(similarity, warped, fixed), per_pair(similarity, moving, fixed)
-    worse = (after > before - GUARD_TOL) | after.isnan()  # the identity is simpler
     mi = MutualInformation(normalised=False)  # in nats, as MI_GUARD_TOL
-    lost = (
-        mi.mutual_information(warped, fixed) < mi.mutual_information(moving, fixed) - MI_GUARD_TOL
-    )
+    joints = mi.histogram(warped, fixed), mi.histogram(moving, fixed)  # after, before
+
+    def values(measure: MutualInformation) -> list[torch.Tensor]:
+        return [measure.from_histogram(j).to(warped.dtype) for j in joints]
+
+    keys = ("bins", "sampling", "fixed_window")
+    if type(similarity) is MutualInformation and all(
+        getattr(similarity, k) == getattr(mi, k) for k in keys
+    ):  # refine's MI: the same histograms, as NMI (or MI)
+        after, before = (-v for v in values(similarity))
+    else:
+        after, before = per_pair(similarity, warped, fixed), per_pair(similarity, moving, fixed)
+    worse = (after > before - GUARD_TOL) | after.isnan()  # the identity is simpler
+    mi_after, mi_before = values(mi)
+    lost = mi_after < mi_before - MI_GUARD_TOL
     if (lost & ~worse).any():
         log.warning(
             "guard: %d of %d pair(s) more similar by %s but with less mutual information than "
