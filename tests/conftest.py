@@ -42,6 +42,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+class Sequence(torch.nn.Module):
+    """A stub 'network' returning given flows in turn and recording what it was shown."""
+
+    def __init__(self, *flows: torch.Tensor) -> None:
+        super().__init__()
+        self.flows, self.seen = list(flows), []
+
+    def forward(self, fixed, moving):
+        self.seen.append(moving)
+        return self.flows[len(self.seen) - 1]
+
+
 class NaNAfterLoss(torch.nn.Module):
     """MSE that turns NaN after ``steps`` calls in training mode (for the non-finite test)."""
 

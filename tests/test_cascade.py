@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Sequence
 from torch import nn
 
 import air_reg
@@ -45,29 +46,17 @@ def test_fit_affine_ignores_a_region_the_flow_gets_wrong():
     assert err(robust) < 0.3
 
 
-class _Fixed(nn.Module):
-    """Returns its flows in turn; records the moving images it saw."""
-
-    def __init__(self, *flows):
-        super().__init__()
-        self.flows, self.seen = list(flows), []
-
-    def forward(self, fixed, moving):
-        self.seen.append(moving)
-        return self.flows[len(self.seen) - 1]
-
-
 def test_affine_cascade_starts_each_pass_from_the_fit():
     moving = torch.rand(2, 1, 24, 30, generator=torch.Generator().manual_seed(0))
     first = affine_flow(_theta(2, 2), (24, 30)) + 0.3 * torch.randn(2, 2, 24, 30)
     second = 0.2 * torch.randn(2, 2, 24, 30)
-    net = _Fixed(first, second)
+    net = Sequence(first, second)
     total = apply_repeatedly(net, moving, moving, 2, affine=True)
     start = affine_flow(fit_affine(first), (24, 30))
     assert torch.allclose(net.seen[1], warp(moving, start))
     assert torch.allclose(total, compose(start, second))
     # without the option: the plain composition, as before
-    plain = apply_repeatedly(_Fixed(first, second), moving, moving, 2)
+    plain = apply_repeatedly(Sequence(first, second), moving, moving, 2)
     assert torch.allclose(plain, compose(first, second))
 
 

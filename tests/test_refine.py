@@ -3,7 +3,7 @@ the Registrar that refines a network's flow."""
 
 import pytest
 import torch
-from torch import nn
+from conftest import Sequence
 
 from air_reg import warp
 from air_reg.data.synthetic import make_flows, make_pairs
@@ -48,18 +48,6 @@ def affine_field(a, t) -> torch.Tensor:
     p = torch.stack(torch.meshgrid(axis, axis, indexing="ij"))  # (2, H, W)
     a, t = torch.tensor(a), torch.tensor(t)
     return (torch.einsum("ij,jhw->ihw", a, p) + t[:, None, None])[None]
-
-
-class Sequence(nn.Module):
-    """A stub 'network' returning given flows in turn and recording what it was shown."""
-
-    def __init__(self, *flows: torch.Tensor) -> None:
-        super().__init__()
-        self.flows, self.seen = list(flows), []
-
-    def forward(self, fixed, moving):
-        self.seen.append(moving)
-        return self.flows[len(self.seen) - 1]
 
 
 # -- refine ------------------------------------------------------------------------------
