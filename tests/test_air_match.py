@@ -103,6 +103,26 @@ def test_chunked_and_whole_matching_agree(grad):
     )
 
 
+@pytest.mark.parametrize("size", [(9, 13), (5, 6, 7)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_local_match_in_slabs_equals_the_whole(size, grad):
+    # below max_scores the grid goes in slabs along its first axis (a volume's full-resolution
+    # windows would otherwise hold GBs of scores): the same flow and gradients, 2-D and 3-D
+    fixed = torch.randn(2, 8, *size, requires_grad=grad)
+    moving = torch.randn(2, 8, *size, requires_grad=grad)
+    scale = torch.tensor(0.5, requires_grad=grad)
+    kw = {"radius": 2, "scale": scale, "prior": 0.3}
+    whole = local_match(fixed, moving, **kw)
+    per_row = 2 * size[-1] * (5 if len(size) == 2 else 5 * size[1] * 5) * 5
+    slabs = local_match(fixed, moving, max_scores=2 * per_row, **kw)  # 2 rows a slab
+    torch.testing.assert_close(slabs, whole, atol=1e-6, rtol=1e-6)
+    if grad:
+        g_whole = torch.autograd.grad(whole.square().sum(), (fixed, moving, scale))
+        g_slabs = torch.autograd.grad(slabs.square().sum(), (fixed, moving, scale))
+        for a, b in zip(g_slabs, g_whole, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_sine_position_encoding_any_grid():
     pos = sine_position_encoding(8, (3, 5))
     assert pos.shape == (1, 8, 3, 5)

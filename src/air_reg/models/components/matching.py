@@ -111,6 +111,9 @@ def global_match(
     return (target - coords).transpose(1, 2).reshape(b, len(grid), *grid)
 
 
+LOCAL_SCORES = 2**25  # local_match: at most about this many scores at once (128 MB a copy)
+
+
 def local_match(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -119,14 +122,41 @@ def local_match(
     scale,
     score: str = "l2",
     prior=0.0,
+    max_scores: int = LOCAL_SCORES,
 ) -> torch.Tensor:
     """Flow (B, n, *grid) in grid pixels from features (B, C, *grid), grid (h, w) or
     (d, h, w): each fixed position's softmax over the (2r+1)^n moving positions around it
     (replicate-padded), read as the weighted mean offset; ``score``, ``scale`` and ``prior``
-    as in ``global_match``."""
+    as in ``global_match``.
+
+    The scores are (B, *grid, (2r+1)^n): above ``max_scores`` of them the grid goes in slabs
+    along its first axis (recomputed in the backward pass, ``checkpoint``), each slab the same
+    computation on its rows, so memory stays that of ``max_scores`` (a 2 mm brain volume at
+    full resolution with r = 3: 411 M scores, 1.6 GB a copy, unchunked)."""
     grid = tuple(fixed.shape[2:])
     n, k = len(grid), 2 * radius + 1
     padded = F.pad(moving, (radius,) * (2 * n), mode="replicate")  # (B, C, *(grid + 2r))
+    kw = {"radius": radius, "scale": scale, "score": score, "prior": prior}
+    per_row = fixed.shape[0] * math.prod(grid[1:]) * k**n  # scores per row of the first axis
+    rows = max(1, max_scores // per_row)
+    if rows >= grid[0]:
+        return _local_scores(fixed, padded, **kw)
+    grad = torch.is_grad_enabled()
+    out = []
+    for r0 in range(0, grid[0], rows):
+        r1 = min(r0 + rows, grid[0])
+        args = (fixed[:, :, r0:r1], padded[:, :, r0 : r1 + 2 * radius])
+        if grad:
+            out.append(checkpoint(_local_scores, *args, use_reentrant=False, **kw))
+        else:
+            out.append(_local_scores(*args, **kw))
+    return torch.cat(out, dim=2)
+
+
+def _local_scores(fixed: torch.Tensor, padded: torch.Tensor, *, radius, scale, score, prior):
+    """``local_match`` on features (B, C, *grid) and the moving ones padded by ``radius``."""
+    grid = tuple(fixed.shape[2:])
+    n, k = len(grid), 2 * radius + 1
     # channels last, one shifted product per offset: the sums run over contiguous memory,
     # and there is no (B, C, K, *grid) copy as F.unfold would make
     last = (0, *range(2, n + 2), 1)
@@ -135,10 +165,20 @@ def local_match(
         (slice(None), *(slice(o, o + g) for o, g in zip(offset, grid, strict=True)))
         for offset in itertools.product(range(k), repeat=n)
     ]
-    scores = torch.stack([(fixed * padded[win]).sum(-1) for win in windows], dim=-1)
-    if score == "l2":  # -|f - m|^2 / 2 = f . m - |m|^2 / 2 - |f|^2 / 2 (the last: no matter)
-        half = padded.square().sum(-1) * 0.5  # (B, *(grid + 2r))
-        scores = scores - torch.stack([half[win] for win in windows], dim=-1)
+    half = padded.square().sum(-1) * 0.5 if score == "l2" else None  # (B, *(grid + 2r))
+    if torch.is_grad_enabled() and (fixed.requires_grad or padded.requires_grad):
+        scores = torch.stack([(fixed * padded[win]).sum(-1) for win in windows], dim=-1)
+        if half is not None:  # -|f - m|^2 / 2 = f . m - |m|^2 / 2 - |f|^2 / 2 (the last: none)
+            scores = scores - torch.stack([half[win] for win in windows], dim=-1)
+    else:  # the same numbers through one product buffer and one (K, B, *grid) block: no
+        # churn of K small tensors (glibc's heap kept GBs of them resident on volumes)
+        planes = fixed.new_empty(len(windows), *fixed.shape[:-1])
+        product = torch.empty_like(fixed)
+        for plane, win in zip(planes, windows, strict=True):
+            torch.sum(torch.mul(fixed, padded[win], out=product), -1, out=plane)
+            if half is not None:
+                plane.sub_(half[win])
+        scores = planes.movedim(0, -1).contiguous()  # (B, *grid, K)
     offsets = identity_grid((k,) * n, device=fixed.device, dtype=fixed.dtype).flatten(1) - radius
     scores = scores * scale - prior * 0.5 * offsets.square().sum(0)  # (B, *grid, K)
     weights = torch.softmax(scores, dim=-1)  # offsets row-major
