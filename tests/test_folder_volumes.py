@@ -156,3 +156,23 @@ def test_preprocessing_pads_crops_and_resizes_volumes():
     assert out.max() <= 1
     labels = resize.to_model(torch.randint(0, 3, (2, 1, 5, 6, 7)).float(), (4, 3, 14), True)
     assert set(labels.unique().tolist()) <= {0.0, 1.0, 2.0}
+
+
+@pytest.mark.slow  # ~10 s on 2 cores
+def test_train_and_eval_on_a_folder_of_volumes(make_cfg, tmp_path):
+    # the README's command on a folder of NIfTI volumes with label volumes: train, then eval
+    # from the checkpoint alone (the folder and its preprocessing come from its record)
+    from air_reg.eval import evaluate
+    from air_reg.train import train
+
+    root = volume_folder(tmp_path / "vols", n=10)  # 8 to train (2 of them to validate), 2 to test
+    cfg = make_cfg("train", ["data=folder", f"data.path={root}", "data.volumes=whole",
+                             "data.val_fraction=0.25",
+                             "data.image_size=[16,16,16]", "model=air_match",
+                             "data.pairs_per_epoch=4", "trainer.max_epochs=1"])  # fmt: skip
+    metrics = train(cfg)
+    assert {"test/mse", "test/dice_labels", "test/folding"} <= set(metrics)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    summary = evaluate(make_cfg("eval", [f"ckpt_path={ckpt}", "num_pairs=2"]))
+    assert summary["model"]["dice_labels"]["mean"] > 0  # the labels travelled with the pairs
+    assert summary["identity"]["mse"]["mean"] > 0

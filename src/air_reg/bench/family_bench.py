@@ -21,6 +21,7 @@ import torch
 
 from air_reg import metrics as M
 from air_reg.bench.families import FAMILIES, MNI, family
+from air_reg.bench.tables import checkpoint_name
 from air_reg.checkpoint import shipped_weights
 from air_reg.classical import ants_syn, demons, has_ants, has_simpleitk
 from air_reg.refine.optimise import keep_if_better
@@ -94,18 +95,10 @@ def label_of(key: str, steps: int = STEPS) -> str:
     """A row's label: ``LABELS``' for the fixed methods; a model's name and how it ran."""
     kind, _, source = key.partition(":")
     if kind in (NET, NET_REFINE, NET_CASCADE) and source:
-        name = _name(source)
+        name = checkpoint_name(source)
         return {NET: f"{name} one-shot", NET_CASCADE: f"{name} one-shot, 3 passes + affine",
                 NET_REFINE: f"{name} + refine {steps} (MI on contrast)"}[kind]  # fmt: skip
     return LABELS[key].format(steps=steps)
-
-
-def _name(source: str) -> str:
-    """A checkpoint's short name: the weights name, or its run folder's (logs/.../<run>/)."""
-    path = Path(source)
-    if path.suffix != ".ckpt":
-        return source
-    return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
 
 
 def _checkpoint(source: str):
@@ -211,7 +204,7 @@ def batched(sources: list[str], families: list[str], n: int, size: tuple[int, in
     lines = ["| family | model | one-shot EPE, batched | ms/pair, batched |", "|---" * 4 + "|"]
     for name in families:
         batch = family(name, n, size, seed, split=split)[0]
-        fns = {_name(s): make_method(f"{NET}:{s}", name) for s in sources}
+        fns = {checkpoint_name(s): make_method(f"{NET}:{s}", name) for s in sources}
         f, m = batch["fixed"], batch["moving"]
         rows = {k: (lambda fn=fn, f=f, m=m: fn(f, m)) for k, fn in fns.items()}
         for fn in rows.values():

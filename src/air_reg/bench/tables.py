@@ -25,6 +25,15 @@ COMPACT_ROWS = {
 PAPER_GAIN = {"mse": 0.027 / 0.0647 - 1, "psnr": 17.311 - 12.941, "smooth_dice": 0.827 - 0.756}
 
 
+def checkpoint_name(source: str) -> str:
+    """A checkpoint's short name in a table: the weights name, or its run folder's
+    (``logs/.../<run>/checkpoints/last.ckpt`` -> ``<run>``), else the file's stem."""
+    path = Path(source)
+    if path.suffix != ".ckpt":
+        return source
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+
+
 def write_tables(out: Path, tag: str, per_pair: dict, ms: dict) -> str:
     """``table_<tag>.md`` (methods as columns), ``table_<tag>.csv`` (method, metric, mean,
     std, n) and ``per_pair_<tag>.csv`` in ``out``; returns the markdown table."""

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from air_reg import metrics as M
+from air_reg.bench.tables import checkpoint_name
 from air_reg.data import brain
 from air_reg.errors import ConfigError
 from air_reg.models.components.spatial_transformer import (
@@ -241,7 +242,7 @@ def _one_shot(model) -> Callable:
 def label_of(key: str, steps: int = STEPS) -> str:
     kind, _, source = key.partition(":")
     if kind in (NET, NET_REFINE) and source:
-        name = Path(source).stem
+        name = checkpoint_name(source)
         return f"{name} one-shot" if kind == NET else f"{name} + refine {steps}"
     return LABELS[key].format(steps=steps)
 
