@@ -73,6 +73,22 @@ def test_a_missing_package_leaves_its_row_out(monkeypatch, caplog):
         rm.make_methods("same", ["bogus"], 2, 1)
 
 
+def test_ants_runs_with_our_settings_and_with_antspyx_defaults(monkeypatch):
+    calls = []
+    monkeypatch.setattr(rm, "has_ants", lambda: True)
+    monkeypatch.setattr(rm, "ants_syn", lambda f, m, **kw: calls.append(kw))
+    for family in ("same", "contrast"):
+        for fn in rm.make_methods(family, ["syn", "syn_quick"], 2, 1).values():
+            fn(None, None)
+    ours_same, quick_same, ours_contrast, quick_contrast = calls
+    assert "syn_metric" not in ours_same  # classical.SYN_DEFAULTS: CC
+    assert ours_contrast["syn_metric"] == "mattes"
+    for quick in (quick_same, quick_contrast):  # the configuration, either family
+        assert quick["reg_iterations"] == (40, 20, 0)
+        assert quick["syn_metric"] == "mattes"
+    assert rm.label_of("syn_quick", "same").startswith("ANTs SyNOnly, antspyx defaults")
+
+
 def test_a_tiny_run_gives_every_row_with_its_fields():
     threads = torch.get_num_threads()
     rows = rm.run([TINY], 1, methods=["identity", "refine"], steps=2, threads=1)
