@@ -54,7 +54,8 @@ def main() -> None:
     quick = ["--quick", "--pairs", "3"] if args.quick else []
     # ANTs both ways: its affine stage helps large motions, and hurts contrast changes
     methods = ["identity", "refine", "refine_mi", "syn", "syn_affine", "demons"]
-    # the U-Net ablation also at AiR-Match's inference (3 passes, the affine fit between them)
+    # the U-Net ablation also at AiR-Match's inference (up to 6 passes, the affine fit between
+    # them, a pair stopping once a pass moved it < 0.25 px)
     cascaded = [m for m in models if "voxelmorph" in m]
     cascaded = ["--cascaded", *cascaded] if cascaded else []
     run("refine_families.py", [*quick, "--methods", *methods, "--models", *models,

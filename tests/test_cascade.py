@@ -11,6 +11,7 @@ from torch import nn
 
 import air_reg
 from air_reg.checkpoint import shipped_weights
+from air_reg.errors import ConfigError
 from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import warp
 from air_reg.refine import keep_if_better
@@ -62,17 +63,49 @@ def test_affine_cascade_starts_each_pass_from_the_fit():
 
 def test_default_cascade_is_read_from_the_network_and_overridden_by_the_switches():
     path = shipped_weights(default_weights())
-    assert air_reg.load_model(path).cascade == 3
-    assert air_reg.load_model(path).cascade_affine
-    one = air_reg.load_model(path, cascade=1, cascade_affine=False)
-    assert (one.cascade, one.cascade_affine, one.settings) == (1, False, None)
+    default = air_reg.load_model(path)
+    assert (default.cascade, default.cascade_affine, default.cascade_tol) == (6, True, 0.25)
+    one = air_reg.load_model(path, cascade=1, cascade_affine=False, cascade_tol=0)
+    assert (one.cascade, one.cascade_affine, one.cascade_tol, one.settings) == (1, False, 0, None)
     digits = air_reg.load_model(shipped_weights("air_unet_mnist"))
-    assert (digits.cascade, digits.cascade_affine) == (1, False)
-    assert contract.default_cascade(None) == (1, False)
-    bad = nn.Identity()
-    bad.default_cascade = (0, True)
-    with pytest.raises(contract.ContractError, match="default_cascade"):
-        contract.default_cascade(bad)
+    assert (digits.cascade, digits.cascade_affine, digits.cascade_tol) == (1, False, 0.0)
+    assert contract.default_cascade(None) == (1, False, 0.0)
+    two = nn.Identity()
+    two.default_cascade = (3, True)  # a 2-tuple: no early stop
+    assert contract.default_cascade(two) == (3, True, 0.0)
+    for bad_value in [(0, True), (3, True, -1.0), (3, True, 0.5, 1)]:
+        bad = nn.Identity()
+        bad.default_cascade = bad_value
+        with pytest.raises(contract.ContractError, match="default_cascade"):
+            contract.default_cascade(bad)
+
+
+def test_cascade_tol_stops_each_pair_once_a_pass_moves_it_little():
+    # pair 0 keeps moving by 1 px a pass, pair 1 stops after its second pass moved it 0.1 px
+    moving = torch.rand(2, 1, 16, 18, generator=torch.Generator().manual_seed(1))
+    big, small = torch.zeros(2, 16, 18), torch.zeros(2, 16, 18)
+    big[0], small[0] = 1.0, 0.1  # shifts along rows
+
+    class Steps(nn.Module):  # the flow it returns depends on how many pairs it is given
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def forward(self, fixed, moving):
+            self.batches.append(len(fixed))
+            if len(self.batches) == 1:
+                return torch.stack([big, big])
+            return torch.stack([big, small])[: len(fixed)]
+
+    net = Steps()
+    flow = apply_repeatedly(net, moving, moving, 4, tol=0.25)
+    assert net.batches == [2, 2, 1, 1]  # pair 1 left after pass 2
+    torch.testing.assert_close(flow[0, 0], torch.full((16, 18), 4.0))  # 4 passes of 1 px
+    torch.testing.assert_close(flow[1, 0], torch.full((16, 18), 1.1))  # 1 + 0.1, then stopped
+    always = apply_repeatedly(Steps(), moving, moving, 4)  # tol 0: every pass for every pair
+    torch.testing.assert_close(always[1, 0], torch.full((16, 18), 1.3))
+    with pytest.raises(ConfigError, match="cascade_tol"):
+        apply_repeatedly(net, moving, moving, 2, tol=-1)
 
 
 def test_the_default_model_keeps_an_image_on_itself_and_finds_a_shift():

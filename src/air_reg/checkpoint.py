@@ -194,6 +194,7 @@ def load_model(
     refine_steps: int = 0,
     cascade: int | None = None,
     cascade_affine: bool | None = None,
+    cascade_tol: float | None = None,
     preset: str | None = "default",
     **refine_overrides,
 ) -> Registrar:
@@ -202,9 +203,10 @@ def load_model(
     ``model(fixed, moving)`` takes (B, 1, H, W) images in [0, 1] and returns the flow
     (B, 2, H, W) in pixels (channel 0 rows, channel 1 columns), on the fixed grid: the
     network's own flow, at its trained size (``model.image_size``). ``attention`` is the CLI's
-    ``speed.attention`` (``air_reg.speed``). ``cascade`` (passes) and ``cascade_affine`` (the
-    flow reduced to its affine fit between passes) default to the network's own choice
-    (``contract.default_cascade``: 3 passes with the affine for AiR-Match, else 1).
+    ``speed.attention`` (``air_reg.speed``). ``cascade`` (passes), ``cascade_affine`` (the
+    flow reduced to its affine fit between passes) and ``cascade_tol`` (px: a pair stops once
+    a pass moved it less) default to the network's own choice (``contract.default_cascade``:
+    up to 6 passes with the affine and 0.25 px for AiR-Match, else 1).
     ``refine_steps > 0`` (or ``affine_steps``, or ``cascade > 1`` on a network of one size)
     makes it refine: it then takes pairs at their own size
     (``model.accepts_any_size``) and refines each pair's flow there with
@@ -214,15 +216,15 @@ def load_model(
     (or ``"none"``) is model-free registration: the refinement alone.
     """
     net, record = (None, None) if _model_free(path) else _load_network(Path(path), attention)
-    cascade, cascade_affine = _cascade(net, cascade, cascade_affine)
+    cascade = _cascade(net, cascade, cascade_affine, cascade_tol)
     settings = None
-    if _refines(net, refine_steps, cascade, refine_overrides.get("affine_steps")):
+    if _refines(net, refine_steps, cascade[0], refine_overrides.get("affine_steps")):
         overrides = {"steps": refine_steps, **refine_overrides}
         if preset is None:
             settings = RefineSettings.from_config(overrides)
         else:
             settings = RefineSettings.preset(preset, **overrides)
-    return _registrar(net, record, device, settings, cascade, cascade_affine)
+    return _registrar(net, record, device, settings, cascade)
 
 
 def load_configured(path: str | Path | None, cfg):
@@ -230,22 +232,24 @@ def load_configured(path: str | Path | None, cfg):
     the composed ``cfg.refine`` goes through ``RefineSettings.from_config``, as a preset does."""
     attention = speed.settings_of(cfg)["attention"]
     net, record = (None, None) if _model_free(path) else _load_network(Path(path), attention)
-    cascade, cascade_affine = _cascade(net, cfg.cascade, cfg.get("cascade_affine"))
+    cascade = _cascade(net, cfg.cascade, cfg.get("cascade_affine"), cfg.get("cascade_tol"))
     settings = None
-    if _refines(net, cfg.refine_steps, cascade, cfg.refine.get("affine_steps")):
+    if _refines(net, cfg.refine_steps, cascade[0], cfg.refine.get("affine_steps")):
         settings = RefineSettings.from_config(cfg.refine, steps=cfg.refine_steps)
-    return _registrar(net, record, cfg.device, settings, cascade, cascade_affine)
+    return _registrar(net, record, cfg.device, settings, cascade)
 
 
 def _model_free(path) -> bool:
     return path is None or str(path) == "none"
 
 
-def _cascade(net, cascade: int | None, cascade_affine: bool | None) -> tuple[int, bool]:
+def _cascade(net, cascade: int | None, cascade_affine: bool | None,
+             cascade_tol: float | None) -> tuple[int, bool, float]:  # fmt: skip
     """The switches, each None taking the network's own (``contract.default_cascade``)."""
-    passes, affine = contract.default_cascade(net)
+    passes, affine, tol = contract.default_cascade(net)
     return (passes if cascade is None else int(cascade),
-            affine if cascade_affine is None else bool(cascade_affine))  # fmt: skip
+            affine if cascade_affine is None else bool(cascade_affine),
+            tol if cascade_tol is None else float(cascade_tol))  # fmt: skip
 
 
 def _refines(net, steps: int, cascade: int, affine_steps) -> bool:
@@ -255,8 +259,9 @@ def _refines(net, steps: int, cascade: int, affine_steps) -> bool:
     return bool(net is None or steps or (cascade != 1 and not any_size) or affine_steps)
 
 
-def _registrar(net, record, device, settings, cascade: int, cascade_affine: bool) -> Registrar:
-    return Registrar(net, settings, cascade=cascade, cascade_affine=cascade_affine,
+def _registrar(net, record, device, settings, cascade: tuple[int, bool, float]) -> Registrar:
+    passes, affine, tol = cascade
+    return Registrar(net, settings, cascade=passes, cascade_affine=affine, cascade_tol=tol,
                      build_config=record).to(device).eval()  # fmt: skip
 
 

@@ -15,8 +15,9 @@ A registration network is an ``nn.Module`` with
   size as they are (no token grid, nothing learned per position); ``register`` and the
   refinement then run it at the pair's own size instead of resizing the pair to
   ``image_size`` (which stays the size it was trained at);
-- optionally ``default_cascade`` ((int, bool), default (1, False)): how ``load_model`` and the
-  CLI apply it when ``cascade`` / ``cascade_affine`` are not given (``default_cascade``).
+- optionally ``default_cascade`` ((int, bool) or (int, bool, float), default (1, False, 0.0)):
+  how ``load_model`` and the CLI apply it when ``cascade`` / ``cascade_affine`` /
+  ``cascade_tol`` are not given (``default_cascade``).
 
 Nothing else: the training system (``RegistrationModule``), ``eval``, ``register``,
 refinement and ``load_model`` use only these. ``docs/extending.md`` shows a new model.
@@ -92,13 +93,20 @@ def integration_steps(net: nn.Module) -> int:
     return steps
 
 
-def default_cascade(net: nn.Module | None) -> tuple[int, bool]:
-    """(passes, affine between passes) a network asks to be applied with (its optional
-    ``default_cascade``; (1, False) otherwise and without a network)."""
-    passes, affine = getattr(net, "default_cascade", (1, False))
+def default_cascade(net: nn.Module | None) -> tuple[int, bool, float]:
+    """(passes, affine between passes, tol) a network asks to be applied with (its optional
+    ``default_cascade``, a 2-tuple meaning tol 0; (1, False, 0.0) otherwise and without a
+    network). ``tol`` (px): a pair's passes stop once one moved it less (``apply_repeatedly``)."""
+    passes, affine, *rest = getattr(net, "default_cascade", (1, False))
+    tol = float(rest[0]) if rest else 0.0
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ContractError(f"{type(net).__name__}.default_cascade passes must be an int >= 1")
-    return passes, bool(affine)
+    if len(rest) > 1 or not tol >= 0:
+        raise ContractError(
+            f"{type(net).__name__}.default_cascade must be (passes, affine) or (passes, affine, "
+            f"tol >= 0 px), got {net.default_cascade!r}"
+        )
+    return passes, bool(affine), tol
 
 
 def check_network(net: nn.Module, *, dry_run: bool = True) -> None:

@@ -34,21 +34,43 @@ def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
 
 def apply_repeatedly(
-    net: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, times: int, affine: bool = False
+    net: nn.Module,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    times: int,
+    affine: bool = False,
+    tol: float = 0.0,
 ) -> torch.Tensor:
     """Apply ``net`` ``times`` times to the progressively warped moving image (the CLI's
     ``cascade``); the composed flow (B, D, *spatial). ``affine`` (``cascade_affine``): before
     each further pass the flow so far is reduced to its robust affine fit (``fit_affine``), so
-    the next pass starts from a global alignment, not from the previous pass's local errors."""
+    the next pass starts from a global alignment, not from the previous pass's local errors.
+    ``tol`` (``cascade_tol``, px): a pair's passes stop once one changed its flow by less than
+    this on average (``times`` is then the most); 0: always ``times`` passes."""
     if times < 1:
         raise ConfigError(f"cascade needs k >= 1, got {times}")
+    if not tol >= 0:
+        raise ConfigError(f"cascade_tol must be >= 0 px, got {tol}")
     total = net(fixed, moving)  # (B, D, *spatial)
+    active = torch.ones(len(total), dtype=torch.bool, device=total.device)  # with tol > 0
     for _ in range(times - 1):
-        start = affine_flow(fit_affine(total), tuple(total.shape[2:])) if affine else total
+        pick = active if tol > 0 else slice(None)  # the pairs still moving
+        now = total[pick]
+        start = affine_flow(fit_affine(now), tuple(now.shape[2:])) if affine else now
         # Resample the ORIGINAL moving image with the composed field: one interpolation, so
         # no blur accumulates over the cascade.
-        step = net(fixed, warp(moving, start))
-        total = compose(start, step)
+        step = net(fixed[pick], warp(moving[pick], start))
+        new = compose(start, step)
+        if tol <= 0:
+            total = new
+            continue
+        total = total.clone()
+        total[pick] = new
+        still = active.clone()
+        still[active] = (new - now).norm(dim=1).flatten(1).mean(1) >= tol  # moved (px)
+        active = still
+        if not active.any():
+            break
     return total
 
 

@@ -28,7 +28,8 @@ class Registrar(nn.Module):
     also works), or None for model-free registration, which needs ``settings`` with
     ``steps`` or ``affine_steps``. ``settings.integration_steps=None`` takes the network's
     own (a diffeomorphic net stays diffeomorphic). ``cascade=k`` applies the net k times,
-    composed; ``cascade_affine`` reduces the flow to its affine fit before each further pass
+    composed; ``cascade_affine`` reduces the flow to its affine fit before each further pass,
+    and ``cascade_tol`` (px) stops a pair's passes once one moved it less
     (``apply_repeatedly``). ``build_config``: the checkpoint's record (model and data configs,
     versions). A refining registrar keeps its network in eval mode without gradients: the
     starting flow is the deterministic prediction and the parameters never change.
@@ -41,6 +42,7 @@ class Registrar(nn.Module):
         *,
         cascade: int = 1,
         cascade_affine: bool = False,
+        cascade_tol: float = 0.0,
         build_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -63,6 +65,9 @@ class Registrar(nn.Module):
             settings = settings.replace(integration_steps=own)
         self.net, self.settings, self.cascade = net, settings, cascade
         self.cascade_affine = bool(cascade_affine)
+        if not cascade_tol >= 0:
+            raise ConfigError(f"cascade_tol must be >= 0 px, got {cascade_tol}")
+        self.cascade_tol = float(cascade_tol)
         self.build_config = build_config
         if settings is not None and net is not None:
             net.eval()
@@ -121,7 +126,8 @@ class Registrar(nn.Module):
                     "spacing and init_flow act on the refinement: load the model with "
                     "refine_steps (e.g. refine_steps=50)"
                 )
-            return apply_repeatedly(self.net, fixed, moving, self.cascade, self.cascade_affine)
+            return apply_repeatedly(self.net, fixed, moving, self.cascade, self.cascade_affine,
+                                    self.cascade_tol)  # fmt: skip
         start = (
             init_flow
             if init_flow is not None
@@ -142,12 +148,12 @@ class Registrar(nn.Module):
         with torch.no_grad():
             flow = apply_repeatedly(self.net, prep.to_model(fixed, size),
                                     prep.to_model(moving, size), self.cascade,
-                                    self.cascade_affine)  # fmt: skip
+                                    self.cascade_affine, self.cascade_tol)  # fmt: skip
         return prep.from_model(flow, tuple(fixed.shape[2:]))
 
     def extra_repr(self) -> str:
         return (f"cascade={self.cascade}, cascade_affine={self.cascade_affine}, "
-                f"settings={self.settings}")  # fmt: skip
+                f"cascade_tol={self.cascade_tol}, settings={self.settings}")  # fmt: skip
 
 
 def _inner(net: nn.Module) -> nn.Module:

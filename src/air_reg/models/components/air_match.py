@@ -102,10 +102,12 @@ class AiRMatch(nn.Module):
     """
 
     accepts_any_size = True  # the contract's option: pairs at their own size
-    # applied 3 times, the flow reduced to its robust affine fit before the 2nd and 3rd pass
-    # (the contract's option; load_model's and the CLI's cascade / cascade_affine override it):
-    # large motions 4.40 -> 1.45 px one-shot on the tune families (docs/protocol.md)
-    default_cascade = (3, True)
+    # applied up to 6 times, the flow reduced to its robust affine fit before each further
+    # pass, a pair stopping once a pass moved it less than 0.25 px on average (the contract's
+    # option; load_model's and the CLI's cascade / cascade_affine / cascade_tol override it):
+    # large motions 4.40 (one pass) -> 1.45 (3 passes) -> 1.15 px one-shot on the tune
+    # families, small motions stopping after about 2 passes (docs/protocol.md)
+    default_cascade = (6, True, 0.25)
 
     def __init__(
         self,
