@@ -212,3 +212,25 @@ def test_guard_judges_mi_by_mi():
     flipped, worse = keep_if_better(-target, fixed, moving, "mi")
     assert worse.all()
     assert not flipped.any()
+
+
+def test_guard_names_a_kept_pair_whose_edges_got_worse(caplog):
+    # the 233 x 197 contrast pair of experiments/refine_matrix.py on which MSE refinement also
+    # raised MI (EPE 2.70 -> 7.01 px): kept, but named in a warning (edges by NGF)
+    pytest.importorskip("nilearn")
+    from air_reg import load_model
+    from air_reg.bench import refine_matrix as rm
+    from air_reg.metrics import epe as epe_px
+
+    size = next(s for s in rm.SIZES if s.name == "233x197")
+    pairs = rm.make_pairs(size, "contrast", 8)  # the run's 8 pairs, its third
+    fixed, moving, target = (pairs[k][2:3] for k in ("fixed", "moving", "flow"))
+    with caplog.at_level(logging.WARNING, logger="air_reg.refine.optimise"):
+        flow = load_model(None, refine_steps=60)(fixed, moving)
+    assert epe_px(flow, target).item() > 2 * epe_px(torch.zeros_like(target), target).item()
+    assert "edges less aligned (NGF)" in caplog.text
+    caplog.clear()
+    same = rm.make_pairs(size, "same", 8)  # the same fields, same contrast: no word
+    with caplog.at_level(logging.WARNING, logger="air_reg.refine.optimise"):
+        load_model(None, refine_steps=60)(same["fixed"], same["moving"])
+    assert "NGF" not in caplog.text

@@ -91,11 +91,14 @@ def fit_affine(flow: torch.Tensor, iterations: int = 3) -> torch.Tensor:
     q = (q.flatten(1) - centre[:, None]).T  # (N, D) about the image centre
     x = torch.cat([q, torch.ones_like(q[:, :1])], 1)  # (N, D + 1)
     y = sub.flatten(2).transpose(1, 2)  # (B, N, D)
-    weight = torch.ones_like(y[..., :1])  # (B, N, 1)
-    for _ in range(iterations + 1):
+
+    def solve(weight: torch.Tensor) -> torch.Tensor:  # (B, N, 1) -> (B, D + 1, D)
         xtw = (x * weight).transpose(1, 2)  # (B, D + 1, N)
-        solution = torch.linalg.solve(xtw @ x, xtw @ y)  # (B, D + 1, D)
-        weight = 1 / (x @ solution - y).norm(dim=2, keepdim=True).clamp_min(FIT_FLOOR)
+        return torch.linalg.solve(xtw @ x, xtw @ y)
+
+    solution = solve(torch.ones_like(y[..., :1]))
+    for _ in range(iterations):  # reweighted by the last fit's residuals
+        solution = solve(1 / (x @ solution - y).norm(dim=2, keepdim=True).clamp_min(FIT_FLOOR))
     eye = torch.eye(d, dtype=sub.dtype, device=sub.device)
     theta = torch.cat([solution[:, :d].transpose(1, 2) + eye, solution[:, d:].transpose(1, 2)], 2)
     return theta.to(flow.dtype)

@@ -59,6 +59,9 @@ AFFINE_LR = (0.01, 0.5)  # Adam steps of the affine stage: matrix entries, trans
 AFFINE_MAX_VOXELS = 2**18
 GUARD_TOL = 1e-6  # similarity rise below which a result is not "worse than doing nothing"
 MI_GUARD_TOL = 0.005  # nats of mutual information a kept result may lose (of ~1-3 at best)
+# NGF loss rise above which a kept result is named in a warning: its edges line up worse than
+# before (0 of 236 MNIST and family pairs rose > 0.005; a contrast pair MSE fooled MI on: 0.028)
+NGF_WARN_TOL = 0.01
 # init_flow may be a function of (fixed, moving after the affine stage): a network's flow.
 InitFlow = torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
@@ -128,7 +131,27 @@ def keep_if_better(
             type(similarity).__name__,
         )
     worse = worse | lost
+    _warn_if_edges_worse(similarity, warped, moving, fixed, kept=~worse)
     return torch.where(worse.view(-1, *[1] * (flow.ndim - 1)), 0.0, flow), worse
+
+
+def _warn_if_edges_worse(similarity, warped, moving, fixed, kept: torch.Tensor) -> None:
+    """A warning for kept pairs whose edges line up worse than before (NGF, contrast-blind):
+    a contrast change can fool both MSE and MI, the distortion raising MI too (measured: EPE
+    2.70 -> 7.01 px on an MNI152 T1 / T2-like pair refined with MSE). Nothing is changed."""
+    if isinstance(similarity, MutualInformation | NormalisedGradientFields) or not kept.any():
+        return
+    ngf = NormalisedGradientFields()
+    rise = per_pair(ngf, warped, fixed) - per_pair(ngf, moving, fixed)
+    bad = kept & (rise > NGF_WARN_TOL)
+    if bad.any():
+        log.warning(
+            "guard: %d of %d kept pair(s) have edges less aligned (NGF) than unregistered: a "
+            "contrast change the similarity was fooled by? Check them, or refine with "
+            "refine.similarity=mi",
+            int(bad.sum()),
+            len(bad),
+        )
 
 
 class _Adam:
