@@ -280,8 +280,7 @@ class MutualInformation(nn.Module):
             wf, _ = _bspline3(s - base)  # (B, N, 4)
             f_bins = base.long()[..., None] - 1 + torch.arange(4, device=f.device)
         else:  # box: the bin the fixed intensity falls in, over the full range
-            scaled = (s - 1) / (self.bins - 3) * self.bins
-            f_bins = scaled.long().clamp(0, self.bins - 1)[..., None]  # (B, N, 1)
+            f_bins = self._box_bins(s)[..., None]  # (B, N, 1)
             wf = torch.ones_like(s)[..., None]
         return _ParzenMI.apply(t, wf, f_bins, self.bins, self.normalised)
 
@@ -348,9 +347,13 @@ class MutualInformation(nn.Module):
             u = s.sub_(base).flatten().to(torch.float64, copy=True)
             first, powers = base.long().sub_(1).mul_(bins), [None, u, u * u, u * u * u]
         else:  # box: the bin the fixed intensity falls in, as mutual_information's
-            first = s.sub_(1).div_(bins - 3).mul_(bins).long().clamp_(0, bins - 1).mul_(bins)
-            powers = [None]
+            first, powers = self._box_bins(s).mul_(bins), [None]
         return first.add_(offset), powers, bad
+
+    def _box_bins(self, s: torch.Tensor) -> torch.Tensor:
+        """The box window's bin (long, in [0, bins - 1]) of bin coordinates ``s``
+        (``_bin_coordinates``): the full intensity range cut into ``bins`` equal bins."""
+        return ((s - 1) / (self.bins - 3) * self.bins).long().clamp(0, self.bins - 1)
 
     def _bin_coordinates(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N) intensities -> [1, bins - 2] by each pair's own min and max."""

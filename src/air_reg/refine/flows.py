@@ -64,11 +64,9 @@ def apply_repeatedly(
         if tol <= 0:
             total = new
             continue
-        total = total.clone()
-        total[pick] = new
-        still = active.clone()
-        still[active] = (new - now).norm(dim=1).flatten(1).mean(1) >= tol  # moved (px)
-        active = still
+        moved = (new - now).norm(dim=1).flatten(1).mean(1)  # px, per pair
+        total = total.index_put((active,), new)
+        active = active.index_put((active,), moved >= tol)
         if not active.any():
             break
     return total

@@ -244,17 +244,11 @@ def estimate_affine(
 
 
 def _affine_top(size: tuple[int, ...], max_voxels: int | None, min_size: int) -> tuple[int, ...]:
-    """The affine stage's finest level: ``size`` halved (as ``pyramid`` halves) until it has
-    at most ``max_voxels`` pixels, no side below ``min_size``."""
-    top = tuple(size)
-    for k in range(1, 64):
-        if max_voxels is None or math.prod(top) <= max_voxels:
-            break
-        half = tuple(round(n / 2**k) for n in size)
-        if min(half) < min_size:
-            break
-        top = half
-    return top
+    """The affine stage's finest level: the finest of ``pyramid``'s halvings of ``size`` with
+    at most ``max_voxels`` pixels (no side below ``min_size``: else the coarsest)."""
+    finest_first = pyramid(size, 64, min_size)[::-1]
+    fits = (s for s in finest_first if max_voxels is None or math.prod(s) <= max_voxels)
+    return next(fits, finest_first[-1])
 
 
 @contextlib.contextmanager

@@ -121,9 +121,7 @@ def supports(similarity: nn.Module, nd: int = 2) -> bool:
 def _fixed_bins(mi: MutualInformation, fixed: torch.Tensor) -> torch.Tensor:
     """(B, C * H * W) (or C * D * H * W) int32 box-window bins of the fixed image, as
     ``mutual_information``."""
-    s = mi._bin_coordinates(fixed.detach().flatten(1))
-    scaled = (s - 1) / (mi.bins - 3) * mi.bins
-    return scaled.long().clamp(0, mi.bins - 1).int().contiguous()
+    return mi._box_bins(mi._bin_coordinates(fixed.detach().flatten(1))).int().contiguous()
 
 
 def available(*tensors: torch.Tensor) -> bool:

@@ -150,8 +150,6 @@ def interpolation_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _interpolation_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
-    if mode not in INTERPOLATIONS:
-        raise ConfigError(f"unknown interpolation {mode!r}; choose one of {INTERPOLATIONS}")
     if mode == "bspline":
         step = n_in / n_out  # control-point units per pixel
         centres = (torch.arange(n_out, dtype=torch.float64) + 0.5) * step - 0.5
