@@ -112,8 +112,10 @@ def test_affine_stage_recovers_a_known_affine_map():
 
 def test_the_affine_stage_is_kept_only_where_it_moves_a_pixel_beyond_the_threshold():
     moving = smooth_images(2, seed=3)
-    theta = torch.tensor([[[1.06, 0.05, 6.0], [-0.04, 0.95, -5.0]]])  # > 5 px: kept
-    fixed = torch.cat([warp(moving[:1], affine_flow(theta, (H, W))), moving[1:]])  # 2nd: none
+    theta = torch.tensor(
+        [[[1.06, 0.05, 6.0], [-0.04, 0.95, -5.0]], [[1.0, 0.0, 0.8], [0.0, 1.0, -0.6]]]
+    )  # > 5 px: kept; 1 px: not
+    fixed = warp(moving, affine_flow(theta, (H, W)))
     settings = RefineSettings(steps=10, affine_steps=30, guard=False)
     plain = refine(fixed, moving, None, settings.replace(affine_steps=0))
     always = refine(fixed, moving, None, settings)
@@ -123,6 +125,9 @@ def test_the_affine_stage_is_kept_only_where_it_moves_a_pixel_beyond_the_thresho
     assert not torch.equal(always[1:], plain[1:])
     both_small = refine(moving, moving, None, settings.replace(affine_min_px=5.0))
     assert torch.equal(both_small, refine(moving, moving, None, settings.replace(affine_steps=0)))
+    # an image against itself: the stage's gradient is exactly zero, the identity stays
+    assert torch.equal(estimate_affine(moving, moving, steps=30),
+                       torch.eye(2, 3).expand(2, 2, 3))  # fmt: skip
 
 
 def test_mutual_information_registers_images_of_inverted_contrast():

@@ -4,7 +4,8 @@
 ``csrc/dropout.cpp`` (counter-based dropout, ``speed.dropout``), ``csrc/warp.cpp`` (the
 warps of instance optimisation, ``air_reg.speed.warp``), ``csrc/refine_loop.cpp`` and
 ``csrc/refine_loop3d.cpp`` (a refinement level's whole Adam loop, 2-D and 3-D,
-``speed.refine_loop``) are compiled together into one
+``speed.refine_loop``) and ``csrc/affine_loop.cpp`` (a level of the 2-D affine stage, the same
+module) are compiled together into one
 library with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``;
 ``-O3 -march=native -fopenmp``, a few seconds) into ``$AIR_REG_CACHE`` (default
 ``~/.cache/air_reg``), keyed by sources, compiler and CPU. Their threads are the OpenMP threads
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "small_head_attention.cpp", CSRC / "dropout.cpp", CSRC / "warp.cpp",
-           CSRC / "refine_loop.cpp", CSRC / "refine_loop3d.cpp")  # fmt: skip
+           CSRC / "refine_loop.cpp", CSRC / "refine_loop3d.cpp",
+           CSRC / "affine_loop.cpp")  # fmt: skip
 HEADERS = (CSRC / "interp.h", CSRC / "mi.h")  # included by the sources: in the cache key
 FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared"]
 # Tried in this order until one builds: without -march=native the build is portable (slower);

@@ -17,7 +17,9 @@ takes it for float32 CPU, those similarities, the pixel ``Diffusion``, Adam and 
 the kernels. Volumes (B, C, D, H, W) run ``csrc/refine_loop3d.cpp`` (issue #34): the same maths
 with trilinear sampling and the 3 x 3 Jacobian, MSE or the same MI (``csrc/mi.h``, shared; its
 joint histogram summed in double), one volume's slices over the threads unless the machine is
-oversubscribed (``_oversubscribed``).
+oversubscribed (``_oversubscribed``). ``adam_affine_level`` is a level of the 2-D affine stage
+(``refine.estimate_affine``: six numbers a pair, Adam with two learning rates) in one call
+(``csrc/affine_loop.cpp``), for the same similarities.
 """
 
 from __future__ import annotations
@@ -86,10 +88,26 @@ class _Level3(ctypes.Structure):
     ]
 
 
+class _AffineLevel(ctypes.Structure):
+    """``AirAffineLevel`` in ``csrc/affine_loop.cpp``."""
+
+    _fields_ = [
+        *[(n, ctypes.c_void_p) for n in ("matrix", "shift", "m", "v", "fixed", "moving")],
+        *[(n, ctypes.c_long) for n in ("B", "C", "H", "W", "steps", "t")],
+        ("lr_matrix", ctypes.c_double),
+        ("lr_shift", ctypes.c_double),
+        ("scale_y", ctypes.c_float),
+        ("scale_x", ctypes.c_float),
+        ("fixed_bins", ctypes.c_void_p),
+        ("bins", ctypes.c_long),
+        ("normalised", ctypes.c_long),
+    ]
+
+
 @functools.cache
-def _function(name: str = "air_refine_level", level=_Level):
+def _function(name: str = "air_refine_level", level=_Level, team: bool = True):
     fn = getattr(kernels.library(), name)
-    fn.argtypes = [ctypes.POINTER(level), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    fn.argtypes = [ctypes.POINTER(level), *[ctypes.c_int] * (4 if team else 3)]
     fn.restype = None
     return fn
 
@@ -267,6 +285,70 @@ def _adam_level_3d(param, m, v, t, fixed, moving, mats, scale, affine, matrix, s
     team = 1 if _oversubscribed() else max(1, min(threads, field[0] // _MIN_SLICES))
     _run(_function("air_refine_level3d", _Level3), level, b, team, state, work)
     return t + k["steps"]
+
+
+def adam_affine_level(
+    matrix: torch.Tensor,
+    shift: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    t: int,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    *,
+    scale: tuple[float, float],
+    steps: int,
+    lr: tuple[float, float],
+    similarity: nn.Module | None = None,
+) -> int:
+    """``steps`` of ``torch.optim.Adam`` (learning rates ``lr`` = (matrix's, shift's)) on each
+    pair's ``similarity(warp(moving, affine_flow([matrix | shift * scale], (H, W))), fixed)``:
+    one level of ``refine.estimate_affine`` on 2-D images, in one C++ call
+    (``csrc/affine_loop.cpp``). ``matrix`` (B, 2, 2), ``shift`` (B, 2) (full-size pixels) and
+    Adam's moments ``m``, ``v`` (B, 6: the matrix's four entries, then the shift's two) are
+    updated in place; returns Adam's step count after ``t``. ``fixed``, ``moving`` (B, C, H,
+    W) are the level's images, ``scale`` the level's size / full size per axis; the
+    similarity is ``MSE()`` (None) or one ``supports`` names."""
+    b, c, h, w = fixed.shape
+    if (
+        moving.shape != fixed.shape
+        or matrix.shape != (b, 2, 2)
+        or shift.shape != (b, 2)
+        or m.shape != (b, 6)
+        or v.shape != (b, 6)
+    ):
+        raise UserError(
+            f"adam_affine_level: shapes do not fit: matrix {tuple(matrix.shape)}, shift "
+            f"{tuple(shift.shape)}, moments {tuple(m.shape)}, images {tuple(fixed.shape)} (need "
+            f"(B, 2, 2), (B, 2), (B, 6) and (B, C, H, W))"
+        )
+    similarity = MSE() if similarity is None else similarity
+    if not supports(similarity):
+        raise UserError(
+            f"adam_affine_level computes MSE or MutualInformation (sampling=1, "
+            f"fixed_window='box'), not {similarity!r}; estimate_affine runs the others "
+            f"through autograd"
+        )
+    kernels.count("affine_level", "fused")
+    if not steps:
+        return t
+    state = [x.detach() for x in (matrix, shift, m, v)]
+    work = [x.contiguous() for x in state]
+    inputs = [x.detach().contiguous() for x in (fixed, moving)]
+    mi = type(similarity) is MutualInformation
+    bins = _fixed_bins(similarity, fixed) if mi else None
+    level = _AffineLevel(
+        *[x.data_ptr() for x in work + inputs], b, c, h, w, steps, t, *lr, *scale,
+        None if bins is None else bins.data_ptr(), similarity.bins if mi else 0,
+        int(mi and similarity.normalised),
+    )  # fmt: skip
+    fn = _function("air_affine_level", _AffineLevel, team=False)
+    threads = min(max(1, torch.get_num_threads()), b)
+    kernels.run_shares(lambda t0, t1: fn(ctypes.byref(level), threads, t0, t1), threads)
+    for x, y in zip(state, work, strict=True):
+        if x.data_ptr() != y.data_ptr():
+            x.copy_(y)
+    return t + steps
 
 
 def _run(fn, level, b: int, team: int, state, work) -> None:
