@@ -3,6 +3,8 @@ images halved to at most ``max_voxels`` voxels, which leaves 2-D images up to 51
 and still recovers a known affine; on 2-D images each level runs in one C++ call
 (``refine_loop.adam_affine_level``), autograd's and Adam's maths."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import needs_kernel
@@ -137,3 +139,25 @@ def test_the_fused_level_names_bad_shapes():
         refine_loop.adam_affine_level(torch.eye(2)[None], torch.zeros(1, 3), torch.zeros(1, 6),
                                       torch.zeros(1, 6), 0, f, f, scale=(1.0, 1.0), steps=1,
                                       lr=AFFINE_LR)  # fmt: skip
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+def test_min_px_stops_nearly_aligned_pairs_after_the_coarsest_level(fused):
+    g = torch.Generator().manual_seed(2)
+    size = (64, 56)
+    moving = CoarseToDense(in_size=(6, 5), out_size=size, mode="bicubic")(
+        torch.rand(2, 1, 6, 5, generator=g)).clamp(0, 1)  # fmt: skip
+    theta = torch.tensor([[[1.08, 0.06, 6.0], [-0.05, 0.94, -5.0]],
+                          [[1.0, 0.0, 0.5], [0.0, 1.0, -0.4]]])  # fmt: skip
+    fixed = warp(moving, affine_flow(theta, size))
+    path = contextlib.nullcontext() if fused else refine_loop.per_op()
+    with path:
+        free = estimate_affine(fixed, moving, steps=20)
+        gated = estimate_affine(fixed, moving, steps=20, min_px=5.0)
+        before = kernels.calls().get("affine_level", {}).get("fused", 0)
+        alone = estimate_affine(fixed[1:], moving[1:], steps=20, min_px=5.0)
+        levels = kernels.calls().get("affine_level", {}).get("fused", 0) - before
+    torch.testing.assert_close(gated[:1], free[:1])  # the large motion runs every level
+    assert torch.equal(gated[1:], torch.eye(2, 3)[None])  # the 0.6 px one: the identity
+    assert torch.equal(alone, torch.eye(2, 3)[None])
+    assert levels == (1 if fused else 0)  # alone, it stopped after the coarsest level

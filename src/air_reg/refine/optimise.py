@@ -212,18 +212,22 @@ def estimate_affine(
     levels: int = 3,
     min_size: int = 16,
     max_voxels: int | None = AFFINE_MAX_VOXELS,
+    min_px: float = 0.0,
 ) -> torch.Tensor:
     """Affine pre-alignment ``theta`` (B, D, D + 1) per pair (see ``affine_flow``), coarse to
     fine; 2-D or 3-D. The pyramid starts from the images halved until they have at most
-    ``max_voxels`` pixels (``_affine_top``; None: from their own size). Volumes take one torch
-    thread on an oversubscribed machine (``_one_thread_if_busy``)."""
+    ``max_voxels`` pixels (``_affine_top``; None: from their own size). ``min_px`` > 0: a pair
+    whose affine after the coarsest level moves no pixel by more than ``min_px`` gets the
+    identity, and the finer levels are skipped when no pair is left (nearly aligned pairs then
+    cost one coarse level). Volumes take one torch thread on an oversubscribed machine
+    (``_one_thread_if_busy``)."""
     similarity = similarity_module(similarity)
     b = fixed.shape[0]
     size = tuple(fixed.shape[2:])
     nd = len(size)
     sizes = pyramid(_affine_top(size, max_voxels, min_size), levels, min_size)
     if nd == 2 and refine_loop.supports(similarity) and refine_loop.available(fixed, moving):
-        return _fused_affine(fixed, moving, sizes, steps, similarity)
+        return _fused_affine(fixed, moving, sizes, steps, similarity, min_px)
     busy = _one_thread_if_busy() if nd == 3 else contextlib.nullcontext()
     with torch.inference_mode(False), torch.enable_grad(), busy:
         fixed, moving = fixed.detach().clone(), moving.detach().clone()
@@ -232,6 +236,7 @@ def estimate_affine(
         shift = fixed.new_zeros(b, nd, 1).requires_grad_(True)
         opt = torch.optim.Adam([{"params": [matrix], "lr": AFFINE_LR[0]},
                                 {"params": [shift], "lr": AFFINE_LR[1]}])  # fmt: skip
+        alive = None
         for i, level_size in enumerate(sizes):
             f, m = resize(fixed, level_size), resize(moving, level_size)
             scale = torch.tensor([n / full for n, full in zip(level_size, size, strict=True)],
@@ -242,16 +247,20 @@ def estimate_affine(
                 loss = similarity(warp(m, affine_flow(theta, level_size)), f)
                 (b * loss).backward()
                 opt.step()
-        return torch.cat([matrix, shift], 2).detach()
+            if i == 0 and min_px:
+                alive = _moves(torch.cat([matrix, shift], 2).detach(), size) > min_px
+                if not alive.any():
+                    break
+        return _only(torch.cat([matrix, shift], 2).detach(), alive)
 
 
-def _fused_affine(fixed, moving, sizes, steps: int, similarity) -> torch.Tensor:
+def _fused_affine(fixed, moving, sizes, steps: int, similarity, min_px: float) -> torch.Tensor:
     """``estimate_affine``'s loop on 2-D float32 CPU images for MSE or MI, each level in one C++
     call (``refine_loop.adam_affine_level``): the same maths and Adam, no autograd."""
-    b, full = fixed.shape[0], fixed.shape[2:]
+    b, full = fixed.shape[0], tuple(fixed.shape[2:])
     matrix = torch.eye(2, dtype=fixed.dtype).expand(b, 2, 2).contiguous()
     shift = fixed.new_zeros(b, 2)
-    m, v, t = fixed.new_zeros(b, 6), fixed.new_zeros(b, 6), 0
+    m, v, t, alive = fixed.new_zeros(b, 6), fixed.new_zeros(b, 6), 0, None
     with torch.no_grad():
         for i, level_size in enumerate(sizes):
             f, mv = resize(fixed, level_size), resize(moving, level_size)
@@ -259,7 +268,25 @@ def _fused_affine(fixed, moving, sizes, steps: int, similarity) -> torch.Tensor:
             t = refine_loop.adam_affine_level(matrix, shift, m, v, t, f, mv, scale=scale,
                                               steps=steps * (len(sizes) - i), lr=AFFINE_LR,
                                               similarity=similarity)  # fmt: skip
-    return torch.cat([matrix, shift[:, :, None]], 2)
+            if i == 0 and min_px:
+                alive = _moves(torch.cat([matrix, shift[:, :, None]], 2), full) > min_px
+                if not alive.any():
+                    break
+    return _only(torch.cat([matrix, shift[:, :, None]], 2), alive)
+
+
+def _moves(theta: torch.Tensor, size) -> torch.Tensor:
+    """(B,) the largest displacement (px) of each pair's affine ``theta`` over the image."""
+    return affine_flow(theta, size).norm(dim=1).flatten(1).amax(1)
+
+
+def _only(theta: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``theta`` (B, D, D + 1) where ``keep`` (B,) (None: everywhere), the identity elsewhere."""
+    if keep is None:
+        return theta
+    nd = theta.shape[1]
+    eye = torch.eye(nd, nd + 1, dtype=theta.dtype, device=theta.device).expand_as(theta)
+    return torch.where(keep[:, None, None], theta, eye)
 
 
 def _affine_top(size: tuple[int, ...], max_voxels: int | None, min_size: int) -> tuple[int, ...]:
@@ -340,7 +367,8 @@ def refine(
         if affine is None and s.affine_steps:
             affine = estimate_affine(fixed, moving, steps=s.affine_steps, similarity=similarity,
                                      levels=s.levels, min_size=s.min_size,
-                                     max_voxels=s.affine_max_voxels)  # fmt: skip
+                                     max_voxels=s.affine_max_voxels,
+                                     min_px=s.affine_min_px)  # fmt: skip
             affine = _large_enough(affine, full, s.affine_min_px)
         affine = None if affine is None else affine.detach().clone()
         if callable(init_flow):  # a network sees the moving image after the affine stage
@@ -457,13 +485,8 @@ def _large_enough(theta: torch.Tensor, size, min_px: float) -> torch.Tensor | No
     exactly as without one)."""
     if not min_px:
         return theta
-    moves = affine_flow(theta, size).norm(dim=1).flatten(1).amax(1)  # (B,) px
-    keep = moves > min_px
-    if not keep.any():
-        return None
-    nd = theta.shape[1]
-    eye = torch.eye(nd, nd + 1, dtype=theta.dtype, device=theta.device).expand_as(theta)
-    return torch.where(keep[:, None, None], theta, eye)
+    keep = _moves(theta, size) > min_px
+    return _only(theta, keep) if keep.any() else None
 
 
 def _upsampler(shape, size, mode: str, like: torch.Tensor) -> CoarseToDense | None:
