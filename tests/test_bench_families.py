@@ -137,7 +137,7 @@ def test_the_command_runs_on_two_pairs(tmp_path):
         assert len(list(csv.DictReader(fh))) == len(rows)
     table = (tmp_path / "table.md").read_text()
     assert "identity" in table
-    assert "refine 5 (MSE)" in table
+    assert "refine 5 (MSE, the default preset)" in table
     assert "load average" in (tmp_path / "README.md").read_text()
     identity = [r for r in rows if r["method"] == "identity"]
     truth = {r["family"]: r["epe"] for r in identity}

@@ -116,7 +116,7 @@ def test_the_affine_stage_is_kept_only_where_it_moves_a_pixel_beyond_the_thresho
         [[[1.06, 0.05, 6.0], [-0.04, 0.95, -5.0]], [[1.0, 0.0, 0.8], [0.0, 1.0, -0.6]]]
     )  # > 5 px: kept; 1 px: not
     fixed = warp(moving, affine_flow(theta, (H, W)))
-    settings = RefineSettings(steps=10, affine_steps=30, guard=False)
+    settings = RefineSettings(steps=10, affine_steps=30, affine_min_px=0.0, guard=False)
     plain = refine(fixed, moving, None, settings.replace(affine_steps=0))
     always = refine(fixed, moving, None, settings)
     chosen = refine(fixed, moving, None, settings.replace(affine_min_px=5.0))

@@ -188,7 +188,9 @@ def test_the_affine_stage_runs_once_before_the_network():
             return torch.zeros(len(fixed), 2, 28, 28)
 
     fixed, moving = pairs(1, 32, 32, seed=2)
-    model = Registrar(Recorder(), RefineSettings(steps=0, affine_steps=5, integration_steps=0))
+    model = Registrar(
+        Recorder(), RefineSettings(steps=0, affine_steps=5, affine_min_px=0.0, integration_steps=0)
+    )
     model(fixed, moving)
     assert len(seen) == 1
     assert not torch.equal(seen[0], resize(moving, (28, 28)))  # it saw the aligned image

@@ -207,9 +207,9 @@ def load_model(
     flow reduced to its affine fit between passes) and ``cascade_tol`` (px: a pair stops once
     a pass moved it less) default to the network's own choice (``contract.default_cascade``:
     up to 6 passes with the affine and 0.25 px for AiR-Match, else 1).
-    ``refine_steps > 0`` (or ``affine_steps``, or ``cascade > 1`` on a network of one size)
-    makes it refine: it then takes pairs at their own size
-    (``model.accepts_any_size``) and refines each pair's flow there with
+    ``refine_steps > 0`` (or ``affine_steps`` given here, or ``cascade > 1`` on a network of one
+    size) makes it refine: it then takes pairs at their own size (``model.accepts_any_size``)
+    and refines each pair's flow there with
     ``model.settings``: those of ``air_reg/conf/refinement/<preset>.yaml`` -- the CLI's for the
     same ``refine_steps`` -- unless ``refine_overrides`` (lr, spacing, levels, similarity, ...)
     say otherwise (``preset=None``: the overrides over ``RefineSettings()``). ``path=None``
@@ -234,7 +234,7 @@ def load_configured(path: str | Path | None, cfg):
     net, record = (None, None) if _model_free(path) else _load_network(Path(path), attention)
     cascade = _cascade(net, cfg.cascade, cfg.get("cascade_affine"), cfg.get("cascade_tol"))
     settings = None
-    if _refines(net, cfg.refine_steps, cascade[0], cfg.refine.get("affine_steps")):
+    if _refines(net, cfg.refine_steps, cascade[0], None):  # the preset's affine_steps: no switch
         settings = RefineSettings.from_config(cfg.refine, steps=cfg.refine_steps)
     return _registrar(net, record, cfg.device, settings, cascade)
 

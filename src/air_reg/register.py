@@ -87,7 +87,7 @@ def resolve_checkpoint(cfg: DictConfig) -> Path | None:
     name = weights_name(cfg)
     if name != MODEL_FREE:
         return shipped_weights(name)
-    if not cfg.refine_steps and not cfg.refine.get("affine_steps"):
+    if not cfg.refine_steps:
         raise ConfigError(
             "weights=none (model-free) registers by the refinement alone: set refine_steps, "
             "e.g. refine_steps=50"

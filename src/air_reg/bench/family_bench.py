@@ -33,9 +33,10 @@ MATTES = {"syn_metric": "mattes", "syn_sampling": 32}  # ANTs' Mattes MI, 32 bin
 # --methods key -> the row's label ({steps}: refine_steps)
 LABELS = {
     "identity": "identity",
-    "refine": "refine {steps} (MSE)",
+    "refine": "refine {steps} (MSE, the default preset)",
+    "refine_no_affine": "refine {steps}, affine_steps=0 (before 2026-12-06)",
     "refine_mi": "refine {steps}, similarity=mi",
-    "refine_affine": "refine {steps}, affine_steps=100",
+    "refine_affine": "refine {steps}, affine_steps=100 always",
     "refine_auto_affine": "refine {steps}, affine_steps=10 kept > 5 px",
     "syn": "ANTs SyNOnly",
     "syn_affine": "ANTs SyN (affine + SyN)",
@@ -77,8 +78,10 @@ def make_method(key: str, family_name: str, steps: int = STEPS) -> Callable | No
     if key == "refine_mi":
         settings = air_reg.RefineSettings.preset("default", steps=steps, similarity="mi")
         return air_reg.Registrar(None, settings)
+    if key == "refine_no_affine":  # the default preset before its affine stage (#31)
+        return air_reg.load_model(None, refine_steps=steps, affine_steps=0)
     if key == "refine_affine":
-        return air_reg.load_model(None, refine_steps=steps, affine_steps=100)
+        return air_reg.load_model(None, refine_steps=steps, affine_steps=100, affine_min_px=0.0)
     if key == "refine_auto_affine":  # the affine only where it moves a pixel > 5 px (#31)
         return air_reg.load_model(None, refine_steps=steps, affine_steps=10, affine_min_px=5.0)
     if key in ("syn", "syn_affine"):

@@ -26,8 +26,9 @@ class Registrar(nn.Module):
 
     ``net``: a registration network (``air_reg.models.contract``; a ``RegistrationModule``
     also works), or None for model-free registration, which needs ``settings`` with
-    ``steps`` or ``affine_steps``. ``settings.integration_steps=None`` takes the network's
-    own (a diffeomorphic net stays diffeomorphic). ``cascade=k`` applies the net k times,
+    ``steps`` (the default preset's affine stage alone is not a registration).
+    ``settings.integration_steps=None`` takes the network's own (a diffeomorphic net stays
+    diffeomorphic). ``cascade=k`` applies the net k times,
     composed; ``cascade_affine`` reduces the flow to its affine fit before each further pass,
     and ``cascade_tol`` (px) stops a pair's passes once one moved it less
     (``apply_repeatedly``). ``build_config``: the checkpoint's record (model and data configs,
@@ -55,7 +56,7 @@ class Registrar(nn.Module):
             raise ConfigError(f"cascade needs k >= 1, got {cascade}")
         if settings is not None and not isinstance(settings, RefineSettings):
             raise ConfigError(f"settings must be a RefineSettings, got {type(settings).__name__}")
-        if net is None and (settings is None or not (settings.steps or settings.affine_steps)):
+        if net is None and (settings is None or not settings.steps):
             raise ConfigError(
                 "model-free registration (no network) with refine_steps=0 would return the "
                 "identity; set refine_steps (e.g. refine_steps=50)"
