@@ -64,7 +64,7 @@ class RefineSettings:
     reg_weight: float | str = "auto"  # of the regularizer (diffusion); auto: the similarity's
     fold_weight: float = 20.0  # weight of NegativeJacobian(fold_margin): 0 away from folds
     fold_margin: float = 0.05  # det J below which a pixel counts as (nearly) folded
-    affine_steps: int = 10  # > 0: an affine stage first, the network (if any) after it
+    affine_steps: int = 30  # > 0: an affine stage first, the network (if any) after it
     guard: bool = True  # never less similar than the unregistered images
     regularizer: nn.Module | None = None  # None: Diffusion(), the one the kernels compute
     affine_min_px: float = 8.0  # the affine stage's result kept for a pair only if it moves
