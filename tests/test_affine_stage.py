@@ -14,7 +14,13 @@ from air_reg.losses import MSE, MutualInformation
 from air_reg.models.components.spatial_transformer import CoarseToDense, warp
 from air_reg.refine import affine_flow
 from air_reg.refine.flows import pyramid
-from air_reg.refine.optimise import AFFINE_LR, AFFINE_MAX_VOXELS, _affine_top, estimate_affine
+from air_reg.refine.optimise import (
+    AFFINE_LR,
+    AFFINE_MAX_VOXELS,
+    _affine_top,
+    _moves,
+    estimate_affine,
+)
 from air_reg.speed import kernels, refine_loop
 
 
@@ -161,3 +167,13 @@ def test_min_px_stops_nearly_aligned_pairs_after_the_coarsest_level(fused):
     assert torch.equal(gated[1:], torch.eye(2, 3)[None])  # the 0.6 px one: the identity
     assert torch.equal(alone, torch.eye(2, 3)[None])
     assert levels == (1 if fused else 0)  # alone, it stopped after the coarsest level
+
+
+@pytest.mark.parametrize("size", [(160, 208), (28, 28), (40, 44, 36)])
+def test_the_largest_displacement_is_read_at_the_corners(size):
+    g = torch.Generator().manual_seed(0)
+    nd = len(size)
+    theta = torch.cat([torch.eye(nd) + 0.1 * torch.randn(4, nd, nd, generator=g),
+                       5 * torch.randn(4, nd, 1, generator=g)], 2)  # fmt: skip
+    everywhere = affine_flow(theta, size).norm(dim=1).flatten(1).amax(1)
+    torch.testing.assert_close(_moves(theta, size), everywhere)

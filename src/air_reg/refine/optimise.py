@@ -276,8 +276,16 @@ def _fused_affine(fixed, moving, sizes, steps: int, similarity, min_px: float) -
 
 
 def _moves(theta: torch.Tensor, size) -> torch.Tensor:
-    """(B,) the largest displacement (px) of each pair's affine ``theta`` over the image."""
-    return affine_flow(theta, size).norm(dim=1).flatten(1).amax(1)
+    """(B,) the largest displacement (px) of each pair's affine ``theta`` over the image:
+    ``affine_flow``'s largest norm, which (a convex function of the position) is at a corner
+    pixel, so only the 2**D corners are computed."""
+    nd = len(size)
+    half = torch.tensor([(n - 1) / 2 for n in size], dtype=theta.dtype, device=theta.device)
+    signs = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0], dtype=theta.dtype)] * nd)
+    corners = signs.view(-1, nd).to(theta.device) * half  # (2**D, D), about the centre
+    eye = torch.eye(nd, dtype=theta.dtype, device=theta.device)
+    moved = corners @ (theta[:, :, :nd] - eye).transpose(1, 2) + theta[:, None, :, nd]
+    return moved.norm(dim=2).amax(1)
 
 
 def _only(theta: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
