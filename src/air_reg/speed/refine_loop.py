@@ -203,12 +203,7 @@ def adam_level(
             f"{tuple(fixed.shape)}, rows {tuple(rows.shape)}, cols {tuple(cols.shape)} (need "
             f"param (B, 2, gh, gw), rows (fh, gh), cols (fw, gw), 2 <= fh <= H, 2 <= fw <= W)"
         )
-    similarity = MSE() if similarity is None else similarity
-    if not supports(similarity):
-        raise UserError(
-            f"adam_level computes MSE or MutualInformation (sampling=1, fixed_window='box'), "
-            f"not {similarity!r}; refine runs the others through autograd"
-        )
+    similarity = _similarity(similarity, "adam_level")
     kernels.count("refine_level", "fused")
     if not steps:
         return t
@@ -255,12 +250,7 @@ def _adam_level_3d(param, m, v, t, fixed, moving, mats, scale, affine, matrix, s
             f"(need param (B, 3, gd, gh, gw), slices (fd, gd), rows (fh, gh), cols (fw, gw), "
             f"2 <= field <= image per axis, three scales)"
         )
-    similarity = MSE() if similarity is None else similarity
-    if not supports(similarity, 3):
-        raise UserError(
-            f"adam_level computes MSE or MutualInformation (sampling=1, fixed_window='box') on "
-            f"volumes, not {similarity!r}; refine runs the others through autograd"
-        )
+    similarity = _similarity(similarity, "adam_level", nd=3)
     kernels.count("refine_level", "fused")
     if not knobs["steps"]:
         return t
@@ -322,13 +312,7 @@ def adam_affine_level(
             f"{tuple(shift.shape)}, moments {tuple(m.shape)}, images {tuple(fixed.shape)} (need "
             f"(B, 2, 2), (B, 2), (B, 6) and (B, C, H, W))"
         )
-    similarity = MSE() if similarity is None else similarity
-    if not supports(similarity):
-        raise UserError(
-            f"adam_affine_level computes MSE or MutualInformation (sampling=1, "
-            f"fixed_window='box'), not {similarity!r}; estimate_affine runs the others "
-            f"through autograd"
-        )
+    similarity = _similarity(similarity, "adam_affine_level", caller="estimate_affine")
     kernels.count("affine_level", "fused")
     if not steps:
         return t
@@ -345,10 +329,29 @@ def adam_affine_level(
     fn = _function("air_affine_level", _AffineLevel, team=False)
     threads = min(max(1, torch.get_num_threads()), b)
     kernels.run_shares(lambda t0, t1: fn(ctypes.byref(level), threads, t0, t1), threads)
+    _copy_back(state, work)
+    return t + steps
+
+
+def _similarity(similarity: nn.Module | None, who: str, nd: int = 2,
+                caller: str = "refine") -> nn.Module:  # fmt: skip
+    """``similarity`` (``MSE()`` for None) when the fused loops compute it (``supports``);
+    else a ``UserError`` naming ``who`` and the autograd path of ``caller``."""
+    similarity = MSE() if similarity is None else similarity
+    if not supports(similarity, nd):
+        where = " on volumes" if nd == 3 else ""
+        raise UserError(
+            f"{who} computes MSE or MutualInformation (sampling=1, fixed_window='box'){where}, "
+            f"not {similarity!r}; {caller} runs the others through autograd"
+        )
+    return similarity
+
+
+def _copy_back(state, work) -> None:
+    """Copy the updated ``work`` tensors back into ``state`` where they were copies."""
     for x, y in zip(state, work, strict=True):
         if x.data_ptr() != y.data_ptr():
             x.copy_(y)
-    return t + steps
 
 
 def _run(fn, level, b: int, team: int, state, work) -> None:
@@ -359,9 +362,7 @@ def _run(fn, level, b: int, team: int, state, work) -> None:
     else:
         threads = min(max(1, torch.get_num_threads()), b)
         kernels.run_shares(lambda t0, t1: fn(ctypes.byref(level), 1, threads, t0, t1), threads)
-    for x, y in zip(state, work, strict=True):
-        if x.data_ptr() != y.data_ptr():
-            x.copy_(y)
+    _copy_back(state, work)
 
 
 def _oversubscribed() -> bool:
