@@ -6,8 +6,8 @@
 //   loss  = MSE(warp(moving, u), fixed)      (or -MutualInformation()(warped, fixed): mi.h)
 // its gradient in A (2 x 2) and t (2, full-size pixels), written out, then torch.optim.Adam's
 // update (betas 0.9, 0.999, eps 1e-8) with the stage's two learning rates, one for A and one
-// for t: estimate_affine's loop, step for step. The warp is warp.cpp's bilinear sampling with
-// border clamping (refine_loop.cpp's row passes); the sums over pixels are in double.
+// for t: estimate_affine's loop, step for step. The warp is the bilinear sampling with
+// border clamping of interp.h (warp.cpp's); the sums over pixels are in double.
 //
 // Threads: pairs are independent; each thread owns whole pairs.
 
@@ -30,6 +30,7 @@ struct AirAffineLevel {  // mirrored by air_reg.speed.affine_loop._Level
     long bins, normalised;   // MutualInformation's bins and normalised
 };
 
+#include "interp.h"
 #include "mi.h"
 
 namespace {
@@ -38,26 +39,6 @@ struct Solo {  // mi.h's team of one
     int id = 0, size = 1;
     void sync() const {}
 };
-
-// The sampling of one row at (i + uy[j], j + ux[j]), clamped to the image (warp's border
-// padding): value and slopes of one plane, the slopes zero where the clamp holds.
-inline void sample(const float* plane, long H, long W, float y, float x, float* val, float* dy,
-                   float* dx) {
-    const float hy = float(H - 1), hx = float(W - 1);
-    const bool y_in = y > 0.f, x_in = x > 0.f;
-    const float cy = (y_in & (y < hy)) ? 1.f : 0.f, cx = (x_in & (x < hx)) ? 1.f : 0.f;
-    y = y_in ? y : 0.f;
-    x = x_in ? x : 0.f;
-    y = y < hy ? y : hy;
-    x = x < hx ? x : hx;
-    const long y0 = long(y), x0 = long(x);
-    const float ty = y - float(y0), tx = x - float(x0);
-    const long a = y0 * W + x0, r = x0 + 1 < W ? 1 : 0, d = y0 + 1 < H ? W : 0;
-    const float v00 = plane[a], v01 = plane[a + r], v10 = plane[a + d], v11 = plane[a + d + r];
-    *val = (1.f - ty) * ((1.f - tx) * v00 + tx * v01) + ty * ((1.f - tx) * v10 + tx * v11);
-    *dy = cy * ((1.f - tx) * (v10 - v00) + tx * (v11 - v01));
-    *dx = cx * ((1.f - ty) * (v01 - v00) + ty * (v11 - v10));
-}
 
 struct Buffers {  // one thread's: the warped image and its slopes (MI), the MI work
     std::vector<float> val, dy, dx, gm, hist, table;
@@ -89,10 +70,12 @@ void gradient(const AirAffineLevel& a, long b, Buffers& buf, double grad[6]) {
             for (long j = 0; j < W; j++) {
                 const float qx = float(j) - cx;
                 const float uy = a00 * qy + a01 * qx + ty, ux = a10 * qy + a11 * qx + tx;
+                const air::Sample s = air::locate(float(i) + uy, float(j) + ux, H, W);
                 for (long ch = 0; ch < C; ch++) {
                     const long p = ch * hw + i * W + j;
-                    sample(moving + ch * hw, H, W, float(i) + uy, float(j) + ux, &buf.val[p],
-                           &buf.dy[p], &buf.dx[p]);
+                    const air::Corners c = air::corners(moving + ch * hw, W, s);
+                    buf.val[p] = air::value(c, s);
+                    air::slope(c, s, &buf.dy[p], &buf.dx[p]);
                     lo = std::min(lo, buf.val[p]);
                     hi = std::max(hi, buf.val[p]);
                 }
@@ -119,10 +102,12 @@ void gradient(const AirAffineLevel& a, long b, Buffers& buf, double grad[6]) {
                 }
             } else {
                 const float uy = a00 * qy + a01 * qx + ty, ux = a10 * qy + a11 * qx + tx;
+                const air::Sample s = air::locate(float(i) + uy, float(j) + ux, H, W);
                 for (long ch = 0; ch < C; ch++) {
-                    float val, dy, dx;
-                    sample(moving + ch * hw, H, W, float(i) + uy, float(j) + ux, &val, &dy, &dx);
-                    const float g = (val - fixed[ch * hw + i * W + j]) * gcoef;
+                    const air::Corners c = air::corners(moving + ch * hw, W, s);
+                    float dy, dx;
+                    air::slope(c, s, &dy, &dx);
+                    const float g = (air::value(c, s) - fixed[ch * hw + i * W + j]) * gcoef;
                     gy += g * dy;
                     gx += g * dx;
                 }

@@ -168,7 +168,7 @@ struct Scratch {  // one thread's rows, as structures of arrays (so the row pass
     }
 };
 
-// warp.cpp's locate() for the n samples (i + uy[j], j + ux[j]) of one row of an (h, w) plane,
+// interp.h's locate() for the n samples (i + uy[j], j + ux[j]) of one row of an (h, w) plane,
 // branch-free (the clip as selects) so that it vectorises: the clipped fractions ty, tx, the
 // clip's gradients cy, cx, the top-left corners `at` and the offsets to the other corners.
 void locate(long i, const float* __restrict uy, const float* __restrict ux, long n, long h,
@@ -200,7 +200,7 @@ inline void locate_row(long i, const float* uy, const float* ux, long n, long h,
     locate(i, uy, ux, n, h, w, s.ty, s.tx, s.cy, s.cx, s.at, s.right, s.down);
 }
 
-// warp.cpp's value() (Values) and slope() (Slopes) of a plane at the row's n samples.
+// interp.h's value() (Values) and slope() (Slopes) of a plane at the row's n samples.
 template <bool Values, bool Slopes>
 void sample_row(const float* __restrict plane, long n, const Scratch& s, float* __restrict val,
                 float* __restrict dy, float* __restrict dx) {
@@ -221,7 +221,7 @@ void sample_row(const float* __restrict plane, long n, const Scratch& s, float* 
     }
 }
 
-// warp.cpp's spread() of g0[j] into plane0 and g1[j] into plane1 at the row's n samples.
+// interp.h's spread() of g0[j] into plane0 and g1[j] into plane1 at the row's n samples.
 void spread_row(float* plane0, float* plane1, const float* g0, const float* g1, long n,
                 const Scratch& s) {
     for (long j = 0; j < n; j++) {

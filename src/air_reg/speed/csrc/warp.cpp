@@ -30,73 +30,15 @@
 
 namespace {
 
-using air::Tap;
+using air::corners;
 using air::difference;
+using air::locate;
+using air::Sample;
+using air::slope;
+using air::spread;
+using air::Tap;
 using air::upsample_tap;
-
-// grid_sample's border clipping: the clipped coordinate and d(clipped)/d(coordinate).
-inline float clip(float x, long n, float* grad) {
-    const float hi = float(n - 1);
-    if (!(x > 0.f)) {  // also NaN -> 0, as torch's clip does
-        *grad = 0.f;
-        return 0.f;
-    }
-    if (x >= hi) {
-        *grad = 0.f;
-        return hi;
-    }
-    *grad = 1.f;
-    return x;
-}
-
-struct Sample {  // bilinear sampling at (y, x) of an (H, W) plane: corner, weights, offsets
-    long at;         // index of the top-left corner (y0 * W + x0)
-    long right, down;  // offsets to the right and lower neighbours (0 on the last column/row,
-                       // where that neighbour's weight is 0: torch reads 0 there, same result)
-    float ty, tx, gy, gx;  // fractions, and the clip gradients
-};
-
-inline Sample locate(float y, float x, long h, long w) {
-    Sample s;
-    y = clip(y, h, &s.gy);
-    x = clip(x, w, &s.gx);
-    const long y0 = long(y), x0 = long(x);  // y, x >= 0: truncation is floor
-    s.ty = y - float(y0);
-    s.tx = x - float(x0);
-    s.at = y0 * w + x0;
-    s.right = x0 + 1 < w ? 1 : 0;
-    s.down = y0 + 1 < h ? w : 0;
-    return s;
-}
-
-struct Corners {
-    float v00, v01, v10, v11;
-};
-
-inline Corners corners(const float* plane, long /*w*/, const Sample& s) {
-    const float* p = plane + s.at;
-    return {p[0], p[s.right], p[s.down], p[s.down + s.right]};
-}
-
-inline float value(const Corners& c, const Sample& s) {
-    return (1.f - s.ty) * ((1.f - s.tx) * c.v00 + s.tx * c.v01) +
-           s.ty * ((1.f - s.tx) * c.v10 + s.tx * c.v11);
-}
-
-// d(value)/d(y) and d(value)/d(x) before clipping (the clip gradients included).
-inline void slope(const Corners& c, const Sample& s, float* dy, float* dx) {
-    *dy = s.gy * ((1.f - s.tx) * (c.v10 - c.v00) + s.tx * (c.v11 - c.v01));
-    *dx = s.gx * ((1.f - s.ty) * (c.v01 - c.v00) + s.ty * (c.v11 - c.v10));
-}
-
-// Adds g times the sampling weights into an (H, W) plane (the transpose of value()).
-inline void spread(float* plane, long /*w*/, const Sample& s, float g) {
-    float* p = plane + s.at;
-    p[0] += g * (1.f - s.ty) * (1.f - s.tx);
-    p[s.right] += g * (1.f - s.ty) * s.tx;
-    p[s.down] += g * s.ty * (1.f - s.tx);
-    p[s.down + s.right] += g * s.ty * s.tx;
-}
+using air::value;
 
 inline long share(long n, int t, int threads) { return n * t / threads; }
 
