@@ -28,12 +28,12 @@ class Registrar(nn.Module):
     also works), or None for model-free registration, which needs ``settings`` with
     ``steps`` (the default preset's affine stage alone is not a registration).
     ``settings.integration_steps=None`` takes the network's own (a diffeomorphic net stays
-    diffeomorphic). ``cascade=k`` applies the net k times,
-    composed; ``cascade_affine`` reduces the flow to its affine fit before each further pass,
-    and ``cascade_tol`` (px) stops a pair's passes once one moved it less
-    (``apply_repeatedly``). ``build_config``: the checkpoint's record (model and data configs,
-    versions). A refining registrar keeps its network in eval mode without gradients: the
-    starting flow is the deterministic prediction and the parameters never change.
+    diffeomorphic). ``cascade=k`` applies the net k times, composed; ``cascade_affine``
+    reduces the flow to its affine fit before each further pass, and ``cascade_tol`` (px)
+    stops a pair's passes once one moved it less (``apply_repeatedly``). ``build_config``: the
+    checkpoint's record (model and data configs, versions). A refining registrar keeps its
+    network in eval mode without gradients: the starting flow is the deterministic prediction
+    and the parameters never change.
     """
 
     def __init__(
