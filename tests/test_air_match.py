@@ -184,6 +184,39 @@ def test_integration_steps_make_the_flow_the_exponential_of_the_velocity():
     assert (flow - velocity).abs().max() > 0.01, "integration changed nothing"
 
 
+@pytest.mark.parametrize("switch", [{}, {"local_scales": [4, 2, 1]}, {"channels": [8, 16, 32],
+                                    "local_scales": [2], "integration_steps": 3}])  # fmt: skip
+def test_the_fixed_images_encoded_once_give_the_same_flow(switch):
+    net = AiRMatch(image_size=(37, 53), **switch).eval()
+    fixed, moving = pair(37, 53, batch=3)
+    with torch.no_grad():
+        state = contract.fixed_state(net, fixed)
+        assert torch.equal(net(fixed, moving, fixed_state=state), net(fixed, moving))
+        picked = [x[[0, 2]] for x in state]  # a cascade's pairs still moving
+        assert torch.equal(net(fixed[[0, 2]], moving[[0, 2]], fixed_state=picked),
+                           net(fixed[[0, 2]], moving[[0, 2]]))  # fmt: skip
+        with pytest.raises(ConfigError, match="encode_fixed"):
+            net(fixed[:2], moving[:2], fixed_state=state)
+
+
+def test_a_cascade_encodes_the_fixed_images_once(monkeypatch):
+    from air_reg.refine.flows import apply_repeatedly
+
+    net = AiRMatch(image_size=(32, 40)).eval()
+    fixed, moving = pair(32, 40, batch=3)
+    calls = []
+    encode = net._encode
+    monkeypatch.setattr(net, "_encode", lambda x: calls.append(len(x)) or encode(x))
+    with torch.no_grad():
+        once = apply_repeatedly(net, fixed, moving, 3, affine=True)
+        assert calls == [3, 3, 3, 3]  # the fixed images, then the moving ones each pass
+    plain = AiRMatch(image_size=(32, 40)).eval()  # as a network without the option
+    plain.load_state_dict(net.state_dict())
+    monkeypatch.setattr(type(plain), "encode_fixed", property(lambda self: None))
+    with torch.no_grad():
+        assert torch.equal(apply_repeatedly(plain, fixed, moving, 3, affine=True), once)
+
+
 def test_accelerate_keeps_the_flow():
     net = AiRMatch(image_size=32, layers=2).eval()
     fixed, moving = pair(32, 32)

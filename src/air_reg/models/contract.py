@@ -17,7 +17,11 @@ A registration network is an ``nn.Module`` with
   ``image_size`` (which stays the size it was trained at);
 - optionally ``default_cascade`` ((int, bool) or (int, bool, float), default (1, False, 0.0)):
   how ``load_model`` and the CLI apply it when ``cascade`` / ``cascade_affine`` /
-  ``cascade_tol`` are not given (``default_cascade``).
+  ``cascade_tol`` are not given (``default_cascade``);
+- optionally ``encode_fixed(fixed) -> state`` with ``forward(fixed, moving, fixed_state=state)``:
+  when part of its work sees the fixed images alone, ``state`` (a list of tensors, each
+  (B, ...), one row a pair) holds it, and a cascade does that work once, not once a pass
+  (``fixed_state``); the flow must be the one ``forward(fixed, moving)`` gives.
 
 Nothing else: the training system (``RegistrationModule``), ``eval``, ``register``,
 refinement and ``load_model`` use only these. ``docs/extending.md`` shows a new model.
@@ -107,6 +111,13 @@ def default_cascade(net: nn.Module | None) -> tuple[int, bool, float]:
             f"tol >= 0 px), got {net.default_cascade!r}"
         )
     return passes, bool(affine), tol
+
+
+def fixed_state(net: nn.Module, fixed: torch.Tensor) -> list[torch.Tensor] | None:
+    """``net.encode_fixed(fixed)`` where the network offers it (the contract's option), else
+    None."""
+    encode = getattr(net, "encode_fixed", None)
+    return None if encode is None else list(encode(fixed))
 
 
 def check_network(net: nn.Module, *, dry_run: bool = True) -> None:

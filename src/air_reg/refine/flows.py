@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from air_reg.errors import ConfigError
+from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import (
     CoarseToDense,
     identity_grid,
@@ -51,7 +52,9 @@ def apply_repeatedly(
         raise ConfigError(f"cascade needs k >= 1, got {times}")
     if not tol >= 0:
         raise ConfigError(f"cascade_tol must be >= 0 px, got {tol}")
-    total = net(fixed, moving)  # (B, D, *spatial)
+    # the fixed images' own work done once, not once a pass (the contract's encode_fixed)
+    state = contract.fixed_state(net, fixed) if times > 1 else None
+    total = net(fixed, moving) if state is None else net(fixed, moving, fixed_state=state)
     active = torch.ones(len(total), dtype=torch.bool, device=total.device)  # with tol > 0
     for _ in range(times - 1):
         pick = active if tol > 0 else slice(None)  # the pairs still moving
@@ -59,7 +62,8 @@ def apply_repeatedly(
         start = affine_flow(fit_affine(now), tuple(now.shape[2:])) if affine else now
         # Resample the ORIGINAL moving image with the composed field: one interpolation, so
         # no blur accumulates over the cascade.
-        step = net(fixed[pick], warp(moving[pick], start))
+        kw = {} if state is None else {"fixed_state": [x[pick] for x in state]}
+        step = net(fixed[pick], warp(moving[pick], start), **kw)
         new = compose(start, step)
         if tol <= 0:
             total = new

@@ -211,10 +211,29 @@ class AiRMatch(nn.Module):
             return global_match(fixed, moving, max_tokens=self.max_tokens, **kw)
         return local_match(fixed, moving, radius=self.radius, **kw)
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        return self._integrate(self.velocity(fixed, moving))  # (B, n, *size) pixels
+    def forward(
+        self, fixed: torch.Tensor, moving: torch.Tensor, *, fixed_state=None
+    ) -> torch.Tensor:
+        """The flow (B, n, *size) in pixels; ``fixed_state``: ``encode_fixed(fixed)``, given
+        when the same fixed images come again (a cascade), so they are not encoded again."""
+        return self._integrate(self.velocity(fixed, moving, fixed_state=fixed_state))
 
-    def velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    def encode_fixed(self, fixed: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's features of the fixed images alone, per level, finest first (the
+        contract's option): the encoder sees each image by itself (instance norm), so they do
+        not depend on the moving images and a cascade computes them once, not once a pass."""
+        return self._encode(pad_to_multiple(fixed, self.multiple, self.padding)[0])
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []  # per level, finest first: (N, C_i, *padded / 2**i)
+        for stage in self.encoder:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def velocity(
+        self, fixed: torch.Tensor, moving: torch.Tensor, *, fixed_state=None
+    ) -> torch.Tensor:
         """The field (B, n, *size) before the final integration (the flow itself if none)."""
         if fixed.ndim != self.ndim + 2 or moving.shape != fixed.shape:
             raise ConfigError(
@@ -223,13 +242,19 @@ class AiRMatch(nn.Module):
                 f"{tuple(fixed.shape)} and {tuple(moving.shape)}"
             )
         b, size = fixed.shape[0], tuple(fixed.shape[2:])
-        # (2B, 1, *padded): one encoder pass for both images, padded to the multiple
-        x, pads = pad_to_multiple(torch.cat([fixed, moving]), self.multiple, self.padding)
+        if fixed_state is None:  # (2B, 1, *padded): one encoder pass for both images
+            x, pads = pad_to_multiple(torch.cat([fixed, moving]), self.multiple, self.padding)
+            features = self._encode(x)  # per level, finest first: (2B, C_i, *padded / 2**i)
+        else:  # the moving images alone, joined to the fixed ones where matched
+            x, pads = pad_to_multiple(moving, self.multiple, self.padding)
+            if len(fixed_state) != len(self.encoder) or len(fixed_state[0]) != b:
+                raise ConfigError(
+                    f"fixed_state must be encode_fixed(fixed) of these {b} fixed images"
+                )
+            used = {len(self.encoder) - 1} | {s.bit_length() - 1 for s in self.local_scales}
+            features = [torch.cat([f, m]) if i in used else None for i, (f, m) in
+                        enumerate(zip(fixed_state, self._encode(x), strict=True))]  # fmt: skip
         padded = tuple(x.shape[2:])
-        features = []  # per level, finest first: (2B, C_i, *padded / 2**i)
-        for stage in self.encoder:
-            x = stage(x)
-            features.append(x)
         coarse = self.project[str(self.multiple)](features[-1])  # (2B, C, *grid)
         grid = dict(zip("dhw"[-self.ndim :], coarse.shape[2:], strict=True))
         coarse = coarse + sine_position_encoding(coarse.shape[1], coarse.shape[2:], coarse.device)
