@@ -10,7 +10,6 @@ Both rows are the same computation: the flows must be equal (checked, ``torch.eq
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -20,10 +19,9 @@ import torch
 import air_reg
 from air_reg import zoo
 from air_reg.bench import families
-from air_reg.bench.machine import cpu_name
+from air_reg.bench.machine import run_header, write_report
 from air_reg.bench.refinement import interleaved_times
 from air_reg.refine.flows import apply_repeatedly
-from air_reg.utils import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,9 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=18, help="pairs a family, one batch")
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
-    start = time.time()
-    head = (f"{time.strftime('%Y-%m-%d %H:%M')}, {cpu_name()}, {torch.get_num_threads()} torch "
-            f"threads, load {os.getloadavg()[0]:.2f}")  # fmt: skip
+    start, head = time.time(), run_header()
     lines = [f"# The cascade with the fixed images encoded once or every pass ({head})", "",
              f"`python experiments/cascade_speed.py --pairs {args.pairs} --rounds {args.rounds}`: "
              "the shipped default model one-shot on the held-out families (160 x 208), one "
@@ -70,10 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{name}: the two rows' flows differ")
         once, every = (statistics.median(times[k]) for k in nets)
         lines.append(f"| {name} | {len(f)} | {once:.1f} | {every:.1f} | {every / once:.2f} |")
-    lines += ["", f"{time.time() - start:.0f} s; load {os.getloadavg()[0]:.2f} at the end."]
-    text = "\n".join(lines) + "\n"
-    write_text(REPO / "experiments" / "results" / "cascade_speed" / "README.md", text)
-    print(text)
+    write_report(REPO / "experiments" / "results" / "cascade_speed" / "README.md", lines, start)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ pairs kept although the rule-free score says they got worse.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -26,12 +25,11 @@ import torch
 import air_reg
 from air_reg import metrics as M
 from air_reg.bench import families
-from air_reg.bench.machine import cpu_name
+from air_reg.bench.machine import run_header, write_report
 from air_reg.bench.pairs import benchmark_batches, known_deformation_batches
 from air_reg.losses import MSE, MutualInformation, NormalisedGradientFields
 from air_reg.models.components.spatial_transformer import warp
 from air_reg.refine.optimise import GUARD_TOL, MI_GUARD_TOL, NGF_GUARD_TOL, per_pair
-from air_reg.utils import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "src" / "air_reg" / "weights"
@@ -92,9 +90,7 @@ def cell(v: dict[str, torch.Tensor], tol: float | None, higher_is_better: bool) 
 
 
 def main() -> None:
-    start, load = time.time(), os.getloadavg()[0]
-    head = (f"{time.strftime('%Y-%m-%d %H:%M')}, {cpu_name()}, {torch.get_num_threads()} torch "
-            f"threads, load {load:.2f}")  # fmt: skip
+    start, head = time.time(), run_header()
     print(head)
     data = sets()
     rules = ["no edge rule" if t is None else f"NGF rise > {t}" for t in TOLS]
@@ -112,10 +108,7 @@ def main() -> None:
         hib = "Dice" in name
         row = [name, f"{v['q0'].mean():.4f}", f"{v['q1'].mean():.4f}"]
         lines.append("| " + " | ".join(row + [cell(v, t, hib) for t in TOLS]) + " |")
-    lines += ["", f"{time.time() - start:.0f} s, load {os.getloadavg()[0]:.2f} at the end."]
-    text = "\n".join(lines) + "\n"
-    write_text(REPO / "experiments" / "results" / "guard_choice" / "README.md", text)
-    print(text)
+    write_report(REPO / "experiments" / "results" / "guard_choice" / "README.md", lines, start)
 
 
 if __name__ == "__main__":
