@@ -152,3 +152,21 @@ def test_train_for_a_number_of_steps_then_export(tmp_path):
     model = air_reg.load_model(tmp_path / "shipped.ckpt")
     pair = torch.rand(2, 1, 28, 28)
     assert model(pair, pair).shape == (2, 2, 28, 28)
+
+
+def test_a_reports_header_and_footer_say_when_where_and_how_long(tmp_path, capsys):
+    import re
+    import time
+
+    from air_reg.bench.machine import cpu_name, run_header, write_report
+
+    head = run_header()
+    assert cpu_name() in head
+    assert "torch threads, load " in head
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d, ", head)
+    path = tmp_path / "out" / "README.md"
+    text = write_report(path, ["# a table", "| a |"], time.time() - 3)
+    assert path.read_text() == text
+    assert text in capsys.readouterr().out
+    assert text.startswith("# a table\n| a |\n\n")
+    assert re.search(r"\n[34] s, load \d+\.\d\d at the end\.\n$", text)
