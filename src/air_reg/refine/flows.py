@@ -54,7 +54,7 @@ def apply_repeatedly(
         raise ConfigError(f"cascade_tol must be >= 0 px, got {tol}")
     # the fixed images' own work done once, not once a pass (the contract's encode_fixed)
     state = contract.fixed_state(net, fixed) if times > 1 else None
-    total = net(fixed, moving) if state is None else net(fixed, moving, fixed_state=state)
+    total = net(fixed, moving, **({} if state is None else {"fixed_state": state}))
     active = torch.ones(len(total), dtype=torch.bool, device=total.device)  # with tol > 0
     for _ in range(times - 1):
         pick = active if tol > 0 else slice(None)  # the pairs still moving

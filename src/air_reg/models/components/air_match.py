@@ -219,10 +219,17 @@ class AiRMatch(nn.Module):
         return self._integrate(self.velocity(fixed, moving, fixed_state=fixed_state))
 
     def encode_fixed(self, fixed: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder's features of the fixed images alone, per level, finest first (the
-        contract's option): the encoder sees each image by itself (instance norm), so they do
-        not depend on the moving images and a cascade computes them once, not once a pass."""
-        return self._encode(pad_to_multiple(fixed, self.multiple, self.padding)[0])
+        """The encoder's features of the fixed images alone at the levels the matching reads
+        (``_matched``; the contract's option): the encoder sees each image by itself (instance
+        norm), so they do not depend on the moving images and a cascade computes them once,
+        not once a pass."""
+        features = self._encode(pad_to_multiple(fixed, self.multiple, self.padding)[0])
+        return [features[i] for i in self._matched]
+
+    @property
+    def _matched(self) -> list[int]:
+        """The encoder levels whose features the matching reads (coarsest, local scales)."""
+        return sorted({len(self.encoder) - 1} | {s.bit_length() - 1 for s in self.local_scales})
 
     def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []  # per level, finest first: (N, C_i, *padded / 2**i)
@@ -247,13 +254,13 @@ class AiRMatch(nn.Module):
             features = self._encode(x)  # per level, finest first: (2B, C_i, *padded / 2**i)
         else:  # the moving images alone, joined to the fixed ones where matched
             x, pads = pad_to_multiple(moving, self.multiple, self.padding)
-            if len(fixed_state) != len(self.encoder) or len(fixed_state[0]) != b:
+            if len(fixed_state) != len(self._matched) or len(fixed_state[0]) != b:
                 raise ConfigError(
                     f"fixed_state must be encode_fixed(fixed) of these {b} fixed images"
                 )
-            used = {len(self.encoder) - 1} | {s.bit_length() - 1 for s in self.local_scales}
-            features = [torch.cat([f, m]) if i in used else None for i, (f, m) in
-                        enumerate(zip(fixed_state, self._encode(x), strict=True))]  # fmt: skip
+            features = self._encode(x)  # then (2B, ...) where matched, the fixed ones first
+            for i, f in zip(self._matched, fixed_state, strict=True):
+                features[i] = torch.cat([f, features[i]])
         padded = tuple(x.shape[2:])
         coarse = self.project[str(self.multiple)](features[-1])  # (2B, C, *grid)
         grid = dict(zip("dhw"[-self.ndim :], coarse.shape[2:], strict=True))
