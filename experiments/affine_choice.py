@@ -20,7 +20,7 @@ import time
 import torch
 
 from air_reg.bench import families as fam
-from air_reg.bench.machine import cpu_name
+from air_reg.bench.machine import run_header
 from air_reg.data.synthetic import known_flows
 from air_reg.models.components.spatial_transformer import warp
 from air_reg.refine import RefineSettings, refine
@@ -56,9 +56,8 @@ def epe(fixed, moving, flow, settings: RefineSettings) -> list[float]:
 
 
 def main() -> None:
-    start, load = time.time(), os.getloadavg()[0]
-    print(f"{cpu_name()}, {torch.get_num_threads()} torch threads, load {load:.2f}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}\n")  # fmt: skip
+    start = time.time()
+    print(run_header() + "\n")
     print("| tune set | largest move of a 10-step affine (px) | no affine | kept > 5 px | "
           "kept > 8 px |\n|---|---|---|---|---|")  # fmt: skip
     for name, (fixed, moving, flow) in tune_sets().items():
