@@ -31,16 +31,14 @@ from air_reg.refine.optimise import estimate_affine
 def tune_sets() -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(fixed, moving, true flow) of the three threshold sets."""
     g = torch.Generator().manual_seed(11)
-    size = (233, 197)
-    mni = torch.stack([fam.fit(list(fam.mni_slice(z)), size)[0:1] for z in fam.MNI_Z["tune"]])
-    mni_flow = known_flows(len(mni), size, g, max_px=5.0)
+    mni = fam.mni_known("tune", g)
     crops = torch.stack([fam.crop(fam.skimage_image(n), (512, 512), g)
                          for n in fam.SKIMAGE["tune"]])  # fmt: skip
     crop_flow = known_flows(len(crops), (512, 512), g, max_px=8.0)
     large = fam.family("large", 9, split="tune")[0]
     return {
         "families large (9, 160 x 208)": (large["fixed"], large["moving"], large["flow"]),
-        "MNI152 slices, 5 px fields (10, 233 x 197)": (warp(mni, mni_flow), mni, mni_flow),
+        "MNI152 slices, 5 px fields (10, 233 x 197)": mni,
         "scikit-image crops, 8 px fields (8, 512 x 512)": (warp(crops, crop_flow), crops,
                                                             crop_flow),
     }  # fmt: skip

@@ -29,7 +29,7 @@ from air_reg.bench.machine import run_header, write_report
 from air_reg.bench.pairs import benchmark_batches, known_deformation_batches
 from air_reg.losses import MSE, MutualInformation, NormalisedGradientFields
 from air_reg.models.components.spatial_transformer import warp
-from air_reg.refine.optimise import GUARD_TOL, MI_GUARD_TOL, NGF_GUARD_TOL, per_pair
+from air_reg.refine.optimise import NGF_GUARD_TOL, guard_rejects, per_pair
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "src" / "air_reg" / "weights"
@@ -81,9 +81,11 @@ def sets() -> dict[str, dict[str, torch.Tensor]]:
 
 
 def cell(v: dict[str, torch.Tensor], tol: float | None, higher_is_better: bool) -> str:
-    reject = (v["mse1"] > v["mse0"] - GUARD_TOL) | (v["mi1"] < v["mi0"] - MI_GUARD_TOL)
-    if tol is not None:
-        reject = reject | (v["ngf1"] > v["ngf0"] + tol)
+    """The guard's rules (``guard_rejects``) with the edge rule at ``tol`` (None: without)."""
+    rise = None if tol is None else v["ngf1"] - v["ngf0"]
+    worse, lost, edges = guard_rejects(v["mse1"], v["mse0"], v["mi1"], v["mi0"], rise,
+                                       NGF_GUARD_TOL if tol is None else tol)  # fmt: skip
+    reject = worse | lost | edges
     score = torch.where(reject, v["q0"], v["q1"]).mean().item()
     worse = (v["q1"] < v["q0"]) if higher_is_better else (v["q1"] > v["q0"])
     return f"{score:.4f} / {int(reject.sum())} / {int((worse & ~reject).sum())}"

@@ -236,3 +236,23 @@ def test_guard_returns_the_identity_where_edges_got_worse(caplog):
     with caplog.at_level(logging.WARNING, logger="air_reg.refine.optimise"):
         load_model(None, refine_steps=60)(same["fixed"], same["moving"])
     assert "NGF" not in caplog.text
+
+
+def test_the_guards_rules_name_each_refused_pair_once():
+    """guard_rejects, which keep_if_better and experiments/guard_choice.py share: a pair is
+    'worse' (not improved, or NaN), else 'lost' (MI down), else 'edges' (NGF up): disjoint."""
+    from air_reg.refine.optimise import GUARD_TOL, MI_GUARD_TOL, NGF_GUARD_TOL, guard_rejects
+
+    t = torch.tensor
+    # pairs: improved and fine | not improved | NaN | MI lost | edges worse | MI lost + edges
+    after = t([0.5, 1.0 - GUARD_TOL / 2, float("nan"), 0.5, 0.5, 0.5])
+    before = t([1.0] * 6)
+    mi_after = t([1.0, 1.0, 1.0, 1.0 - 2 * MI_GUARD_TOL, 1.0, 0.0])
+    mi_before = t([1.0] * 6)
+    rise = t([0.0, 1.0, 1.0, 1.0, 2 * NGF_GUARD_TOL, 1.0])
+    worse, lost, edges = guard_rejects(after, before, mi_after, mi_before, rise)
+    assert worse.tolist() == [False, True, True, False, False, False]
+    assert lost.tolist() == [False, False, False, True, False, True]
+    assert edges.tolist() == [False, False, False, False, True, False]
+    assert not guard_rejects(after, before, mi_after, mi_before)[2].any()  # no NGF: no rule
+    assert not guard_rejects(after, before, mi_after, mi_before, rise, ngf_tol=1.0)[2].any()

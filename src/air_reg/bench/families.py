@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from air_reg.data import brain
-from air_reg.data.synthetic import affine_after, multiscale_flows, random_affines
+from air_reg.data.synthetic import affine_after, known_flows, multiscale_flows, random_affines
 from air_reg.errors import ConfigError
 from air_reg.images import resize
 from air_reg.models.components.spatial_transformer import warp
@@ -197,6 +197,19 @@ def make_pair(name: str, split: str, i: int, size: tuple[int, int], seed: int) -
         moving, contrast = (t2, "t2-like") if source.startswith(MNI) else remap(t1, g)
     return {"moving": moving, "same": t1, "flow": flow[0], "source": source,
             "contrast": contrast}  # fmt: skip
+
+
+def mni_known(
+    split: str, g: torch.Generator, size: tuple[int, int] = (233, 197), max_px: float = 5.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fixed, moving, true flow) of every MNI152 T1 axial slice of ``split`` (``MNI_Z``),
+    fitted to ``size``, each the moving image of a pair whose fixed image is it warped by a
+    smooth ``known_flows`` field of at most ``max_px`` (drawn from ``g``)."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose 'tune' (for choices) or 'test'")
+    moving = torch.stack([fit(list(mni_slice(z)), size)[0:1] for z in MNI_Z[split]])
+    flow = known_flows(len(moving), size, g, max_px=max_px)
+    return warp(moving, flow), moving, flow
 
 
 def masks(fixed: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

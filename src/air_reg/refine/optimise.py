@@ -120,43 +120,53 @@ def keep_if_better(
         after, before = (-v for v in values(similarity))
     else:
         after, before = per_pair(similarity, warped, fixed), per_pair(similarity, moving, fixed)
-    worse = (after > before - GUARD_TOL) | after.isnan()  # the identity is simpler
     mi_after, mi_before = values(mi)
-    lost = mi_after < mi_before - MI_GUARD_TOL
-    if (lost & ~worse).any():
+    worse, lost, _ = guard_rejects(after, before, mi_after, mi_before)
+    if lost.any():
         log.warning(
             "guard: %d of %d pair(s) more similar by %s but with less mutual information than "
             "unregistered (a contrast change?): identity returned for them; refine with "
             "refine.similarity=mi",
-            int((lost & ~worse).sum()),
+            int(lost.sum()),
             len(lost),
             type(similarity).__name__,
         )
-    worse = worse | lost
-    worse = worse | _edges_worse(similarity, warped, moving, fixed, kept=~worse)
-    return torch.where(worse.view(-1, *[1] * (flow.ndim - 1)), 0.0, flow), worse
+    reject = worse | lost
+    blind = isinstance(similarity, MutualInformation | NormalisedGradientFields)
+    if not blind and not reject.all():
+        ngf = NormalisedGradientFields()  # contrast-blind: a third, edge rule
+        rise = per_pair(ngf, warped, fixed) - per_pair(ngf, moving, fixed)
+        edges = guard_rejects(after, before, mi_after, mi_before, rise)[2]
+        if edges.any():
+            log.warning(
+                "guard: %d of %d pair(s) more similar by %s but with edges less aligned (NGF) "
+                "than unregistered (a contrast change?): identity returned for them; refine "
+                "with refine.similarity=mi",
+                int(edges.sum()),
+                len(edges),
+                type(similarity).__name__,
+            )
+        reject = reject | edges
+    return torch.where(reject.view(-1, *[1] * (flow.ndim - 1)), 0.0, flow), reject
 
 
-def _edges_worse(similarity, warped, moving, fixed, kept: torch.Tensor) -> torch.Tensor:
-    """(B,) the kept pairs whose edges line up worse than before (the NGF loss, contrast-blind,
-    up by more than ``NGF_GUARD_TOL``), with a warning: a contrast change can fool both MSE and
-    MI, the distortion raising MI too (measured: EPE 2.70 -> 7.01 px on an MNI152 T1 / T2-like
-    pair refined with MSE). Not judged when ``similarity`` is MI or NGF itself."""
-    if isinstance(similarity, MutualInformation | NormalisedGradientFields) or not kept.any():
-        return torch.zeros_like(kept)
-    ngf = NormalisedGradientFields()
-    rise = per_pair(ngf, warped, fixed) - per_pair(ngf, moving, fixed)
-    bad = kept & (rise > NGF_GUARD_TOL)
-    if bad.any():
-        log.warning(
-            "guard: %d of %d pair(s) more similar by %s but with edges less aligned (NGF) than "
-            "unregistered (a contrast change?): identity returned for them; refine with "
-            "refine.similarity=mi",
-            int(bad.sum()),
-            len(bad),
-            type(similarity).__name__,
-        )
-    return bad
+def guard_rejects(
+    after: torch.Tensor,
+    before: torch.Tensor,
+    mi_after: torch.Tensor,
+    mi_before: torch.Tensor,
+    ngf_rise: torch.Tensor | None = None,
+    ngf_tol: float = NGF_GUARD_TOL,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The guard's three rules on per-pair measures (B,): ``worse`` (the similarity, lower is
+    better, not improved by ``GUARD_TOL``, or NaN: the identity is simpler), ``lost`` (mutual
+    information down by more than ``MI_GUARD_TOL`` nats) and ``edges`` (the NGF loss up by more
+    than ``ngf_tol``; none without ``ngf_rise``): each a pair the ones before it kept. A pair
+    any of them names gets the identity (``keep_if_better``)."""
+    worse = (after > before - GUARD_TOL) | after.isnan()
+    lost = (mi_after < mi_before - MI_GUARD_TOL) & ~worse
+    edges = torch.zeros_like(worse) if ngf_rise is None else (ngf_rise > ngf_tol) & ~(worse | lost)
+    return worse, lost, edges
 
 
 class _Adam:
