@@ -153,15 +153,15 @@ struct Work {  // one pair's fields (shared by a team)
 struct Scratch {  // one thread's rows, as structures of arrays (so the row passes vectorise)
     std::vector<float> buf;
     std::vector<int> ibuf;
-    float *mix, *row, *uy, *ux, *gy, *gx, *ty, *tx, *cy, *cx, *val, *dy, *dx, *dy1, *dx1;
+    float *mix, *row, *uy, *ux, *gy, *gx, *ty, *tx, *cy, *cx, *val, *dy, *dx;
     int *at, *right, *down;
     explicit Scratch(const AirRefineLevel& a) {
         const long n = std::max(a.W, a.fw);
-        buf.resize(2 * a.fw + a.gw + 13 * n);
+        buf.resize(2 * a.fw + a.gw + 11 * n);
         ibuf.resize(3 * n);
         float* p = buf.data();
         mix = p, row = p + 2 * a.fw, p = row + a.gw;
-        for (float** q : {&uy, &ux, &gy, &gx, &ty, &tx, &cy, &cx, &val, &dy, &dx, &dy1, &dx1}) {
+        for (float** q : {&uy, &ux, &gy, &gx, &ty, &tx, &cy, &cx, &val, &dy, &dx}) {
             *q = p, p += n;
         }
         at = ibuf.data(), right = at + n, down = right + n;
@@ -218,6 +218,47 @@ void sample_row(const float* __restrict plane, long n, const Scratch& s, float* 
             dy[j] = cy[j] * ((1.f - x) * (v10 - v00) + x * (v11 - v01));
             dx[j] = cx[j] * ((1.f - y) * (v01 - v00) + y * (v11 - v10));
         }
+    }
+}
+
+// Both planes of a 2-channel field at the row's n samples, the corners' weights computed once:
+// out0 = add0 + plane0 sampled, out1 = add1 + plane1 sampled (the squaring's forward).
+void sample_two(const float* __restrict p0, const float* __restrict p1, long n, const Scratch& s,
+                const float* __restrict add0, const float* __restrict add1,
+                float* __restrict out0, float* __restrict out1) {
+    const float *__restrict ty = s.ty, *__restrict tx = s.tx;
+    const int *__restrict at = s.at, *__restrict right = s.right, *__restrict down = s.down;
+    for (int j = 0; j < int(n); j++) {
+        const int a = at[j], r = right[j], d = down[j];
+        const float y = ty[j], x = tx[j];
+        const float v0 = (1.f - y) * ((1.f - x) * p0[a] + x * p0[a + r]) +
+                         y * ((1.f - x) * p0[a + d] + x * p0[a + d + r]);
+        const float v1 = (1.f - y) * ((1.f - x) * p1[a] + x * p1[a + r]) +
+                         y * ((1.f - x) * p1[a + d] + x * p1[a + d + r]);
+        out0[j] = add0[j] + v0;
+        out1[j] = add1[j] + v1;
+    }
+}
+
+// The squaring's location terms for one row: gu0 += g0 d(plane0)/dy + g1 d(plane1)/dy, gu1 the
+// same along x, the slopes of both planes at the row's samples from one read of the corners.
+void slopes_two(const float* __restrict p0, const float* __restrict p1, long n, const Scratch& s,
+                const float* __restrict g0, const float* __restrict g1, float* __restrict gu0,
+                float* __restrict gu1) {
+    const float *__restrict ty = s.ty, *__restrict tx = s.tx, *__restrict cy = s.cy,
+                *__restrict cx = s.cx;
+    const int *__restrict at = s.at, *__restrict right = s.right, *__restrict down = s.down;
+    for (int j = 0; j < int(n); j++) {
+        const int a = at[j], r = right[j], d = down[j];
+        const float y = ty[j], x = tx[j];
+        const float a00 = p0[a], a01 = p0[a + r], a10 = p0[a + d], a11 = p0[a + d + r];
+        const float b00 = p1[a], b01 = p1[a + r], b10 = p1[a + d], b11 = p1[a + d + r];
+        const float dy0 = cy[j] * ((1.f - x) * (a10 - a00) + x * (a11 - a01));
+        const float dx0 = cx[j] * ((1.f - y) * (a01 - a00) + y * (a11 - a10));
+        const float dy1 = cy[j] * ((1.f - x) * (b10 - b00) + x * (b11 - b01));
+        const float dx1 = cx[j] * ((1.f - y) * (b01 - b00) + y * (b11 - b10));
+        gu0[j] += g0[j] * dy0 + g1[j] * dy1;
+        gu1[j] += g0[j] * dx0 + g1[j] * dx1;
     }
 }
 
@@ -315,10 +356,7 @@ void square(const float* u, float* out, long h, long w, long r0, long r1, const 
     for (long i = r0; i < r1; i++) {
         const float *uy = u + i * w, *ux = u + n + i * w;
         locate_row(i, uy, ux, w, h, w, s);
-        sample_row<true, false>(u, w, s, s.val, nullptr, nullptr);
-        for (long j = 0; j < w; j++) out[i * w + j] = uy[j] + s.val[j];
-        sample_row<true, false>(u + n, w, s, s.val, nullptr, nullptr);
-        for (long j = 0; j < w; j++) out[n + i * w + j] = ux[j] + s.val[j];
+        sample_two(u, u + n, w, s, uy, ux, out + i * w, out + n + i * w);
     }
 }
 
@@ -329,14 +367,8 @@ void square_grad(const float* u, const float* g, float* gu, float* to, long h, l
     const long n = h * w;
     for (long i = r0; i < r1; i++) {
         locate_row(i, u + i * w, u + n + i * w, w, h, w, s);
-        sample_row<false, true>(u, w, s, nullptr, s.dy, s.dx);
-        sample_row<false, true>(u + n, w, s, nullptr, s.dy1, s.dx1);
         const float *g0 = g + i * w, *g1 = g + n + i * w;
-        float *gu0 = gu + i * w, *gu1 = gu + n + i * w;
-        for (long j = 0; j < w; j++) {
-            gu0[j] += g0[j] * s.dy[j] + g1[j] * s.dy1[j];
-            gu1[j] += g0[j] * s.dx[j] + g1[j] * s.dx1[j];
-        }
+        slopes_two(u, u + n, w, s, g0, g1, gu + i * w, gu + n + i * w);
         spread_row(to, to + n, g0, g1, w, s);
     }
 }
