@@ -21,8 +21,6 @@ import torch
 
 from air_reg.bench import families as fam
 from air_reg.bench.machine import run_header
-from air_reg.data.synthetic import known_flows
-from air_reg.models.components.spatial_transformer import warp
 from air_reg.refine import RefineSettings, refine
 from air_reg.refine.flows import affine_flow
 from air_reg.refine.optimise import estimate_affine
@@ -32,15 +30,12 @@ def tune_sets() -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(fixed, moving, true flow) of the three threshold sets."""
     g = torch.Generator().manual_seed(11)
     mni = fam.mni_known("tune", g)
-    crops = torch.stack([fam.crop(fam.skimage_image(n), (512, 512), g)
-                         for n in fam.SKIMAGE["tune"]])  # fmt: skip
-    crop_flow = known_flows(len(crops), (512, 512), g, max_px=8.0)
+    crops = fam.skimage_known("tune", g)
     large = fam.family("large", 9, split="tune")[0]
     return {
         "families large (9, 160 x 208)": (large["fixed"], large["moving"], large["flow"]),
         "MNI152 slices, 5 px fields (10, 233 x 197)": mni,
-        "scikit-image crops, 8 px fields (8, 512 x 512)": (warp(crops, crop_flow), crops,
-                                                            crop_flow),
+        "scikit-image crops, 8 px fields (8, 512 x 512)": crops,
     }  # fmt: skip
 
 

@@ -91,6 +91,27 @@ def test_a_coarser_field_grid_recovers_the_field_as_well():
     assert epe(coarse, flow) < 1.2 * full + 0.02
 
 
+def test_the_auto_stride_keeps_two_field_points_a_control_spacing():
+    """field_stride auto: 2 ** k field points per control spacing at least 2; a level too
+    small for its stride takes the stride halved (not the full size)."""
+    from air_reg.refine.flows import auto_stride
+
+    assert auto_stride((233, 197), None, "auto") == 4  # 8.2 px
+    assert auto_stride((160, 208), None, "auto") == 2  # 6.7 px
+    assert auto_stride((512, 512), None, "auto") == 8  # 21.3 px
+    assert auto_stride((28, 28), None, "auto") == 2  # 4 px
+    assert auto_stride((91, 109, 91), None, "auto") == 2  # volumes: unchanged
+    assert auto_stride((64, 64), None, 16.0) == 8
+    assert auto_stride((64, 64), 4, None) == 8  # 16 px between 4 control points
+    assert auto_stride((64, 64), None, None) == 1  # a value per pixel
+    assert field_size((58, 49), 4) == (29, 25)  # 15 x 13 < min_size: stride 2
+    assert field_size((28, 28), 8) == (28, 28)
+    assert RefineSettings().stride_for((233, 197)) == 4
+    assert RefineSettings(field_stride=2).stride_for((233, 197)) == 2
+    with pytest.raises(ConfigError, match="field_stride"):
+        RefineSettings(field_stride="fast")
+
+
 def test_default_preset_on_digits_is_one_level_on_the_former_grid():
     """On 28 x 28 the native preset (spacing 4, 3 levels, stride 2) is the 7 x 7 grid."""
     g = torch.Generator().manual_seed(0)

@@ -212,6 +212,20 @@ def mni_known(
     return warp(moving, flow), moving, flow
 
 
+def skimage_known(
+    split: str, g: torch.Generator, size: tuple[int, int] = (512, 512), max_px: float = 8.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fixed, moving, true flow) of every scikit-image source of ``split`` (``SKIMAGE``), a
+    random crop (``crop``) resized to ``size``, each the moving image of a pair whose fixed image
+    is it warped by a smooth ``known_flows`` field of at most ``max_px`` (crops and fields
+    drawn from ``g``, in that order)."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose 'tune' (for choices) or 'test'")
+    moving = torch.stack([crop(skimage_image(n), size, g) for n in SKIMAGE[split]])
+    flow = known_flows(len(moving), size, g, max_px=max_px)
+    return warp(moving, flow), moving, flow
+
+
 def masks(fixed: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(inside, edges) (B, 1, H, W) bool: p + flow(p) inside the image; and the fixed image's
     gradient magnitude in its top ``1 - EDGE_QUANTILE`` there."""

@@ -56,7 +56,7 @@ def work(size: tuple[int, int], settings: RefineSettings | None = None) -> Work:
     total_steps = 0
     for i, level in enumerate(sizes):
         steps = s.steps * (len(sizes) - i)
-        field = field_size(level, s.field_stride, s.min_size)
+        field = field_size(level, s.stride_for(size), s.min_size)
         n_level, n_field = level[0] * level[1], field[0] * field[1]
         per = {
             "bspline": 2 * (field[0] * grid[1] + n_field) if grid else 0,  # 2 channels

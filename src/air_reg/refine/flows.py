@@ -143,12 +143,37 @@ def fit_coarse(dense: torch.Tensor, up: CoarseToDense) -> torch.Tensor:
 
 
 def field_size(size: tuple[int, ...], stride: int, min_size: int = 16) -> tuple[int, ...]:
-    """The grid the field is computed on at a level of ``size``: ``stride`` times coarser,
-    unless that makes a side shorter than ``min_size``."""
+    """The grid the field is computed on at a level of ``size``: ``stride`` times coarser, or
+    where that makes a side shorter than ``min_size``, the stride halved until it does not
+    (down to the level's own size)."""
     if stride < 1:
         raise ConfigError(f"refine.field_stride must be >= 1, got {stride}")
-    coarse = tuple(math.ceil(n / stride) for n in size)
-    return coarse if stride > 1 and min(coarse) >= min_size else tuple(size)
+    while stride > 1:
+        coarse = tuple(math.ceil(n / stride) for n in size)
+        if min(coarse) >= min_size:
+            return coarse
+        stride //= 2
+    return tuple(size)
+
+
+def auto_stride(size: tuple[int, ...], grid: int | None, spacing) -> int:
+    """``field_stride: auto``: the largest power of two that leaves at least 2 field points a
+    control spacing (in pixels of the finest axis, as ``control_grid``'s): 8.2 px on 233 x 197
+    slices: 4; 6.7 px on 160 x 208: 2; 21 px on 512 x 512: 8; 4 px on 28 x 28 digits: 2; 1
+    without a control grid (a value per pixel). Chosen on the tune split by
+    ``experiments/stride_choice.py`` (docs/protocol.md, "Native-size refinement")."""
+    if grid is not None:
+        px = min(size) / int(grid)
+    elif spacing == "auto":
+        px = auto_spacing(size)
+    elif spacing is not None:
+        px = float(spacing)
+    else:
+        return 1
+    stride = 1
+    while 4 * stride <= px:
+        stride *= 2
+    return stride
 
 
 def control_grid(

@@ -383,6 +383,7 @@ def refine(
     b, full = fixed.shape[0], tuple(fixed.shape[2:])  # (H, W) or (D, H, W)
     nd = len(full)
     shape = control_grid(full, s.grid, s.spacing, spacing)
+    stride = s.stride_for(full)
     # Lightning's test/predict loops run under inference_mode, which enable_grad alone does
     # not lift; clones made inside inference_mode(False) are ordinary tensors autograd can use.
     with torch.inference_mode(False), torch.enable_grad():
@@ -432,7 +433,7 @@ def refine(
             return flow
 
         def objective(f, m, size, up) -> torch.Tensor:
-            coarse = dense_flow(field_size(size, s.field_stride, s.min_size), up)
+            coarse = dense_flow(field_size(size, stride, s.min_size), up)
             loss = similarity(warp_ops.warp_by_coarse_flow(m, coarse), f)
             loss = loss + warp_ops.penalty(
                 coarse, s.regularisation_weight, s.fold_weight, s.fold_margin, regularizer
@@ -449,7 +450,7 @@ def refine(
         sizes, opt = pyramid(full, s.levels, s.min_size), None
         for i, size in enumerate(sizes):
             f, m = resize(fixed, size), resize(moving, size)
-            grid = field_size(size, s.field_stride, s.min_size)
+            grid = field_size(size, stride, s.min_size)
             up = _upsampler(shape, grid, s.grid_mode, param)
             steps = s.steps * (len(sizes) - i)
             if fused and refine_loop.supports(similarity, nd) and steps and min(grid) >= 2:
@@ -464,7 +465,7 @@ def refine(
             # squarings as the field grid is halvings coarser: the same step per grid cell
             # as while optimising. More would integrate a different, more compressive map
             # than the one the fold penalty saw (a test pair of the brain slices folded).
-            coarse = field_size(full, s.field_stride, s.min_size)
+            coarse = field_size(full, stride, s.min_size)
             extra = max(0, round(math.log2(full[0] / coarse[0]))) if squarings else 0
             flow = dense_flow(full, _upsampler(shape, full, s.grid_mode, param),
                               extra).detach()  # fmt: skip

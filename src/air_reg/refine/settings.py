@@ -21,6 +21,7 @@ from torch import nn
 from air_reg.config import CONFIG_DIR
 from air_reg.errors import ConfigError
 from air_reg.models.components.spatial_transformer import INTERPOLATIONS
+from air_reg.refine.flows import auto_stride
 
 PRESET_DIR = Path(CONFIG_DIR) / "refinement"
 DEFAULT_PRESET = "default"
@@ -56,7 +57,8 @@ class RefineSettings:
     spacing: float | str | None = "auto"  # control points this many px apart, or auto
     grid: int | None = None  # or grid x grid control points (not with spacing); neither: per px
     grid_mode: str = "bspline"  # how the control grid is made dense
-    field_stride: int = 2  # the field on a grid this many times coarser while optimising
+    field_stride: int | str = "auto"  # the field on a grid this many times coarser while
+    # optimising; auto: the coarsest keeping 2 field points a control spacing (auto_stride)
     integration_steps: int | None = 4  # > 0: a velocity, scaling and squaring; None: the net's
     optimizer: str = "adam"  # adam (pairs independent) | lbfgs (one problem per batch)
     lr: float | None = 0.5  # None: 0.5 for Adam, 1 for L-BFGS
@@ -87,8 +89,10 @@ class RefineSettings:
             object.__setattr__(self, "similarity", "mse")
         for name in ("steps", "affine_steps"):
             _check(self, name, _is_int(getattr(self, name), 0), "an integer >= 0")
-        for name in ("levels", "min_size", "field_stride"):
+        for name in ("levels", "min_size"):
             _check(self, name, _is_int(getattr(self, name), 1), "an integer >= 1")
+        _check(self, "field_stride", self.field_stride == "auto" or _is_int(self.field_stride, 1),
+               "an integer >= 1 or auto")  # fmt: skip
         _check(
             self,
             "integration_steps",
@@ -169,6 +173,12 @@ class RefineSettings:
             return float(self.reg_weight)
         name = self.similarity if isinstance(self.similarity, str) else None
         return REG_WEIGHTS.get(name, DEFAULT_REG_WEIGHT)
+
+    def stride_for(self, size: tuple[int, ...]) -> int:
+        """``field_stride`` for images of ``size``, ``auto`` resolved (``flows.auto_stride``)."""
+        if self.field_stride != "auto":
+            return int(self.field_stride)
+        return auto_stride(size, self.grid, self.spacing)
 
     @property
     def step_size(self) -> float:

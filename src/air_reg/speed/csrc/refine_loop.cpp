@@ -80,6 +80,11 @@ std::vector<Band> bands(const float* a, long n, long k, bool by_rows) {
 
 struct Plan {
     std::vector<Band> rows_of_row, cols_of_row, rows_of_col;  // B-spline bands
+    // cols as 4 taps a field column (cubic B-splines: every band fits), zero-padded: the
+    // column pass in fixed-length loops; col4 false when some band is wider or gw < 4
+    bool col4;
+    std::vector<int> col4_lo;
+    std::vector<float> col4_w;
     std::vector<int> col_i0, col_i1;   // image column j <- field columns (warp's upsampling)
     std::vector<float> col_l0, col_l1;
     std::vector<long> from;            // field row q gathers image rows take[from[q]:from[q+1]]
@@ -92,6 +97,9 @@ struct Plan {
         : rows_of_row(bands(a.rows, a.fh, a.gh, true)),
           cols_of_row(bands(a.cols, a.fw, a.gw, true)),
           rows_of_col(bands(a.rows, a.fh, a.gh, false)),
+          col4(a.gw >= 4),
+          col4_lo(a.fw),
+          col4_w(4 * a.fw, 0.f),
           col_i0(a.W),
           col_i1(a.W),
           col_l0(a.W),
@@ -104,6 +112,13 @@ struct Plan {
             col_i0[j] = int(c.i0), col_i1[j] = int(c.i1), col_l0[j] = c.l0, col_l1[j] = c.l1;
         }
         std::vector<std::vector<std::pair<long, float>>> by(a.fh);
+        for (long j = 0; j < a.fw && col4; j++) {  // zeros before or after a band add nothing
+            const Band b = cols_of_row[j];
+            col4 = b.hi - b.lo <= 4;
+            const long lo = std::max(0L, std::min(b.lo, a.gw - 4));
+            col4_lo[j] = int(lo);
+            for (long c = b.lo; c < b.hi && col4; c++) col4_w[4 * j + (c - lo)] = a.cols[j * a.gw + c];
+        }
         for (long i = 0; i < a.H; i++) {  // the transpose of the row upsampling, as a gather
             const Tap r = upsample_tap(i, a.fh, a.H);
             by[r.i0].push_back({i, r.l0});
@@ -308,6 +323,21 @@ void bspline(const AirRefineLevel& a, const Plan& plan, const float* p, const fl
                 for (long c = 0; c < a.gw; c++) row[c] += wr * pr[c];
             }
             float* out = v + (k * a.fh + i) * a.fw;
+            if (plan.col4) {
+                const int* lo = plan.col4_lo.data();
+                const float* w4 = plan.col4_w.data();
+                for (long j = 0; j < a.fw; j++) {
+                    const float* r = row + lo[j];
+                    const float* wj = w4 + 4 * j;
+                    float acc = 0.f;
+                    acc += wj[0] * r[0];
+                    acc += wj[1] * r[1];
+                    acc += wj[2] * r[2];
+                    acc += wj[3] * r[3];
+                    out[j] = acc * factor[k];
+                }
+                continue;
+            }
             for (long j = 0; j < a.fw; j++) {
                 const Band cb = plan.cols_of_row[j];
                 const float* cj = a.cols + j * a.gw;
@@ -327,6 +357,18 @@ void bspline_grad(const AirRefineLevel& a, const Plan& plan, const float* g,
             float* trow = tmp + (k * a.fh + i) * a.gw;
             const float* gi = g + (k * a.fh + i) * a.fw;
             std::fill(trow, trow + a.gw, 0.f);
+            if (plan.col4) {
+                for (long j = 0; j < a.fw; j++) {
+                    const float x = gi[j] * factor[k];
+                    const float* wj = plan.col4_w.data() + 4 * j;
+                    float* t = trow + plan.col4_lo[j];
+                    t[0] += x * wj[0];
+                    t[1] += x * wj[1];
+                    t[2] += x * wj[2];
+                    t[3] += x * wj[3];
+                }
+                continue;
+            }
             for (long j = 0; j < a.fw; j++) {
                 const Band cb = plan.cols_of_row[j];
                 const float x = gi[j] * factor[k];
