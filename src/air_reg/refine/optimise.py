@@ -410,7 +410,9 @@ def refine(
             start = init_velocity.detach().clone()
         elif squarings and init_flow is not None:
             start = velocity_from_flow(start, squarings)
-        if shape is not None:
+        if shape is not None and init_flow is None and init_velocity is None:
+            start = start.new_zeros(b, nd, *shape)  # the identity's control grid: no fit
+        elif shape is not None:
             up = CoarseToDense(in_size=shape, out_size=full, mode=s.grid_mode).to(start)
             start = fit_coarse(start, up)
         param = start.requires_grad_(True)  # (B, D, *full), or (B, D, *control grid)
