@@ -31,9 +31,12 @@ ABLATIONS = ("air_match_local_synth", "voxelmorph_synth")  # experiments/train_f
 
 REPO = Path(__file__).resolve().parents[1]
 # The shipped default (register's), then its ablations at the same budget (6250 steps of the
-# same synthetic pairs): the global match replaced by a local window, and the plain U-Net.
+# same synthetic pairs): the global match replaced by a local window, and the plain U-Net
+# (their weights at step 6250, kept in git; training went on to 8750: results/zero_shot/
+# budget_8750/).
 MODELS = [str(zoo.WEIGHTS_DIR / f"{zoo.default_weights()}.ckpt")] + [
-    f"logs/foundation/{e}/checkpoints/last.ckpt" for e in ABLATIONS
+    str(REPO / "experiments" / "results" / "foundation" / e / "checkpoints" / "step6250.ckpt")
+    for e in ABLATIONS
 ]
 
 
