@@ -106,8 +106,8 @@ def test_the_auto_stride_keeps_two_field_points_a_control_spacing():
     assert auto_stride((64, 64), None, None) == 1  # a value per pixel
     assert field_size((58, 49), 4) == (29, 25)  # 15 x 13 < min_size: stride 2
     assert field_size((28, 28), 8) == (28, 28)
-    assert RefineSettings().stride_for((233, 197)) == 4
-    assert RefineSettings(field_stride=2).stride_for((233, 197)) == 2
+    assert RefineSettings(field_stride="auto").stride_for((233, 197)) == 4
+    assert RefineSettings().stride_for((233, 197)) == 2  # the default preset keeps 2
     with pytest.raises(ConfigError, match="field_stride"):
         RefineSettings(field_stride="fast")
 

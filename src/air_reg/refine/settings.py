@@ -57,8 +57,8 @@ class RefineSettings:
     spacing: float | str | None = "auto"  # control points this many px apart, or auto
     grid: int | None = None  # or grid x grid control points (not with spacing); neither: per px
     grid_mode: str = "bspline"  # how the control grid is made dense
-    field_stride: int | str = "auto"  # the field on a grid this many times coarser while
-    # optimising; auto: the coarsest keeping 2 field points a control spacing (auto_stride)
+    field_stride: int | str = 2  # the field on a grid this many times coarser while optimising;
+    # auto: the coarsest keeping 2 field points a control spacing (flows.auto_stride)
     integration_steps: int | None = 4  # > 0: a velocity, scaling and squaring; None: the net's
     optimizer: str = "adam"  # adam (pairs independent) | lbfgs (one problem per batch)
     lr: float | None = 0.5  # None: 0.5 for Adam, 1 for L-BFGS
