@@ -40,7 +40,9 @@ from air_reg.speed import warp as warp_ops
 # One pair's level is split over a team of threads (~15 barriers a step) when each thread
 # gets at least this many field rows and level pixels: measured 2026-12-06 21:15 on 2 quiet
 # cores, team of 2 / one thread: 1.23x on a 58 x 49 level (field 29 x 25), 1.49x on 116 x 98,
-# 1.61x on 233 x 197 (field 59 x 50); 0.95-1.24x on 28 x 28 (noise), left to one thread.
+# 1.61x on 233 x 197 (field 59 x 50); 0.95-1.24x on 28 x 28 (noise), left to one thread. The
+# load is not asked (as for volumes): a benchmark's own threads raise the load average above
+# the core count, and one thread then cost more than the team (matrix run of 22:35, dropped).
 _MIN_ROWS = 8
 _MIN_PIXELS = 1024
 _MIN_SLICES = 8  # field slices per thread below which one volume is not split
@@ -228,8 +230,8 @@ def adam_level(
         int(mi and similarity.normalised),
     )  # fmt: skip
     threads = max(1, torch.get_num_threads())
-    team = 1 if _oversubscribed() else min(threads, fh // _MIN_ROWS, h * w // _MIN_PIXELS)
-    _run(_function(), level, b, max(1, team), state, work)
+    _run(_function(), level, b, max(1, min(threads, fh // _MIN_ROWS, h * w // _MIN_PIXELS)),
+         state, work)  # fmt: skip
     return t + steps
 
 
@@ -375,8 +377,7 @@ def _oversubscribed() -> bool:
     """Whether more tasks want to run than this process has cores (1-minute load average). A
     team of threads meets at ~15 barriers a step, and on such a machine each barrier waits for
     a descheduled thread: measured 15 s with 2 threads vs 3 s with one on a 2 mm MNI152 pair
-    (load 4 on 2 cores), and 0.45-0.6x on a 233 x 197 pair beside a training, so one thread
-    runs a lone pair or volume then."""
+    (load 4 on 2 cores), so one thread runs a lone volume then."""
     try:
         cores = len(os.sched_getaffinity(0))
         return os.getloadavg()[0] > cores
