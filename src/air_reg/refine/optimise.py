@@ -122,32 +122,29 @@ def keep_if_better(
         after, before = per_pair(similarity, warped, fixed), per_pair(similarity, moving, fixed)
     mi_after, mi_before = values(mi)
     worse, lost, _ = guard_rejects(after, before, mi_after, mi_before)
-    if lost.any():
-        log.warning(
-            "guard: %d of %d pair(s) more similar by %s but with less mutual information than "
-            "unregistered (a contrast change?): identity returned for them; refine with "
-            "refine.similarity=mi",
-            int(lost.sum()),
-            len(lost),
-            type(similarity).__name__,
-        )
+    _warn_refused(lost, similarity, "less mutual information")
     reject = worse | lost
     blind = isinstance(similarity, MutualInformation | NormalisedGradientFields)
     if not blind and not reject.all():
         ngf = NormalisedGradientFields()  # contrast-blind: a third, edge rule
         rise = per_pair(ngf, warped, fixed) - per_pair(ngf, moving, fixed)
         edges = guard_rejects(after, before, mi_after, mi_before, rise)[2]
-        if edges.any():
-            log.warning(
-                "guard: %d of %d pair(s) more similar by %s but with edges less aligned (NGF) "
-                "than unregistered (a contrast change?): identity returned for them; refine "
-                "with refine.similarity=mi",
-                int(edges.sum()),
-                len(edges),
-                type(similarity).__name__,
-            )
+        _warn_refused(edges, similarity, "edges less aligned (NGF)")
         reject = reject | edges
     return torch.where(reject.view(-1, *[1] * (flow.ndim - 1)), 0.0, flow), reject
+
+
+def _warn_refused(refused: torch.Tensor, similarity, why: str) -> None:
+    """The guard's warning for pairs (B,) a contrast-blind rule refused, naming the fix."""
+    if refused.any():
+        log.warning(
+            "guard: %d of %d pair(s) more similar by %s but with %s than unregistered (a "
+            "contrast change?): identity returned for them; refine with refine.similarity=mi",
+            int(refused.sum()),
+            len(refused),
+            type(similarity).__name__,
+            why,
+        )
 
 
 def guard_rejects(
