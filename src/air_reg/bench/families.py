@@ -205,11 +205,9 @@ def mni_known(
     """(fixed, moving, true flow) of every MNI152 T1 axial slice of ``split`` (``MNI_Z``),
     fitted to ``size``, each the moving image of a pair whose fixed image is it warped by a
     smooth ``known_flows`` field of at most ``max_px`` (drawn from ``g``)."""
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; choose 'tune' (for choices) or 'test'")
-    moving = torch.stack([fit(list(mni_slice(z)), size)[0:1] for z in MNI_Z[split]])
-    flow = known_flows(len(moving), size, g, max_px=max_px)
-    return warp(moving, flow), moving, flow
+    _check_split(split)
+    return _under_known(torch.stack([fit(list(mni_slice(z)), size)[0:1] for z in MNI_Z[split]]),
+                        g, max_px)  # fmt: skip
 
 
 def skimage_known(
@@ -219,11 +217,20 @@ def skimage_known(
     random crop (``crop``) resized to ``size``, each the moving image of a pair whose fixed image
     is it warped by a smooth ``known_flows`` field of at most ``max_px`` (crops and fields
     drawn from ``g``, in that order)."""
+    _check_split(split)
+    return _under_known(torch.stack([crop(skimage_image(n), size, g) for n in SKIMAGE[split]]),
+                        g, max_px)  # fmt: skip
+
+
+def _under_known(moving: torch.Tensor, g: torch.Generator, max_px: float):
+    """(fixed, moving, flow): ``moving`` (B, 1, H, W) warped by ``known_flows`` from ``g``."""
+    flow = known_flows(len(moving), tuple(moving.shape[2:]), g, max_px=max_px)
+    return warp(moving, flow), moving, flow
+
+
+def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose 'tune' (for choices) or 'test'")
-    moving = torch.stack([crop(skimage_image(n), size, g) for n in SKIMAGE[split]])
-    flow = known_flows(len(moving), size, g, max_px=max_px)
-    return warp(moving, flow), moving, flow
 
 
 def masks(fixed: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,8 +260,7 @@ def family(
     arguments give the same tensors in any process."""
     if name not in FAMILIES:
         raise ConfigError(f"unknown family {name!r}; choose one of {FAMILIES}")
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; choose 'tune' (for choices) or 'test'")
+    _check_split(split)
     size = tuple(int(s) for s in size)
     if len(size) != 2 or min(size) < 16 or n < 1:
         raise ConfigError(f"family: need n >= 1 pairs of size (H, W) >= 16, got {n}, {size}")

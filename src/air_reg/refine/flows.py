@@ -160,8 +160,9 @@ def auto_stride(size: tuple[int, ...], grid: int | None, spacing) -> int:
     """``field_stride: auto``: the largest power of two that leaves at least 2 field points a
     control spacing (in pixels of the finest axis, as ``control_grid``'s): 8.2 px on 233 x 197
     slices: 4; 6.7 px on 160 x 208: 2; 21 px on 512 x 512: 8; 4 px on 28 x 28 digits: 2; 1
-    without a control grid (a value per pixel). Chosen on the tune split by
-    ``experiments/stride_choice.py`` (docs/protocol.md, "Native-size refinement")."""
+    without a control grid (a value per pixel). An opt-in: better on the tune sets
+    (``experiments/stride_choice.py``), worse on the held-out brain slices, so the default
+    preset keeps 2 (docs/protocol.md, "Native-size refinement")."""
     if grid is not None:
         px = min(size) / int(grid)
     elif spacing == "auto":

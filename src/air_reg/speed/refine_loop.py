@@ -41,8 +41,9 @@ from air_reg.speed import warp as warp_ops
 # gets at least this many field rows and level pixels: measured 2026-12-06 21:15 on 2 quiet
 # cores, team of 2 / one thread: 1.23x on a 58 x 49 level (field 29 x 25), 1.49x on 116 x 98,
 # 1.61x on 233 x 197 (field 59 x 50); 0.95-1.24x on 28 x 28 (noise), left to one thread. The
-# load is not asked (as for volumes): a benchmark's own threads raise the load average above
-# the core count, and one thread then cost more than the team (matrix run of 22:35, dropped).
+# load is not asked for a pair (volumes ask it, _oversubscribed): a benchmark's own threads
+# raise the load average above the core count, and one thread then cost more than the team
+# (matrix run of 22:35, dropped).
 _MIN_ROWS = 8
 _MIN_PIXELS = 1024
 _MIN_SLICES = 8  # field slices per thread below which one volume is not split
