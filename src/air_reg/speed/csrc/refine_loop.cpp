@@ -117,7 +117,9 @@ struct Plan {
             col4 = b.hi - b.lo <= 4;
             const long lo = std::max(0L, std::min(b.lo, a.gw - 4));
             col4_lo[j] = int(lo);
-            for (long c = b.lo; c < b.hi && col4; c++) col4_w[4 * j + (c - lo)] = a.cols[j * a.gw + c];
+            for (long c = b.lo; c < b.hi && col4; c++) {
+                col4_w[4 * j + (c - lo)] = a.cols[j * a.gw + c];
+            }
         }
         for (long i = 0; i < a.H; i++) {  // the transpose of the row upsampling, as a gather
             const Tap r = upsample_tap(i, a.fh, a.H);
@@ -215,65 +217,62 @@ inline void locate_row(long i, const float* uy, const float* ux, long n, long h,
     locate(i, uy, ux, n, h, w, s.ty, s.tx, s.cy, s.cx, s.at, s.right, s.down);
 }
 
-// interp.h's value() (Values) and slope() (Slopes) of a plane at the row's n samples.
-template <bool Values, bool Slopes>
+// A plane's four corners at one sample (the row's `at`, `right`, `down`), and interp.h's
+// value() and slope() from them: the row passes below share these per-sample formulas.
+struct Quad {
+    float v00, v01, v10, v11;
+};
+
+inline Quad quad(const float* __restrict plane, int a, int r, int d) {
+    return {plane[a], plane[a + r], plane[a + d], plane[a + d + r]};
+}
+
+inline float value(const Quad& q, float y, float x) {
+    return (1.f - y) * ((1.f - x) * q.v00 + x * q.v01) + y * ((1.f - x) * q.v10 + x * q.v11);
+}
+
+inline float slope_y(const Quad& q, float x, float cy) {
+    return cy * ((1.f - x) * (q.v10 - q.v00) + x * (q.v11 - q.v01));
+}
+
+inline float slope_x(const Quad& q, float y, float cx) {
+    return cx * ((1.f - y) * (q.v01 - q.v00) + y * (q.v11 - q.v10));
+}
+
+// value() and slope() of a plane at the row's n samples (the image term's warp).
 void sample_row(const float* __restrict plane, long n, const Scratch& s, float* __restrict val,
                 float* __restrict dy, float* __restrict dx) {
-    const float *__restrict ty = s.ty, *__restrict tx = s.tx, *__restrict cy = s.cy,
-                *__restrict cx = s.cx;
-    const int *__restrict at = s.at, *__restrict right = s.right, *__restrict down = s.down;
     for (int j = 0; j < int(n); j++) {
-        const int a = at[j], r = right[j], d = down[j];
-        const float v00 = plane[a], v01 = plane[a + r], v10 = plane[a + d], v11 = plane[a + d + r];
-        const float y = ty[j], x = tx[j];
-        if constexpr (Values) {
-            val[j] = (1.f - y) * ((1.f - x) * v00 + x * v01) + y * ((1.f - x) * v10 + x * v11);
-        }
-        if constexpr (Slopes) {
-            dy[j] = cy[j] * ((1.f - x) * (v10 - v00) + x * (v11 - v01));
-            dx[j] = cx[j] * ((1.f - y) * (v01 - v00) + y * (v11 - v10));
-        }
+        const Quad q = quad(plane, s.at[j], s.right[j], s.down[j]);
+        val[j] = value(q, s.ty[j], s.tx[j]);
+        dy[j] = slope_y(q, s.tx[j], s.cy[j]);
+        dx[j] = slope_x(q, s.ty[j], s.cx[j]);
     }
 }
 
-// Both planes of a 2-channel field at the row's n samples, the corners' weights computed once:
+// Both planes of a 2-channel field at the row's n samples, the offsets read once:
 // out0 = add0 + plane0 sampled, out1 = add1 + plane1 sampled (the squaring's forward).
 void sample_two(const float* __restrict p0, const float* __restrict p1, long n, const Scratch& s,
                 const float* __restrict add0, const float* __restrict add1,
                 float* __restrict out0, float* __restrict out1) {
-    const float *__restrict ty = s.ty, *__restrict tx = s.tx;
-    const int *__restrict at = s.at, *__restrict right = s.right, *__restrict down = s.down;
     for (int j = 0; j < int(n); j++) {
-        const int a = at[j], r = right[j], d = down[j];
-        const float y = ty[j], x = tx[j];
-        const float v0 = (1.f - y) * ((1.f - x) * p0[a] + x * p0[a + r]) +
-                         y * ((1.f - x) * p0[a + d] + x * p0[a + d + r]);
-        const float v1 = (1.f - y) * ((1.f - x) * p1[a] + x * p1[a + r]) +
-                         y * ((1.f - x) * p1[a + d] + x * p1[a + d + r]);
-        out0[j] = add0[j] + v0;
-        out1[j] = add1[j] + v1;
+        const int a = s.at[j], r = s.right[j], d = s.down[j];
+        out0[j] = add0[j] + value(quad(p0, a, r, d), s.ty[j], s.tx[j]);
+        out1[j] = add1[j] + value(quad(p1, a, r, d), s.ty[j], s.tx[j]);
     }
 }
 
 // The squaring's location terms for one row: gu0 += g0 d(plane0)/dy + g1 d(plane1)/dy, gu1 the
-// same along x, the slopes of both planes at the row's samples from one read of the corners.
+// same along x, the slopes of both planes at the row's samples from one read of the offsets.
 void slopes_two(const float* __restrict p0, const float* __restrict p1, long n, const Scratch& s,
                 const float* __restrict g0, const float* __restrict g1, float* __restrict gu0,
                 float* __restrict gu1) {
-    const float *__restrict ty = s.ty, *__restrict tx = s.tx, *__restrict cy = s.cy,
-                *__restrict cx = s.cx;
-    const int *__restrict at = s.at, *__restrict right = s.right, *__restrict down = s.down;
     for (int j = 0; j < int(n); j++) {
-        const int a = at[j], r = right[j], d = down[j];
-        const float y = ty[j], x = tx[j];
-        const float a00 = p0[a], a01 = p0[a + r], a10 = p0[a + d], a11 = p0[a + d + r];
-        const float b00 = p1[a], b01 = p1[a + r], b10 = p1[a + d], b11 = p1[a + d + r];
-        const float dy0 = cy[j] * ((1.f - x) * (a10 - a00) + x * (a11 - a01));
-        const float dx0 = cx[j] * ((1.f - y) * (a01 - a00) + y * (a11 - a10));
-        const float dy1 = cy[j] * ((1.f - x) * (b10 - b00) + x * (b11 - b01));
-        const float dx1 = cx[j] * ((1.f - y) * (b01 - b00) + y * (b11 - b10));
-        gu0[j] += g0[j] * dy0 + g1[j] * dy1;
-        gu1[j] += g0[j] * dx0 + g1[j] * dx1;
+        const int a = s.at[j], r = s.right[j], d = s.down[j];
+        const Quad q0 = quad(p0, a, r, d), q1 = quad(p1, a, r, d);
+        const float y = s.ty[j], x = s.tx[j];
+        gu0[j] += g0[j] * slope_y(q0, x, s.cy[j]) + g1[j] * slope_y(q1, x, s.cy[j]);
+        gu1[j] += g0[j] * slope_x(q0, y, s.cx[j]) + g1[j] * slope_x(q1, y, s.cx[j]);
     }
 }
 
@@ -522,7 +521,7 @@ void image_rows(const AirRefineLevel& a, const Plan& plan, long b, const float* 
         std::fill(s.gx, s.gx + W, 0.f);
         for (long ch = 0; ch < a.C; ch++) {
             const long at = (b * a.C + ch) * H * W;
-            sample_row<true, true>(a.moving + at, W, s, s.val, s.dy, s.dx);
+            sample_row(a.moving + at, W, s, s.val, s.dy, s.dx);
             const float* f = a.fixed + at + i * W;
             for (long j = 0; j < W; j++) {
                 const float g = (s.val[j] - f[j]) * gcoef;
@@ -550,7 +549,7 @@ void mi_rows(const AirRefineLevel& a, const Plan& plan, Work& work, const Scratc
         dense_row(a, plan, coarse, i, s);
         for (long ch = 0; ch < C; ch++) {
             const long at = ch * hw + i * W;
-            sample_row<true, true>(a.moving + (b * C + ch) * hw, W, s, val + at, dy + at,
+            sample_row(a.moving + (b * C + ch) * hw, W, s, val + at, dy + at,
                                    dx + at);
             for (long j = 0; j < W; j++) {
                 lo = std::min(lo, val[at + j]);
