@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from air_reg.losses import MSE, MutualInformation
+from air_reg.losses import MSE, MutualInformation, NormalisedGradientFields
 from air_reg.models.components.spatial_transformer import warp
 from air_reg.refine import keep_if_better, per_pair
 from air_reg.refine.optimise import GUARD_TOL, MI_GUARD_TOL, similarity_module
@@ -82,7 +82,8 @@ def test_gradient_path_unchanged_when_grad_is_needed():
 
 
 @pytest.mark.parametrize("similarity", [MutualInformation(), MutualInformation(normalised=False),
-                                        MutualInformation(16), MSE()])  # fmt: skip
+                                        MutualInformation(16), MSE(),
+                                        NormalisedGradientFields()])  # fmt: skip
 def test_per_pair_is_each_pair_alone(similarity):
     moving, fixed = _images((3, 1, 24, 24))
     alone = torch.stack([similarity(moving[i : i + 1], fixed[i : i + 1]) for i in range(3)])

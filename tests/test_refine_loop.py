@@ -103,6 +103,33 @@ def test_one_step_equals_autograd_and_adam(b, squarings, affine, n_threads, thre
 
 
 @needs_kernel
+@pytest.mark.parametrize("amplitude", [0.5, 30.0])
+def test_one_pair_over_two_threads_equals_autograd(amplitude, threads):
+    """A team of two shares one pair's 80 field rows; a squaring's scatter goes straight into
+    the shared gradient in two phases (halves of 20 rows) when its field moves points at most 9
+    rows, else through a buffer per thread (amplitude 30: the last squaring's does)."""
+    threads(2)
+    g = torch.Generator().manual_seed(11)
+    (h, w), (fh, fw), (gh, gw) = (160, 144), (80, 72), (12, 11)
+    fixed, moving = _pair(1, size=(h, w), seed=3)[:2]
+    up = CoarseToDense(in_size=(gh, gw), out_size=(fh, fw), mode="bspline")
+    param = amplitude * torch.randn(1, 2, gh, gw, generator=g)
+    scale = (fh / h, fw / w)
+    velocity = up(param) * torch.tensor(scale).view(1, 2, 1, 1)  # field px
+    last = warp_ops.integrate(velocity / 2, 3)  # what the fourth squaring samples
+    assert (last[:, 0].abs().amax() > 9) == (amplitude > 1)
+    ref = param.clone().requires_grad_(True)
+    _objective(ref, fixed, moving, up, scale, 4, None).backward()
+    m, v = torch.zeros_like(param), torch.zeros_like(param)
+    refine_loop.adam_level(
+        param.clone(), m, v, 0, fixed, moving, rows=up.rows, cols=up.cols, scale=scale,
+        squarings=4, steps=1, lr=0.5, decay=0.1, **WEIGHTS,
+    )  # fmt: skip
+    grad = ref.grad
+    torch.testing.assert_close(m / 0.1, grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item())
+
+
+@needs_kernel
 @pytest.mark.parametrize("with_affine", [False, True])
 def test_refine_fused_equals_the_per_op_kernels(with_affine):
     fixed, moving, _ = _pair(2)

@@ -395,11 +395,18 @@ class NormalisedGradientFields(nn.Module):
         eps2 = self.eta**2 * norm2.mean(tuple(range(1, x.ndim)), keepdim=True) + 1e-12
         return grads, norm2 + eps2
 
-    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    def _misalignment(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """1 - squared cosine of the two images' gradients, per interior pixel."""
         wg, wn = self._gradients(warped)
         fg, fn = self._gradients(fixed)
-        cos2 = _total(w * f for w, f in zip(wg, fg, strict=True)).square() / (wn * fn)
-        return (1 - cos2).mean()
+        return 1 - _total(w * f for w, f in zip(wg, fg, strict=True)).square() / (wn * fn)
+
+    def per_pair(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """(B,) the loss of each pair alone, in one call (the guard's)."""
+        return self._misalignment(warped, fixed).flatten(1).mean(1)
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return self._misalignment(warped, fixed).mean()
 
 
 class SoftDice(nn.Module):

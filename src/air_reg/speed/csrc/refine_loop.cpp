@@ -15,8 +15,12 @@
 //
 // Threads: pairs are independent, so pairs split over threads (each owns whole pairs), or,
 // with `team` > 1 (OpenMP only; B == 1), the threads share one pair's rows, meeting at a
-// barrier between passes; scatters (the squarings' and penalties' transposes) then go into a
-// buffer per thread, summed by rows afterwards.
+// barrier between passes. The scatters (the squarings' and penalties' transposes) then run in
+// two phases straight into the shared field: each thread's rows cut in two halves, the first
+// halves at once, then the second ones, which is safe while no scatter reaches further than
+// a half's rows (checked per squaring; else a buffer per thread, summed by rows afterwards).
+// The buffers alone made a team's level 1.1-1.3x slower on 2 cores (2026-12-07): each thread
+// zeroes and fills a whole field that the other threads then read from its core's cache.
 
 #include <algorithm>
 #include <cmath>
@@ -146,7 +150,7 @@ struct Plan {
 };
 
 struct Work {  // one pair's fields (shared by a team)
-    std::vector<float> u, coarse, g0, g1, mx, tmp, priv;
+    std::vector<float> u, coarse, g0, g1, mx, tmp, priv, reach;
     // mutual information: the warped image, its slopes, its gradient (C, H, W); a histogram
     // per team thread and the gradient table (bins, bins); per thread min, max and sums
     std::vector<float> val, dy, dx, gm, hist, table;
@@ -158,7 +162,8 @@ struct Work {  // one pair's fields (shared by a team)
           g1(2 * a.fh * a.fw),
           mx(2 * a.H * a.fw),
           tmp(2 * a.fh * a.gw),
-          priv(team > 1 ? team * 2 * a.fh * a.fw : 0) {
+          priv(team > 1 ? team * 2 * a.fh * a.fw : 0),
+          reach(team) {
         if (!a.fixed_bins) return;
         for (auto* x : {&val, &dy, &dx, &gm}) x->resize(a.C * a.H * a.W);
         hist.resize(team * a.bins * a.bins);
@@ -298,6 +303,14 @@ struct Team {
     int id, size;
     long lo(long n) const { return share(n, id, size); }
     long hi(long n) const { return share(n, id + 1, size); }
+    long mid(long n) const { return lo(n) + (hi(n) - lo(n)) / 2; }  // this thread's two halves
+    long thinnest(long n) const {  // the fewest rows in any thread's half
+        long rows = n;
+        for (int t = 0; t < size; t++) {
+            rows = std::min(rows, (share(n, t + 1, size) - share(n, t, size)) / 2);
+        }
+        return rows;
+    }
     void sync() const {
 #ifdef _OPENMP
         if (size > 1) {
@@ -412,6 +425,17 @@ void square_grad(const float* u, const float* g, float* gu, float* to, long h, l
         slopes_two(u, u + n, w, s, g0, g1, gu + i * w, gu + n + i * w);
         spread_row(to, to + n, g0, g1, w, s);
     }
+}
+
+// The largest |row displacement| of a field plane's rows [r0, r1) (infinite if any is NaN):
+// how many rows a squaring's scatter from those rows can reach beyond them, less one.
+float row_reach(const float* uy, long w, long r0, long r1) {
+    float most = 0.f;
+    for (long e = r0 * w; e < r1 * w; e++) {
+        const float d = std::fabs(uy[e]);
+        most = d <= most ? most : (d == d ? d : INFINITY);
+    }
+    return most;
 }
 
 // The diffusion and fold penalties' gradient (warp.cpp's air_flow_penalty, one pair, no
@@ -616,9 +640,17 @@ void run_pair(const AirRefineLevel& a, const Plan& plan, Work& work, const Scrat
     const bool shared = team.size > 1;
     float* priv = shared ? work.priv.data() + team.id * n : nullptr;
     float* u = work.u.data();
-    const long f0 = team.lo(h), f1 = team.hi(h);
+    const long f0 = team.lo(h), f1 = team.hi(h), fm = team.mid(h);
+    // the penalties' scatter reaches one row beyond its rows: two phases from 2 rows a half
+    const bool penalty_halves = shared && team.thinnest(h) >= 2;
     std::vector<float> gp(2 * a.gh * a.gw);  // this pair's gradient (rows of the team's share)
     for (long step = 0; step < a.steps; step++) {
+        if (penalty_halves) {  // this thread's rows of the gradient, before the others add
+            for (int k = 0; k < 2; k++) {
+                float* rows = work.g0.data() + k * h * w;
+                std::fill(rows + f0 * w, rows + f1 * w, 0.f);
+            }
+        }
         // forward: control grid -> velocity -> flow -> (affine) coarse flow
         bspline(a, plan, param, factor, u, s.row, team);
         for (long k = 1; k <= ns; k++) {
@@ -646,7 +678,11 @@ void run_pair(const AirRefineLevel& a, const Plan& plan, Work& work, const Scrat
         } else {
             image_rows(a, plan, b, coarse, work.mx.data(), s, team.lo(a.H), team.hi(a.H));
         }
-        if (shared) {
+        if (penalty_halves) {
+            penalty_grad(a, coarse, g, f0, fm);
+            team.sync();
+            penalty_grad(a, coarse, g, fm, f1);
+        } else if (shared) {
             std::fill(priv, priv + n, 0.f);
             penalty_grad(a, coarse, priv, f0, f1);
         } else {
@@ -655,7 +691,9 @@ void run_pair(const AirRefineLevel& a, const Plan& plan, Work& work, const Scrat
         }
         team.sync();
         for (long q = f0; q < f1; q++) {  // the row upsampling's transpose, then the affine's
-            if (shared) gather_priv(work.priv.data(), team.size, g, h, w, q, q + 1, false);
+            if (shared && !penalty_halves) {
+                gather_priv(work.priv.data(), team.size, g, h, w, q, q + 1, false);
+            }
             for (int k = 0; k < 2; k++) {
                 float* dst = g + (k * h + q) * w;
                 for (long e = plan.from[q]; e < plan.from[q + 1]; e++) {
@@ -677,12 +715,25 @@ void run_pair(const AirRefineLevel& a, const Plan& plan, Work& work, const Scrat
             float* gu = g == work.g0.data() ? work.g1.data() : work.g0.data();
             team.sync();
             if (shared) {
+                const float* uk = u + (k - 1) * n;
                 std::copy(g + f0 * w, g + f1 * w, gu + f0 * w);
                 std::copy(g + n / 2 + f0 * w, g + n / 2 + f1 * w, gu + n / 2 + f0 * w);
-                std::fill(priv, priv + n, 0.f);
-                square_grad(u + (k - 1) * n, g, gu, priv, h, w, f0, f1, s);
+                work.reach[team.id] = row_reach(uk, w, f0, f1);
                 team.sync();
-                gather_priv(work.priv.data(), team.size, gu, h, w, f0, f1, true);
+                float reach = 0.f;
+                for (int t = 0; t < team.size; t++) reach = std::max(reach, work.reach[t]);
+                // rows [i - D, i + D + 1] for a displacement of at most D rows: halves apart
+                // by a half of 2 D + 1 rows never meet
+                if (2.f * std::ceil(reach) + 1.f <= float(team.thinnest(h))) {
+                    square_grad(uk, g, gu, gu, h, w, f0, fm, s);
+                    team.sync();
+                    square_grad(uk, g, gu, gu, h, w, fm, f1, s);
+                } else {
+                    std::fill(priv, priv + n, 0.f);
+                    square_grad(uk, g, gu, priv, h, w, f0, f1, s);
+                    team.sync();
+                    gather_priv(work.priv.data(), team.size, gu, h, w, f0, f1, true);
+                }
             } else {
                 std::copy(g, g + n, gu);
                 square_grad(u + (k - 1) * n, g, gu, gu, h, w, 0, h, s);
