@@ -99,6 +99,35 @@ def test_one_step_equals_autograd_and_adam(b, squarings, affine, n_threads, thre
 
 
 @needs_kernel
+@pytest.mark.parametrize("amplitude", [0.5, 12.0])
+def test_one_volume_over_two_threads_equals_autograd(amplitude, threads, monkeypatch):
+    """A team of two shares one volume's 24 field slices; a squaring's scatter goes straight
+    into the shared gradient in two phases (halves of 6 slices) when its field moves points at
+    most 2 slices, else through a buffer per thread (amplitude 12: the last squaring's does)."""
+    threads(2)
+    monkeypatch.setattr(refine_loop, "_oversubscribed", lambda: False)  # however busy
+    g = torch.Generator().manual_seed(5)
+    size, field, grid = (48, 20, 18), (24, 10, 9), (8, 5, 5)
+    fixed, moving = _volumes(1, size=size, seed=4)[:2]
+    up = CoarseToDense(in_size=grid, out_size=field, mode="bspline")
+    param = amplitude * torch.randn(1, 3, *grid, generator=g)
+    scale = tuple(f / n for f, n in zip(field, size, strict=True))
+    velocity = up(param) * torch.tensor(scale).view(1, 3, 1, 1, 1)  # field voxels
+    last = warp_ops.integrate(velocity / 2, 2)  # what the third squaring samples
+    assert (last[:, 0].abs().amax() > 2) == (amplitude > 1)
+    ref = param.clone().requires_grad_(True)
+    _objective(ref, fixed, moving, up, scale, 3, None).backward()
+    m, v = torch.zeros_like(param), torch.zeros_like(param)
+    slices, rows, cols = up.matrices
+    refine_loop.adam_level(
+        param.clone(), m, v, 0, fixed, moving, slices=slices, rows=rows, cols=cols,
+        scale=scale, squarings=3, steps=1, lr=0.5, decay=0.1, **WEIGHTS,
+    )  # fmt: skip
+    grad = ref.grad
+    torch.testing.assert_close(m / 0.1, grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item())
+
+
+@needs_kernel
 def test_fold_term_is_in_the_gradient(threads):
     """A folding field: the fold penalty's gradient dominates and still matches autograd."""
     threads(1)

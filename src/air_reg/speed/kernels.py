@@ -42,7 +42,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "small_head_attention.cpp", CSRC / "dropout.cpp", CSRC / "warp.cpp",
            CSRC / "refine_loop.cpp", CSRC / "refine_loop3d.cpp",
            CSRC / "affine_loop.cpp")  # fmt: skip
-HEADERS = (CSRC / "interp.h", CSRC / "mi.h")  # included by the sources: in the cache key
+HEADERS = (CSRC / "interp.h", CSRC / "mi.h", CSRC / "team.h")  # included: in the cache key
 FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared"]
 # Tried in this order until one builds: without -march=native the build is portable (slower);
 # without -fopenmp (Apple clang) the kernels' threads are Python threads instead.

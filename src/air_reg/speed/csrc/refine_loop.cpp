@@ -50,14 +50,15 @@ struct AirRefineLevel {  // mirrored by air_reg.speed.refine_loop._Level
 
 #include "interp.h"
 #include "mi.h"
+#include "team.h"
 
 namespace {
 
 using air::Tap;
 using air::difference;
 using air::upsample_tap;  // interp.h: shared with warp.cpp
-
-inline long share(long n, int t, int threads) { return n * t / threads; }
+using air::share;
+using air::Team;  // team.h: shared with refine_loop3d.cpp
 
 // ---- the level's plan: what every step reads ----
 
@@ -299,27 +300,6 @@ void spread_row(float* plane0, float* plane1, const float* g0, const float* g1, 
     }
 }
 
-struct Team {
-    int id, size;
-    long lo(long n) const { return share(n, id, size); }
-    long hi(long n) const { return share(n, id + 1, size); }
-    long mid(long n) const { return lo(n) + (hi(n) - lo(n)) / 2; }  // this thread's two halves
-    long thinnest(long n) const {  // the fewest rows in any thread's half
-        long rows = n;
-        for (int t = 0; t < size; t++) {
-            rows = std::min(rows, (share(n, t + 1, size) - share(n, t, size)) / 2);
-        }
-        return rows;
-    }
-    void sync() const {
-#ifdef _OPENMP
-        if (size > 1) {
-#pragma omp barrier
-        }
-#endif
-    }
-};
-
 // ---- the passes of one step, over a team's share of rows ----
 
 // v (2, fh, fw) = factor[k] * rows @ p[k] @ cols^T
@@ -425,17 +405,6 @@ void square_grad(const float* u, const float* g, float* gu, float* to, long h, l
         slopes_two(u, u + n, w, s, g0, g1, gu + i * w, gu + n + i * w);
         spread_row(to, to + n, g0, g1, w, s);
     }
-}
-
-// The largest |row displacement| of a field plane's rows [r0, r1) (infinite if any is NaN):
-// how many rows a squaring's scatter from those rows can reach beyond them, less one.
-float row_reach(const float* uy, long w, long r0, long r1) {
-    float most = 0.f;
-    for (long e = r0 * w; e < r1 * w; e++) {
-        const float d = std::fabs(uy[e]);
-        most = d <= most ? most : (d == d ? d : INFINITY);
-    }
-    return most;
 }
 
 // The diffusion and fold penalties' gradient (warp.cpp's air_flow_penalty, one pair, no
@@ -718,13 +687,11 @@ void run_pair(const AirRefineLevel& a, const Plan& plan, Work& work, const Scrat
                 const float* uk = u + (k - 1) * n;
                 std::copy(g + f0 * w, g + f1 * w, gu + f0 * w);
                 std::copy(g + n / 2 + f0 * w, g + n / 2 + f1 * w, gu + n / 2 + f0 * w);
-                work.reach[team.id] = row_reach(uk, w, f0, f1);
+                work.reach[team.id] = air::largest_reach(uk + f0 * w, (f1 - f0) * w);
                 team.sync();
                 float reach = 0.f;
                 for (int t = 0; t < team.size; t++) reach = std::max(reach, work.reach[t]);
-                // rows [i - D, i + D + 1] for a displacement of at most D rows: halves apart
-                // by a half of 2 D + 1 rows never meet
-                if (2.f * std::ceil(reach) + 1.f <= float(team.thinnest(h))) {
+                if (air::halves_apart(reach, team.thinnest(h))) {
                     square_grad(uk, g, gu, gu, h, w, f0, fm, s);
                     team.sync();
                     square_grad(uk, g, gu, gu, h, w, fm, f1, s);

@@ -16,8 +16,9 @@
 // torch.gradient's differences (central inside, one-sided at the ends) and the cofactor
 // expansion of metrics._det. Every transpose that would scatter to neighbours (the upsampling,
 // the penalties) is written as a gather, so a team's threads never write the same voxel; the
-// squarings' transposes, which scatter to sampled places, go into a buffer per team thread,
-// summed by slices afterwards.
+// squarings' transposes, which scatter to sampled places, run in two phases straight into the
+// shared field (each thread's slices in halves, team.h) while no scatter reaches further than
+// a half, else into a buffer per team thread, summed by slices afterwards.
 //
 // Threads: pairs split over threads (each owns whole pairs), or, with `team` > 1 (OpenMP
 // only; B == 1), the threads share one pair's slices, meeting at a barrier between passes.
@@ -51,14 +52,15 @@ struct AirRefineLevel3 {  // mirrored by air_reg.speed.refine_loop._Level3
 
 #include "interp.h"
 #include "mi.h"
+#include "team.h"
 
 namespace {
 
 using air::Tap;
 using air::difference;
 using air::upsample_tap;
-
-inline long share(long n, int t, int threads) { return n * t / threads; }
+using air::share;
+using air::Team;  // team.h: shared with refine_loop.cpp
 
 struct Band {  // [lo, hi): the nonzero entries of one row or column of a banded matrix
     long lo, hi;
@@ -106,19 +108,6 @@ struct Plan {
              Axis(a.mats[2], a.field[2], a.grid[2], a.size[2])},
           up_scale{float(a.size[0]) / float(a.field[0]), float(a.size[1]) / float(a.field[1]),
                    float(a.size[2]) / float(a.field[2])} {}
-};
-
-struct Team {
-    int id, size;
-    long lo(long n) const { return share(n, id, size); }
-    long hi(long n) const { return share(n, id + 1, size); }
-    void sync() const {
-#ifdef _OPENMP
-        if (size > 1) {
-#pragma omp barrier
-        }
-#endif
-    }
 };
 
 // ---- trilinear sampling with border padding (grid_sample, align_corners=True) ----
@@ -186,7 +175,7 @@ inline void spread(float* p, const Loc& l, float g) {
 
 struct Work {
     long N, np;  // field voxels, control points
-    std::vector<float> u, coarse, g0, g1, fold, mx, t2, t3, gp, priv;
+    std::vector<float> u, coarse, g0, g1, fold, mx, t2, t3, gp, priv, reach;
     // mutual information: the warped volume, its slopes, its gradient (C, D, H, W); per team
     // thread a histogram (bins, bins) and sums; the gradient table
     std::vector<float> val, dz, dy, dx, gm, table;
@@ -203,7 +192,8 @@ struct Work {
           t2(3 * a.grid[0] * a.field[1] * a.field[2]),
           t3(3 * a.field[0] * a.grid[1] * a.grid[2]),
           gp(3 * np),
-          priv(team > 1 ? team * 3 * N : 0) {
+          priv(team > 1 ? team * 3 * N : 0),
+          reach(team) {
         if (!a.fixed_bins) return;
         const long n = a.C * a.size[0] * a.size[1] * a.size[2];
         for (auto* x : {&val, &dz, &dy, &dx, &gm}) x->resize(n);
@@ -613,7 +603,7 @@ void run_pair(const AirRefineLevel3& a, const Plan& plan, Work& work, long b, co
     const bool shared = team.size > 1;
     float* priv = shared ? work.priv.data() + team.id * vol : nullptr;
     float* u = work.u.data();
-    const long f0 = team.lo(d), f1 = team.hi(d);
+    const long f0 = team.lo(d), f1 = team.hi(d), fm = team.mid(d);
     for (long step = 0; step < a.steps; step++) {
         // forward: control grid -> velocity -> flow -> (affine) coarse flow
         bspline(a, plan, param, factor, work, u, team);
@@ -655,8 +645,20 @@ void run_pair(const AirRefineLevel3& a, const Plan& plan, Work& work, long b, co
                     const long e0 = c * n + f0 * plane, e1 = c * n + f1 * plane;
                     std::copy(g + e0, g + e1, gu + e0);
                 }
+                const float* uk = u + (k - 1) * vol;  // its first component moves slices
+                work.reach[team.id] = air::largest_reach(uk + f0 * plane, (f1 - f0) * plane);
+                team.sync();
+                float reach = 0.f;
+                for (int t = 0; t < team.size; t++) reach = std::max(reach, work.reach[t]);
+                if (air::halves_apart(reach, team.thinnest(d))) {  // straight into gu
+                    square_grad(uk, g, gu, gu, d, h, w, f0, fm);
+                    team.sync();
+                    square_grad(uk, g, gu, gu, d, h, w, fm, f1);
+                    g = gu;
+                    continue;
+                }
                 std::fill(priv, priv + vol, 0.f);
-                square_grad(u + (k - 1) * vol, g, gu, priv, d, h, w, f0, f1);
+                square_grad(uk, g, gu, priv, d, h, w, f0, f1);
                 team.sync();
                 for (int c = 0; c < 3; c++) {
                     for (long e = c * n + f0 * plane; e < c * n + f1 * plane; e++) {
