@@ -20,7 +20,7 @@ STILL_BEING_MOVED: set[str] = set()
 # The scripts whose command lines this suite runs (--help): the benchmark ones have their own.
 COMMANDS = (
     "reproduce", "converge", "refine_benchmark", "brain_mri", "refine_speed", "refine_families",
-    "refine_matrix", "zero_shot", "interop_roundtrip", "refine_floor",
+    "refine_matrix", "zero_shot", "interop_roundtrip", "refine_floor", "loop_ab",
 )  # fmt: skip
 
 
