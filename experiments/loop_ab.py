@@ -109,6 +109,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:
             source, symbol, level, struct = LOOPS[kind]
+            if _text(args.base, source) is None:
+                sys.exit(f"loop_ab: no {CSRC}/{source} at {args.base!r} (a git revision here?)")
             if not same_struct(args.base, struct, source):
                 sys.exit(f"loop_ab: struct {struct} differs at {args.base}: calls won't fit")
             for side, rev in (("base", args.base), ("tree", None)):
