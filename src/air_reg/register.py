@@ -127,10 +127,12 @@ def register_batch(
             extra = {} if init_flow is None else {"init_flow": init_flow.to(device)}
             if spacings[group[0]] is not None and refines:
                 extra["spacing"] = spacings[group[0]]
-            for i, flow in zip(group, model(f, m, **extra).cpu(), strict=True):
+            out = model(f, m, **extra).cpu()
+            if guard and not refines:  # the network's one-shot flows, each pair judged alone
+                pairs = [torch.cat([images[i] for i in group]) for images in (fixed, moving)]
+                out = keep_if_better(out, *pairs, judge)[0]  # in one call: per-pair measures
+            for i, flow in zip(group, out, strict=True):
                 flows[i] = flow[None]
-                if guard and not refines:  # a network's one-shot flow at the pair's size
-                    flows[i] = keep_if_better(flows[i], fixed[i], moving[i], judge)[0]
     else:
         if init_flow is not None:
             raise ConfigError("init_flow starts the refinement: set refine_steps, e.g. 50")
