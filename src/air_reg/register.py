@@ -129,8 +129,7 @@ def register_batch(
                 extra["spacing"] = spacings[group[0]]
             out = model(f, m, **extra).cpu()
             if guard and not refines:  # the network's one-shot flows, each pair judged alone
-                pairs = [torch.cat([images[i] for i in group]) for images in (fixed, moving)]
-                out = keep_if_better(out, *pairs, judge)[0]  # in one call: per-pair measures
+                out = keep_if_better(out, f.cpu(), m.cpu(), judge)[0]  # per-pair measures
             for i, flow in zip(group, out, strict=True):
                 flows[i] = flow[None]
     else:

@@ -610,8 +610,9 @@ void run_pair(const AirRefineLevel& a, const Plan& plan, Work& work, const Scrat
     float* priv = shared ? work.priv.data() + team.id * n : nullptr;
     float* u = work.u.data();
     const long f0 = team.lo(h), f1 = team.hi(h), fm = team.mid(h);
+    const long thinnest = team.thinnest(h);  // the fewest rows in a thread's half
     // the penalties' scatter reaches one row beyond its rows: two phases from 2 rows a half
-    const bool penalty_halves = shared && team.thinnest(h) >= 2;
+    const bool penalty_halves = shared && thinnest >= 2;
     std::vector<float> gp(2 * a.gh * a.gw);  // this pair's gradient (rows of the team's share)
     for (long step = 0; step < a.steps; step++) {
         if (penalty_halves) {  // this thread's rows of the gradient, before the others add
@@ -687,11 +688,8 @@ void run_pair(const AirRefineLevel& a, const Plan& plan, Work& work, const Scrat
                 const float* uk = u + (k - 1) * n;
                 std::copy(g + f0 * w, g + f1 * w, gu + f0 * w);
                 std::copy(g + n / 2 + f0 * w, g + n / 2 + f1 * w, gu + n / 2 + f0 * w);
-                work.reach[team.id] = air::largest_reach(uk + f0 * w, (f1 - f0) * w);
-                team.sync();
-                float reach = 0.f;
-                for (int t = 0; t < team.size; t++) reach = std::max(reach, work.reach[t]);
-                if (air::halves_apart(reach, team.thinnest(h))) {
+                if (air::halves_apart(team, uk + f0 * w, (f1 - f0) * w, work.reach.data(),
+                                      thinnest)) {
                     square_grad(uk, g, gu, gu, h, w, f0, fm, s);
                     team.sync();
                     square_grad(uk, g, gu, gu, h, w, fm, f1, s);

@@ -603,7 +603,7 @@ void run_pair(const AirRefineLevel3& a, const Plan& plan, Work& work, long b, co
     const bool shared = team.size > 1;
     float* priv = shared ? work.priv.data() + team.id * vol : nullptr;
     float* u = work.u.data();
-    const long f0 = team.lo(d), f1 = team.hi(d), fm = team.mid(d);
+    const long f0 = team.lo(d), f1 = team.hi(d), fm = team.mid(d), thinnest = team.thinnest(d);
     for (long step = 0; step < a.steps; step++) {
         // forward: control grid -> velocity -> flow -> (affine) coarse flow
         bspline(a, plan, param, factor, work, u, team);
@@ -646,11 +646,8 @@ void run_pair(const AirRefineLevel3& a, const Plan& plan, Work& work, long b, co
                     std::copy(g + e0, g + e1, gu + e0);
                 }
                 const float* uk = u + (k - 1) * vol;  // its first component moves slices
-                work.reach[team.id] = air::largest_reach(uk + f0 * plane, (f1 - f0) * plane);
-                team.sync();
-                float reach = 0.f;
-                for (int t = 0; t < team.size; t++) reach = std::max(reach, work.reach[t]);
-                if (air::halves_apart(reach, team.thinnest(d))) {  // straight into gu
+                if (air::halves_apart(team, uk + f0 * plane, (f1 - f0) * plane,
+                                      work.reach.data(), thinnest)) {  // straight into gu
                     square_grad(uk, g, gu, gu, d, h, w, f0, fm);
                     team.sync();
                     square_grad(uk, g, gu, gu, d, h, w, fm, f1);

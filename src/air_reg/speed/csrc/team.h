@@ -45,8 +45,15 @@ inline float largest_reach(const float* x, long n) {
 // Whether the threads may scatter from the first halves of their rows at once, then from the
 // second ones, straight into a shared array: a scatter at displacements of at most D rows
 // lands in rows [i - D, i + D + 1], so two halves with a half of 2 D + 1 rows between them
-// never meet. `reach` is the team's largest_reach, `thinnest` Team::thinnest.
-inline bool halves_apart(float reach, long thinnest) {
+// never meet. Each thread gives the row displacements of its own rows (`mine`, n values);
+// `slots` holds a float a thread; `thinnest` is Team::thinnest of the rows. A barrier; the
+// same answer in every thread.
+inline bool halves_apart(const Team& team, const float* mine, long n, float* slots,
+                         long thinnest) {
+    slots[team.id] = largest_reach(mine, n);
+    team.sync();
+    float reach = 0.f;
+    for (int t = 0; t < team.size; t++) reach = std::max(reach, slots[t]);
     return 2.f * std::ceil(reach) + 1.f <= float(thinnest);
 }
 
