@@ -19,7 +19,9 @@ from PIL import Image
 from test_register import trained_checkpoint
 
 from air_reg import CheckpointError
+from air_reg.data.files import read_pair
 from air_reg.data.idx import FILES, default_data_root, load_dataset
+from air_reg.data.image_file import read_image_file
 from air_reg.errors import DataError
 from air_reg.images import ImageError, read_image, save_npy, write_image
 from air_reg.register import register
@@ -259,6 +261,42 @@ def test_colour_and_16_bit_images_are_converted(tmp_path, caplog, mode, array, l
     if mode == "RGB":  # luminance, as PIL's "L" conversion
         want = np.asarray(Image.fromarray(array).convert("L")) / 255
         assert torch.allclose(image[0, 0], torch.from_numpy(want).float())
+
+
+@pytest.mark.parametrize(("mode", "array", "level", "fragment"), CONVERTED)
+def test_register_decodes_an_image_file_once(tmp_path, caplog, monkeypatch, mode, array, level,
+                                             fragment):  # fmt: skip
+    """register's reading (values and, for colour, the colours) opens and decodes the file
+    once, so its conversion notice is logged once; the grey values are read_image's."""
+    path = _pil(tmp_path / "img.png", mode, array)
+    opened, real_open = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    with caplog.at_level(logging.INFO, logger="air_reg.images"):
+        got = read_image_file(path)
+    assert len(opened) == 1
+    assert sum(fragment in r.getMessage() for r in caplog.records) == 1
+    assert np.array_equal(got.values, read_image(path)[0, 0].numpy())
+    assert (got.colour is not None) == (mode != "I;16")
+    picked = read_image_file(path, channel="green")  # a channel instead of the luminance
+    if got.colour is not None:
+        assert np.array_equal(picked.values, got.colour[..., 1])
+
+
+def test_pixel_files_of_different_sizes_are_registered_with_a_warning(tmp_path, caplog):
+    """Two PNGs of different sizes: the moving one is placed as ITK places pixel files (a
+    shared first pixel, unit spacing), with a warning giving its coverage and the fix."""
+    big = _pil(tmp_path / "big.png", "L", np.full((16, 20), 100, np.uint8))
+    small = _pil(tmp_path / "small.png", "L", np.full((8, 10), 200, np.uint8))
+    with caplog.at_level(logging.WARNING, logger="air_reg.data.files"):
+        pair = read_pair(big, small)
+    assert pair.moving.shape == pair.fixed.shape == (1, 1, 16, 20)
+    message = " ".join(r.getMessage() for r in caplog.records)
+    for fragment in ("16 x 20", "8 x 10", "25.0 %", "resize one to the other's size"):
+        assert fragment in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="air_reg.data.files"):
+        read_pair(big, big)
+    assert not caplog.records
 
 
 def _leftovers(folder: Path) -> list[str]:

@@ -80,6 +80,20 @@ def _load_npy(path: Path) -> np.ndarray:
 def _load_pil(path: Path, colour: bool = False) -> np.ndarray:
     """A PIL-readable file's pixels: (H, W) grey, or with ``colour`` (H, W, 3) uint8 RGB for
     a colour file (alpha dropped)."""
+    grey, rgb = load_pil_pixels(path, grey=not colour, colour=colour)
+    return rgb if rgb is not None else grey
+
+
+def _is_colour(img: Image.Image) -> bool:
+    return img.mode in COLOUR_MODES or len(img.getbands()) > 1  # also TIFF's RGBX, La, ...
+
+
+def load_pil_pixels(
+    path: Path, grey: bool = True, colour: bool = True
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A PIL-readable file decoded once: its (H, W) grey pixels (``_pil_to_array``; None when
+    ``grey`` is False and the file is in colour) and, with ``colour``, a colour file's (H, W,
+    3) uint8 RGB pixels (alpha dropped; else None)."""
     try:
         with Image.open(path) as img:
             _check_size(path, img.size)
@@ -98,9 +112,8 @@ def _load_pil(path: Path, colour: bool = False) -> np.ndarray:
                         f"{img.width} x {img.height} pixels; re-export or re-copy the file"
                     )
             img.load()  # decode now: truncated files fail here, not later
-            if colour and (img.mode in COLOUR_MODES or len(img.getbands()) > 1):
-                return np.asarray(img.convert("RGB"))
-            return _pil_to_array(img, path)
+            rgb = np.asarray(img.convert("RGB")) if colour and _is_colour(img) else None
+            return (_pil_to_array(img, path) if grey or rgb is None else None), rgb
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -138,7 +151,7 @@ def _check_size(path: Path, shape) -> None:
 
 def _pil_to_array(img: Image.Image, path: Path) -> np.ndarray:
     """A 2-D numpy array of the image's gray values, converting colour and 16-bit modes."""
-    if img.mode in COLOUR_MODES or len(img.getbands()) > 1:  # also TIFF's RGBX, La, ...
+    if _is_colour(img):
         log.warning(
             "%s: converted %s to grayscale (luminance%s)",
             path,

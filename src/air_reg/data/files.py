@@ -3,6 +3,8 @@ name (any format ``data=folder`` reads), and reading a pair the way the model wa
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from air_reg.data.readers import FOLDER_SUFFIXES, stem_of, suffix_of
 from air_reg.geometry import Geometry, moving_index, sample, warp_through
 from air_reg.images import ImageError
 from air_reg.models.components.spatial_transformer import identity_grid, warp
+
+log = logging.getLogger(__name__)
 
 
 def find_pairs(fixed: Path, moving: Path) -> list[tuple[str, Path, Path]]:
@@ -120,6 +124,7 @@ def read_pair(
     if size is not None:
         prep.check_fits(fixed.shape, size, f"fixed {fixed_path}")
     fixed_g, moving_g = files[0].geometry, files[1].geometry
+    _warn_if_sizes_differ(*files)
     on_fixed = moving
     if moving.shape != fixed.shape or not fixed_g.same_grid(moving_g):
         grid = identity_grid(fixed.shape[2:], dtype=fixed.dtype)[None]  # (1, D, *size)
@@ -130,6 +135,24 @@ def read_pair(
                 f"space (origin, spacing, direction); check their headers"
             )
     return Pair(fixed, on_fixed, files[0], files[1], moving)
+
+
+def _warn_if_sizes_differ(fixed: ImageFile, moving: ImageFile) -> None:
+    """A warning when two pixel files (no geometry of their own) differ in size: they are
+    placed as ITK places them, which is seldom what two views of one scene at two
+    resolutions mean."""
+    f, m = fixed.values.shape, moving.values.shape
+    if f == m or fixed.is_nifti or moving.is_nifti:
+        return
+    covered = math.prod(min(a, b) for a, b in zip(f, m, strict=True)) / math.prod(f)
+    log.warning(
+        "fixed %s is %s and moving %s is %s pixels: files without a geometry are placed as "
+        "ITK places them, unit spacing from a shared first pixel, so the moving image covers "
+        "%.1f %% of the fixed one; if both show the same field of view, resize one to the "
+        "other's size first (or save both as NIfTI with their pixel spacings)",
+        fixed.path, " x ".join(map(str, f)), moving.path, " x ".join(map(str, m)),
+        100 * covered,
+    )  # fmt: skip
 
 
 def _check_ranks(fixed: ImageFile, moving: ImageFile) -> None:

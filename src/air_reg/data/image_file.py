@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from air_reg.data.readers import NIFTI_SUFFIXES, read_array, suffix_of
+from air_reg.data.readers import NIFTI_SUFFIXES, as_pixels, check_file, read_array, suffix_of
 from air_reg.errors import ConfigError
 from air_reg.geometry import Geometry
-from air_reg.images import PIL_SUFFIXES, _load_pil, save_npy
+from air_reg.images import PIL_SUFFIXES, load_pil_pixels, save_npy
 from air_reg.utils import write_with
 
 
@@ -57,18 +57,18 @@ def read_image_file(path: str | Path, channel: str | int | None = None) -> Image
     suffix = suffix_of(path)
     if suffix in NIFTI_SUFFIXES:
         return _read_nifti(path)
-    colour = None
-    if suffix in PIL_SUFFIXES:
-        pixels = _load_pil(path, colour=True) if path.is_file() else None
-        if pixels is not None and pixels.ndim == 3:
-            colour = pixels.astype(np.float32) / 255.0
+    if suffix not in PIL_SUFFIXES:
+        return ImageFile(path, read_array(path, unit=True), Geometry.pixels(2))
+    check_file(path)  # decoded once: the grey values and, for a colour file, its colours
+    grey, rgb = load_pil_pixels(path, grey=channel is None)
+    colour = None if rgb is None else rgb.astype(np.float32) / 255.0
     if colour is not None and channel is not None:
         index = CHANNELS.get(channel, channel) if isinstance(channel, str) else channel
         if index not in (0, 1, 2):
             raise ConfigError(f"channel must be red, green, blue or 0-2, got {channel!r}")
         values = colour[..., index].copy()
     else:
-        values = read_array(path, unit=True)  # a colour file: its luminance (logged)
+        values = as_pixels(grey, path, unit=True)  # a colour file: its luminance (logged)
     return ImageFile(path, values, Geometry.pixels(2), colour)
 
 

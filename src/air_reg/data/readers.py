@@ -35,9 +35,7 @@ def read_array(path: Path, unit: bool = False) -> np.ndarray:
     ``unit``: 8- and 16-bit images and arrays (not NIfTI) are scaled by 1/255 or 1/65535 to
     [0, 1], the one reading of an image (``air_reg.data.preprocess``: training, eval and
     register; so ``data.normalize=none`` takes a 16-bit PNG); label maps keep their values."""
-    if not path.is_file() or path.stat().st_size == 0:
-        what = "does not exist" if not path.exists() else "is empty (0 bytes)"
-        raise ImageError(f"{path} {what}; re-export or remove it")
+    check_file(path)
     suffix = suffix_of(path)
     if suffix in NIFTI_SUFFIXES:
         array = _load_nifti(path)
@@ -47,6 +45,19 @@ def read_array(path: Path, unit: bool = False) -> np.ndarray:
         array = _load_pil(path)
     else:
         raise ImageError(f"{path}: unsupported file type; use one of {FOLDER_SUFFIXES}")
+    return as_pixels(array, path, unit)
+
+
+def check_file(path: Path) -> None:
+    """An ``ImageError`` naming the fix when ``path`` is missing or empty."""
+    if not path.is_file() or path.stat().st_size == 0:
+        what = "does not exist" if not path.exists() else "is empty (0 bytes)"
+        raise ImageError(f"{path} {what}; re-export or remove it")
+
+
+def as_pixels(array: np.ndarray, path: Path, unit: bool = False) -> np.ndarray:
+    """``read_array``'s checks and conversion of the pixels already loaded from ``path``."""
+    suffix = suffix_of(path)
     array = np.squeeze(np.asarray(array))
     if unit and suffix not in NIFTI_SUFFIXES and array.dtype in (np.uint8, np.uint16):
         array = array / np.iinfo(array.dtype).max
