@@ -18,7 +18,7 @@ from air_reg.refine.optimise import (
     AFFINE_LR,
     AFFINE_MAX_VOXELS,
     _affine_top,
-    _moves,
+    affine_reach,
     estimate_affine,
 )
 from air_reg.speed import kernels, refine_loop
@@ -176,4 +176,4 @@ def test_the_largest_displacement_is_read_at_the_corners(size):
     theta = torch.cat([torch.eye(nd) + 0.1 * torch.randn(4, nd, nd, generator=g),
                        5 * torch.randn(4, nd, 1, generator=g)], 2)  # fmt: skip
     everywhere = affine_flow(theta, size).norm(dim=1).flatten(1).amax(1)
-    torch.testing.assert_close(_moves(theta, size), everywhere)
+    torch.testing.assert_close(affine_reach(theta, size), everywhere)

@@ -1,6 +1,7 @@
 """The cascade's affine option (``apply_repeatedly(..., affine=True)``, ``cascade_affine``):
 ``fit_affine`` recovers an affine field, robustly, in 2-D and 3-D, and a network's
-``default_cascade`` is what ``load_model`` applies unless told otherwise."""
+``default_cascade`` is what ``load_model`` applies unless told otherwise; one-shot, the
+``prealign`` affine stage before the network."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from air_reg.checkpoint import shipped_weights
 from air_reg.errors import ConfigError
 from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import warp
-from air_reg.refine import keep_if_better
+from air_reg.refine import keep_if_better, optimise
 from air_reg.refine.flows import FIT_POINTS, affine_flow, apply_repeatedly, compose, fit_affine
+from air_reg.refine.registrar import Registrar
 from air_reg.zoo import default_weights
 
 
@@ -119,3 +121,79 @@ def test_the_default_model_keeps_an_image_on_itself_and_finds_a_shift():
         found = model(fixed, image)
     assert not itself.any()  # the guard (as register runs it): the identity, exactly
     assert (found - shift)[..., 12:-12, 12:-12].norm(dim=1).mean() < 0.5  # px, of 5
+
+
+def _rotated_pair(size: tuple[int, int], degrees: float, shift: tuple[float, float]):
+    """A smooth random image and it under a rotation about the centre plus a shift (px): the
+    true flow ``affine_flow(theta)`` and the pair (fixed, moving), fixed = moving warped."""
+    g = torch.Generator().manual_seed(7)
+    moving = torch.nn.functional.avg_pool2d(torch.rand(1, 1, *size, generator=g), 9, 1, 4)
+    moving = (moving - moving.min()) / (moving.max() - moving.min())
+    a = torch.tensor(degrees).deg2rad()
+    theta = torch.tensor([[[a.cos(), -a.sin(), shift[0]], [a.sin(), a.cos(), shift[1]]]])
+    flow = affine_flow(theta, size)
+    return warp(moving, flow), moving, flow
+
+
+def test_prealign_aligns_a_large_rigid_motion_before_the_network():
+    """One-shot with ``prealign``: the network sees the moving image after a mutual-information
+    affine stage, and the flow is composed with it (``after_affine``); kept only where the
+    network's own first pass sees a large motion too."""
+    fixed, moving, flow = _rotated_pair((160, 192), 10.0, (9.0, -7.0))
+    zeros = torch.zeros(1, 2, 160, 192)
+    net = Sequence(0.6 * flow, zeros)  # first pass: a large motion, then nothing left
+    with torch.no_grad():
+        got = Registrar(net, prealign=15)(fixed, moving)
+    assert torch.equal(net.seen[0], moving)  # the check: the unaligned pair
+    assert not torch.equal(net.seen[1], moving)  # then the pair aligned by the affine
+    inner = (slice(None), slice(None), slice(20, -20), slice(20, -20))
+    error = (got - flow)[inner].norm(dim=1).mean()
+    assert error < 0.1 * flow[inner].norm(dim=1).mean()  # the affine found (of ~17 px)
+    # the network sees little motion (a contrast change the MI affine may misread): no affine
+    blind = Sequence(zeros, zeros)
+    assert not Registrar(blind, prealign=15)(fixed, moving).any()
+    assert torch.equal(blind.seen[1], moving)
+    without = Registrar(Sequence(zeros))(fixed, moving)
+    assert not without.any()  # prealign 0 (a Registrar's default): the network alone
+    # one_shot (register's path for pairs of any size) does the same through network_flow
+    net = Sequence(0.6 * flow, zeros)
+    net.image_size, net.accepts_any_size = (160, 192), True
+    assert torch.allclose(Registrar(net, prealign=15).one_shot(fixed, moving), got)
+
+
+def test_prealign_leaves_small_images_and_aligned_pairs_alone():
+    fixed, moving, _ = _rotated_pair((96, 120), 10.0, (9.0, -7.0))  # short side < 128
+    assert min(fixed.shape[2:]) < optimise.PREALIGN_MIN_SIDE
+    assert optimise.prealign_affine(fixed, moving, 15) is None
+    fixed, moving, _ = _rotated_pair((160, 192), 0.5, (1.0, 0.5))  # under 8 px everywhere
+    assert optimise.prealign_affine(fixed, moving, 15) is None
+    assert optimise.prealign_affine(moving, moving, 15) is None  # an image on itself
+
+
+def test_prealign_is_the_networks_own_unless_told():
+    path = shipped_weights(default_weights())
+    assert air_reg.load_model(path).prealign == 15  # AiR-Match on images
+    assert air_reg.load_model(path, prealign=0).prealign == 0
+    assert air_reg.load_model(shipped_weights("air_unet_mnist")).prealign == 0
+    assert contract.default_prealign(None) == 0
+    for bad_value in (-1, 1.5, True):
+        bad = nn.Identity()
+        bad.default_prealign = bad_value
+        with pytest.raises(contract.ContractError, match="default_prealign"):
+            contract.default_prealign(bad)
+        with pytest.raises(ConfigError, match="prealign"):
+            Registrar(nn.Identity(), prealign=bad_value)
+
+
+def test_prealign_in_a_batch_is_each_pair_alone():
+    """A batch mixing a large motion and an aligned pair: each pair's flow is the one it gets
+    alone (the network's check runs on the pairs the affine would move)."""
+    model = air_reg.load_model(shipped_weights(default_weights()))
+    fixed, moving, _ = _rotated_pair((160, 192), 12.0, (10.0, -8.0))
+    pairs = [(fixed, moving), (moving, moving)]
+    with torch.no_grad():
+        alone = [model(f, m) for f, m in pairs]
+        both = model(torch.cat([fixed, moving]), torch.cat([moving, moving]))
+    for i in range(2):
+        torch.testing.assert_close(both[i : i + 1], alone[i], atol=1e-3, rtol=0)
+    assert alone[0].abs().amax() > 8  # the large motion was registered, not left alone

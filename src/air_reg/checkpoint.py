@@ -195,6 +195,7 @@ def load_model(
     cascade: int | None = None,
     cascade_affine: bool | None = None,
     cascade_tol: float | None = None,
+    prealign: int | None = None,
     preset: str | None = "default",
     **refine_overrides,
 ) -> Registrar:
@@ -206,7 +207,9 @@ def load_model(
     ``speed.attention`` (``air_reg.speed``). ``cascade`` (passes), ``cascade_affine`` (the
     flow reduced to its affine fit between passes) and ``cascade_tol`` (px: a pair stops once
     a pass moved it less) default to the network's own choice (``contract.default_cascade``:
-    up to 6 passes with the affine and 0.25 px for AiR-Match, else 1).
+    up to 6 passes with the affine and 0.25 px for AiR-Match, else 1). ``prealign`` (Adam
+    steps of a mutual-information affine stage before a one-shot network, 0: none) defaults
+    to the network's own (``contract.default_prealign``: 15 for a 2-D AiR-Match, else 0).
     ``refine_steps > 0`` (or ``affine_steps`` given here, or ``cascade > 1`` on a network of one
     size) makes it refine: it then takes pairs at their own size (``model.accepts_any_size``)
     and refines each pair's flow there with
@@ -216,7 +219,7 @@ def load_model(
     (or ``"none"``) is model-free registration: the refinement alone.
     """
     net, record = (None, None) if _model_free(path) else _load_network(Path(path), attention)
-    cascade = _cascade(net, cascade, cascade_affine, cascade_tol)
+    cascade = _cascade(net, cascade, cascade_affine, cascade_tol, prealign)
     settings = None
     if _refines(net, refine_steps, cascade[0], refine_overrides.get("affine_steps")):
         overrides = {"steps": refine_steps, **refine_overrides}
@@ -232,7 +235,8 @@ def load_configured(path: str | Path | None, cfg):
     the composed ``cfg.refine`` goes through ``RefineSettings.from_config``, as a preset does."""
     attention = speed.settings_of(cfg)["attention"]
     net, record = (None, None) if _model_free(path) else _load_network(Path(path), attention)
-    cascade = _cascade(net, cfg.cascade, cfg.get("cascade_affine"), cfg.get("cascade_tol"))
+    cascade = _cascade(net, cfg.cascade, cfg.get("cascade_affine"), cfg.get("cascade_tol"),
+                       cfg.get("prealign"))  # fmt: skip
     settings = None
     if _refines(net, cfg.refine_steps, cascade[0], None):  # the preset's affine_steps: no switch
         settings = RefineSettings.from_config(cfg.refine, steps=cfg.refine_steps)
@@ -243,13 +247,15 @@ def _model_free(path) -> bool:
     return path is None or str(path) == "none"
 
 
-def _cascade(net, cascade: int | None, cascade_affine: bool | None,
-             cascade_tol: float | None) -> tuple[int, bool, float]:  # fmt: skip
-    """The switches, each None taking the network's own (``contract.default_cascade``)."""
+def _cascade(net, cascade: int | None, cascade_affine: bool | None, cascade_tol: float | None,
+             prealign: int | None = None) -> tuple[int, bool, float, int]:  # fmt: skip
+    """The one-shot switches, each None taking the network's own (``contract.default_cascade``,
+    ``contract.default_prealign``)."""
     passes, affine, tol = contract.default_cascade(net)
     return (passes if cascade is None else int(cascade),
             affine if cascade_affine is None else bool(cascade_affine),
-            tol if cascade_tol is None else float(cascade_tol))  # fmt: skip
+            tol if cascade_tol is None else float(cascade_tol),
+            contract.default_prealign(net) if prealign is None else prealign)  # fmt: skip
 
 
 def _refines(net, steps: int, cascade: int, affine_steps) -> bool:
@@ -259,10 +265,10 @@ def _refines(net, steps: int, cascade: int, affine_steps) -> bool:
     return bool(net is None or steps or (cascade != 1 and not any_size) or affine_steps)
 
 
-def _registrar(net, record, device, settings, cascade: tuple[int, bool, float]) -> Registrar:
-    passes, affine, tol = cascade
+def _registrar(net, record, device, settings, cascade: tuple[int, bool, float, int]):
+    passes, affine, tol, prealign = cascade
     return Registrar(net, settings, cascade=passes, cascade_affine=affine, cascade_tol=tol,
-                     build_config=record).to(device).eval()  # fmt: skip
+                     prealign=prealign, build_config=record).to(device).eval()  # fmt: skip
 
 
 def _load_network(path: Path, attention: str) -> tuple[nn.Module, dict]:

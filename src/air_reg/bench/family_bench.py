@@ -24,6 +24,7 @@ from air_reg.bench.families import FAMILIES, MNI, family
 from air_reg.bench.tables import checkpoint_name
 from air_reg.checkpoint import shipped_weights
 from air_reg.classical import ants_syn, demons, has_ants, has_simpleitk
+from air_reg.models.components.air_match import PREALIGN_STEPS
 from air_reg.refine.optimise import keep_if_better
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,14 @@ LABELS = {
 }
 FAST = ("identity", "refine", "demons")  # the smoke test's
 # Learned models (issue #32): "net:<source>" one-shot (as the network asks to be applied: its
-# default cascade), "net+refine:<source>" refined from it, "net+cascade:<source>" one-shot in
-# up to 6 passes with the affine fit between them, a pair stopping once a pass moved it less
-# than 0.25 px (AiR-Match's default, for any network: the ablations at the same inference);
+# default cascade and pre-alignment), "net+refine:<source>" refined from it,
+# "net+cascade:<source>" one-shot after a 15-step MI affine stage, in up to 6 passes with the
+# affine fit between them, a pair stopping once a pass moved it less than 0.25 px (AiR-Match's
+# defaults, for any network: the ablations at the same inference);
 # <source> a shipped weights name or a checkpoint path.
 NET, NET_REFINE, NET_CASCADE = "net", "net+refine", "net+cascade"
-CASCADE = {"cascade": 6, "cascade_affine": True, "cascade_tol": 0.25}  # NET_CASCADE's
+CASCADE = {"cascade": 6, "cascade_affine": True, "cascade_tol": 0.25,  # NET_CASCADE's
+           "prealign": PREALIGN_STEPS}  # fmt: skip
 FIELDS = ("family", "pair", "source", "contrast", "method", "label", "epe", "epe_edges",
           "folding", "ms")  # fmt: skip
 
@@ -68,7 +71,7 @@ def make_method(key: str, family_name: str, steps: int = STEPS) -> Callable | No
         if kind in (NET, NET_CASCADE):  # as register runs it: any-size nets at the pair's
             # size, others resized; the guard judging by its similarity
             model = air_reg.load_model(path, **(CASCADE if kind == NET_CASCADE else {}))
-            return lambda f, m: keep_if_better(model.network_flow(f, m), f, m,
+            return lambda f, m: keep_if_better(model.one_shot(f, m), f, m,
                                                model.guard_similarity)[0]  # fmt: skip
         # refined by MI on the contrast family (as ANTs is, and as docs/zero_shot.md says)
         similarity = "mi" if family_name == "contrast" else "mse"

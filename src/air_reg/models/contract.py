@@ -18,6 +18,10 @@ A registration network is an ``nn.Module`` with
 - optionally ``default_cascade`` ((int, bool) or (int, bool, float), default (1, False, 0.0)):
   how ``load_model`` and the CLI apply it when ``cascade`` / ``cascade_affine`` /
   ``cascade_tol`` are not given (``default_cascade``);
+- optionally ``default_prealign`` (int >= 0, default 0): Adam steps of an affine stage by
+  mutual information run before the network when it registers one-shot, kept where the
+  network's own first pass sees a large motion too (``Registrar``; ``load_model``'s and the
+  CLI's ``prealign`` override it; a refining registrar has its own, ``refine.affine_steps``);
 - optionally ``encode_fixed(fixed) -> state`` with ``forward(fixed, moving, fixed_state=state)``:
   when part of its work sees the fixed images alone, ``state`` (a list of tensors, each
   (B, ...), one row a pair) holds it, and a cascade does that work once, not once a pass
@@ -111,6 +115,17 @@ def default_cascade(net: nn.Module | None) -> tuple[int, bool, float]:
             f"tol >= 0 px), got {net.default_cascade!r}"
         )
     return passes, bool(affine), tol
+
+
+def default_prealign(net: nn.Module | None) -> int:
+    """Adam steps of the mutual-information affine stage a network asks to run before it,
+    one-shot (its optional ``default_prealign``; 0 otherwise and without a network)."""
+    steps = getattr(net, "default_prealign", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ContractError(
+            f"{type(net).__name__}.default_prealign must be an int >= 0, got {steps!r}"
+        )
+    return steps
 
 
 def fixed_state(net: nn.Module, fixed: torch.Tensor) -> list[torch.Tensor] | None:

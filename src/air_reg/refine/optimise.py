@@ -62,6 +62,12 @@ MI_GUARD_TOL = 0.005  # nats of mutual information a kept result may lose (of ~1
 # NGF loss rise above which a result gets the identity (its edges line up worse than before):
 # chosen on the tune / validation pairs by experiments/guard_choice.py (docs/protocol.md)
 NGF_GUARD_TOL = 0.005
+# prealign_affine leaves images with a shorter side alone. On the tune families (54 pairs a
+# size, experiments/prealign_choice.py) the one-shot model's large-motion error fell by 14 % at
+# 160 x 208 with no pair worse, by 0.5-2 % at 96 x 128 and 64 x 80 with one pair each more than
+# 0.5 px worse; at 64 x 80 a held-out contrast pair was moved 10.7 px the wrong way by the MI
+# affine alone (neither MI nor the edges, NGF, told it from a right move)
+PREALIGN_MIN_SIDE = 128
 # init_flow may be a function of (fixed, moving after the affine stage): a network's flow.
 InitFlow = torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
@@ -269,10 +275,28 @@ def estimate_affine(
                 (b * loss).backward()
                 opt.step()
             if i == 0 and min_px:
-                alive = _moves(torch.cat([matrix, shift], 2).detach(), size) > min_px
+                alive = affine_reach(torch.cat([matrix, shift], 2).detach(), size) > min_px
                 if not alive.any():
                     break
-        return _only(torch.cat([matrix, shift], 2).detach(), alive)
+        return only_where(torch.cat([matrix, shift], 2).detach(), alive)
+
+
+def prealign_affine(fixed: torch.Tensor, moving: torch.Tensor, steps: int) -> torch.Tensor | None:
+    """A one-shot network's pre-alignment (``Registrar``'s ``prealign``): the default preset's
+    affine stage (``RefineSettings()``: its pyramid, its ``affine_min_px`` gate) with ``steps``
+    Adam steps by mutual information (another contrast's intensities do not pull it; it can
+    still prefer a wrong affine there: ``Registrar`` asks the network to agree). ``theta``
+    (B, D, D + 1) with the identity for pairs it moves by at most ``affine_min_px``; None when
+    no pair keeps one, and for images whose short side is under ``PREALIGN_MIN_SIDE`` px."""
+    if min(fixed.shape[2:]) < PREALIGN_MIN_SIDE:
+        return None
+    s = RefineSettings()
+    with torch.inference_mode(False), torch.no_grad():
+        fixed, moving = fixed.detach().clone(), moving.detach().clone()
+        theta = estimate_affine(fixed, moving, steps=steps, similarity="mi", levels=s.levels,
+                                min_size=s.min_size, max_voxels=s.affine_max_voxels,
+                                min_px=s.affine_min_px)  # fmt: skip
+    return _large_enough(theta, tuple(fixed.shape[2:]), s.affine_min_px)
 
 
 def _fused_affine(fixed, moving, sizes, steps: int, similarity, min_px: float) -> torch.Tensor:
@@ -290,13 +314,13 @@ def _fused_affine(fixed, moving, sizes, steps: int, similarity, min_px: float) -
                                               steps=steps * (len(sizes) - i), lr=AFFINE_LR,
                                               similarity=similarity)  # fmt: skip
             if i == 0 and min_px:
-                alive = _moves(torch.cat([matrix, shift[:, :, None]], 2), full) > min_px
+                alive = affine_reach(torch.cat([matrix, shift[:, :, None]], 2), full) > min_px
                 if not alive.any():
                     break
-    return _only(torch.cat([matrix, shift[:, :, None]], 2), alive)
+    return only_where(torch.cat([matrix, shift[:, :, None]], 2), alive)
 
 
-def _moves(theta: torch.Tensor, size) -> torch.Tensor:
+def affine_reach(theta: torch.Tensor, size) -> torch.Tensor:
     """(B,) the largest displacement (px) of each pair's affine ``theta`` over the image:
     ``affine_flow``'s largest norm, which (a convex function of the position) is at a corner
     pixel, so only the 2**D corners are computed."""
@@ -309,7 +333,7 @@ def _moves(theta: torch.Tensor, size) -> torch.Tensor:
     return moved.norm(dim=2).amax(1)
 
 
-def _only(theta: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+def only_where(theta: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``theta`` (B, D, D + 1) where ``keep`` (B,) (None: everywhere), the identity elsewhere."""
     if keep is None:
         return theta
@@ -517,8 +541,8 @@ def _large_enough(theta: torch.Tensor, size, min_px: float) -> torch.Tensor | No
     exactly as without one)."""
     if not min_px:
         return theta
-    keep = _moves(theta, size) > min_px
-    return _only(theta, keep) if keep.any() else None
+    keep = affine_reach(theta, size) > min_px
+    return only_where(theta, keep) if keep.any() else None
 
 
 def _upsampler(shape, size, mode: str, like: torch.Tensor) -> CoarseToDense | None:

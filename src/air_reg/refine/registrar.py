@@ -2,9 +2,10 @@
 
 A network (or none: model-free) and, optionally, refinement settings. Without settings it is
 the network itself: ``registrar(fixed, moving) == net(fixed, moving)`` at the network's trained
-size. With settings it takes pairs of any one size (B, 1, H, W): the network runs at its
-trained size (the images resized to it, ``cascade`` times, after the affine stage if the
-settings have one), its flow is brought to (H, W) and ``refine`` works there.
+size (applied ``cascade`` times, after the ``prealign`` affine stage when it has one). With
+settings it takes pairs of any one size (B, 1, H, W): the network runs at its trained size (the
+images resized to it, ``cascade`` times, after the affine stage if the settings have one), its
+flow is brought to (H, W) and ``refine`` works there.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from air_reg import deprecation
 from air_reg.data.preprocess import Preprocessing
 from air_reg.errors import ConfigError
 from air_reg.models import contract
-from air_reg.refine.flows import apply_repeatedly
-from air_reg.refine.optimise import refine
+from air_reg.models.components.spatial_transformer import warp
+from air_reg.refine.flows import affine_flow, after_affine, apply_repeatedly, fit_affine
+from air_reg.refine.optimise import affine_reach, only_where, prealign_affine, refine
 from air_reg.refine.settings import LEGACY_DEFAULTS, RefineSettings
 
 
@@ -30,7 +32,9 @@ class Registrar(nn.Module):
     ``settings.integration_steps=None`` takes the network's own (a diffeomorphic net stays
     diffeomorphic). ``cascade=k`` applies the net k times, composed; ``cascade_affine``
     reduces the flow to its affine fit before each further pass, and ``cascade_tol`` (px)
-    stops a pair's passes once one moved it less (``apply_repeatedly``). ``build_config``: the
+    stops a pair's passes once one moved it less (``apply_repeatedly``). ``prealign`` > 0:
+    one-shot, the network sees the moving image after an affine stage of that many Adam steps
+    by mutual information (``prealign_affine``), its flow composed with it. ``build_config``: the
     checkpoint's record (model and data configs, versions). A refining registrar keeps its
     network in eval mode without gradients: the starting flow is the deterministic prediction
     and the parameters never change.
@@ -44,6 +48,7 @@ class Registrar(nn.Module):
         cascade: int = 1,
         cascade_affine: bool = False,
         cascade_tol: float = 0.0,
+        prealign: int = 0,
         build_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -69,6 +74,10 @@ class Registrar(nn.Module):
         if not cascade_tol >= 0:
             raise ConfigError(f"cascade_tol must be >= 0 px, got {cascade_tol}")
         self.cascade_tol = float(cascade_tol)
+        if isinstance(prealign, bool) or not isinstance(prealign, int) or prealign < 0:
+            raise ConfigError(f"prealign is a number of Adam steps >= 0 (e.g. prealign=15; 0: "
+                              f"none), got {prealign!r}")  # fmt: skip
+        self.prealign = prealign
         self.build_config = build_config
         if settings is not None and net is not None:
             net.eval()
@@ -127,8 +136,7 @@ class Registrar(nn.Module):
                     "spacing and init_flow act on the refinement: load the model with "
                     "refine_steps (e.g. refine_steps=50)"
                 )
-            return apply_repeatedly(self.net, fixed, moving, self.cascade, self.cascade_affine,
-                                    self.cascade_tol)  # fmt: skip
+            return self._prealigned(fixed, moving, self._cascade)
         start = (
             init_flow
             if init_flow is not None
@@ -138,23 +146,54 @@ class Registrar(nn.Module):
         )
         return refine(fixed, moving, start, self.settings, spacing=spacing)
 
-    def network_flow(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    def one_shot(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """What the network registers alone, for pairs of any size: ``network_flow`` after
+        the ``prealign`` affine stage (at the images' size, where it moves a pair), composed
+        with it. ``register`` runs this when it does not refine (through ``forward`` for an
+        any-size network)."""
+        return self._prealigned(fixed, moving, self.network_flow)
+
+    def _prealigned(self, fixed: torch.Tensor, moving: torch.Tensor, run) -> torch.Tensor:
+        """``run(fixed, moving)`` after the ``prealign`` stage, its flow composed with it. The
+        stage's affine is kept for a pair only where the network sees a large motion too: the
+        affine fit of its own first pass on the unaligned pair moves a pixel by more than
+        ``affine_min_px`` (mutual information alone can prefer a wrong affine on a contrast
+        change, where the network sees little motion: docs/protocol.md, "Pre-alignment")."""
+        theta = prealign_affine(fixed, moving, self.prealign) if self.prealign else None
+        if theta is None:
+            return run(fixed, moving)
+        size = tuple(fixed.shape[2:])
+        moved = (affine_reach(theta, size) > 0).nonzero()[:, 0]  # the pairs it would move
+        own = fit_affine(run(fixed[moved], moving[moved], passes=1))  # the network's view
+        agree = torch.zeros(len(theta), dtype=torch.bool, device=theta.device)
+        agree[moved] = affine_reach(own, size) > RefineSettings().affine_min_px
+        theta = only_where(theta, agree)
+        if not agree.any():
+            return run(fixed, moving)
+        return after_affine(run(fixed, warp(moving, affine_flow(theta, size))), theta)
+
+    def _cascade(self, fixed: torch.Tensor, moving: torch.Tensor, passes: int | None = None):
+        return apply_repeatedly(self.net, fixed, moving, passes or self.cascade,
+                                self.cascade_affine, self.cascade_tol)  # fmt: skip
+
+    def network_flow(
+        self, fixed: torch.Tensor, moving: torch.Tensor, passes: int | None = None
+    ) -> torch.Tensor:
         """The network's flow for pairs of any size: the images brought to its trained size
         as it was trained (resized, or padded for a ``data.pad_to`` network: the recorded
-        ``Preprocessing``), run ``cascade`` times (composed), the flow brought back to the
-        images' (H, W)."""
+        ``Preprocessing``), run ``cascade`` (or ``passes``) times (composed), the flow brought
+        back to the images' (H, W)."""
         size, prep = self.image_size, Preprocessing.of_model(self)
         if self.net_takes_any_size:
             size = tuple(fixed.shape[2:])  # no resizing: the pair as it is
         with torch.no_grad():
-            flow = apply_repeatedly(self.net, prep.to_model(fixed, size),
-                                    prep.to_model(moving, size), self.cascade,
-                                    self.cascade_affine, self.cascade_tol)  # fmt: skip
+            flow = self._cascade(prep.to_model(fixed, size), prep.to_model(moving, size), passes)
         return prep.from_model(flow, tuple(fixed.shape[2:]))
 
     def extra_repr(self) -> str:
         return (f"cascade={self.cascade}, cascade_affine={self.cascade_affine}, "
-                f"cascade_tol={self.cascade_tol}, settings={self.settings}")  # fmt: skip
+                f"cascade_tol={self.cascade_tol}, prealign={self.prealign}, "
+                f"settings={self.settings}")  # fmt: skip
 
 
 def _inner(net: nn.Module) -> nn.Module:

@@ -67,6 +67,7 @@ PADDINGS = ("replicate", "reflect", "constant")
 
 
 CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
+PREALIGN_STEPS = 15  # AiRMatch.default_prealign on images
 
 
 def conv_block(
@@ -108,6 +109,15 @@ class AiRMatch(nn.Module):
     # large motions 4.40 (one pass) -> 1.45 (3 passes) -> 1.15 px one-shot on the tune
     # families, small motions stopping after about 2 passes (docs/protocol.md)
     default_cascade = (6, True, 0.25)
+
+    @property
+    def default_prealign(self) -> int:
+        """The contract's option: one-shot, a 15-step affine stage by mutual information first
+        (kept where it moves a pixel by more than 8 px and the model's first pass agrees): on
+        the tune families the same error on small motions and contrast changes, less error and
+        time on large ones (docs/protocol.md, ``experiments/prealign_choice.py``); volumes:
+        none (not measured)."""
+        return PREALIGN_STEPS if self.ndim == 2 else 0
 
     def __init__(
         self,
