@@ -43,7 +43,8 @@ from air_reg.speed import warp as warp_ops
 # 1.61x on 233 x 197 (field 59 x 50); 0.95-1.24x on 28 x 28 (noise), left to one thread. The
 # load is not asked for a pair (volumes ask it, _oversubscribed): a benchmark's own threads
 # raise the load average above the core count, and one thread then cost more than the team
-# (matrix run of 22:35, dropped).
+# (matrix run of 22:35, dropped). Since the team scatters without per-thread buffers
+# (2026-12-07) the finest 233 x 197 level gains 1.86x from a team of two (docs/speed.md).
 _MIN_ROWS = 8
 _MIN_PIXELS = 1024
 _MIN_SLICES = 8  # field slices per thread below which one volume is not split
