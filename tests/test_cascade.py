@@ -152,7 +152,11 @@ def test_prealign_aligns_a_large_rigid_motion_before_the_network():
     # the network sees little motion (a contrast change the MI affine may misread): no affine
     blind = Sequence(zeros, zeros)
     assert not Registrar(blind, prealign=15)(fixed, moving).any()
-    assert torch.equal(blind.seen[1], moving)
+    assert len(blind.seen) == 1  # its first pass was the check, and is not run again
+    cascaded = Sequence(zeros, zeros, zeros)  # with passes to go: on from the first one
+    assert not Registrar(cascaded, cascade=2, prealign=15)(fixed, moving).any()
+    assert len(cascaded.seen) == 2
+    torch.testing.assert_close(cascaded.seen[1], moving)  # the second pass, unaligned pair
     without = Registrar(Sequence(zeros))(fixed, moving)
     assert not without.any()  # prealign 0 (a Registrar's default): the network alone
     # one_shot (register's path for pairs of any size) does the same through network_flow

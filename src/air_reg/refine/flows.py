@@ -41,20 +41,25 @@ def apply_repeatedly(
     times: int,
     affine: bool = False,
     tol: float = 0.0,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply ``net`` ``times`` times to the progressively warped moving image (the CLI's
     ``cascade``); the composed flow (B, D, *spatial). ``affine`` (``cascade_affine``): before
     each further pass the flow so far is reduced to its robust affine fit (``fit_affine``), so
     the next pass starts from a global alignment, not from the previous pass's local errors.
     ``tol`` (``cascade_tol``, px): a pair's passes stop once one changed its flow by less than
-    this on average (``times`` is then the most); 0: always ``times`` passes."""
+    this on average (``times`` is then the most); 0: always ``times`` passes. ``first``: the
+    first pass's flow when it was already computed (it is not run again)."""
     if times < 1:
         raise ConfigError(f"cascade needs k >= 1, got {times}")
     if not tol >= 0:
         raise ConfigError(f"cascade_tol must be >= 0 px, got {tol}")
     # the fixed images' own work done once, not once a pass (the contract's encode_fixed)
     state = contract.fixed_state(net, fixed) if times > 1 else None
-    total = net(fixed, moving, **({} if state is None else {"fixed_state": state}))
+    if first is None:
+        total = net(fixed, moving, **({} if state is None else {"fixed_state": state}))
+    else:
+        total = first
     active = torch.ones(len(total), dtype=torch.bool, device=total.device)  # with tol > 0
     for _ in range(times - 1):
         pick = active if tol > 0 else slice(None)  # the pairs still moving

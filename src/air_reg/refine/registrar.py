@@ -19,7 +19,7 @@ from air_reg.errors import ConfigError
 from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import warp
 from air_reg.refine.flows import affine_flow, after_affine, apply_repeatedly, fit_affine
-from air_reg.refine.optimise import affine_reach, only_where, prealign_affine, refine
+from air_reg.refine.optimise import affine_reach, prealign_affine, refine
 from air_reg.refine.settings import LEGACY_DEFAULTS, RefineSettings
 
 
@@ -158,36 +158,49 @@ class Registrar(nn.Module):
         stage's affine is kept for a pair only where the network sees a large motion too: the
         affine fit of its own first pass on the unaligned pair moves a pixel by more than
         ``affine_min_px`` (mutual information alone can prefer a wrong affine on a contrast
-        change, where the network sees little motion: docs/protocol.md, "Pre-alignment")."""
+        change, where the network sees little motion: docs/protocol.md, "Pre-alignment").
+        The other pairs go on from that first pass."""
         theta = prealign_affine(fixed, moving, self.prealign) if self.prealign else None
         if theta is None:
             return run(fixed, moving)
         size = tuple(fixed.shape[2:])
-        moved = (affine_reach(theta, size) > 0).nonzero()[:, 0]  # the pairs it would move
-        own = fit_affine(run(fixed[moved], moving[moved], passes=1))  # the network's view
-        agree = torch.zeros(len(theta), dtype=torch.bool, device=theta.device)
-        agree[moved] = affine_reach(own, size) > RefineSettings().affine_min_px
-        theta = only_where(theta, agree)
-        if not agree.any():
-            return run(fixed, moving)
-        return after_affine(run(fixed, warp(moving, affine_flow(theta, size))), theta)
+        first = run(fixed, moving, passes=1)  # the network's view of the unaligned pairs
+        keep = (affine_reach(theta, size) > 0) & (
+            affine_reach(fit_affine(first), size) > RefineSettings().affine_min_px
+        )
+        flow = torch.empty_like(first)
+        if not keep.all():
+            flow[~keep] = run(fixed[~keep], moving[~keep], first=first[~keep])
+        if keep.any():
+            theta = theta[keep]
+            aligned = warp(moving[keep], affine_flow(theta, size))
+            flow[keep] = after_affine(run(fixed[keep], aligned), theta)
+        return flow
 
-    def _cascade(self, fixed: torch.Tensor, moving: torch.Tensor, passes: int | None = None):
+    def _cascade(self, fixed, moving, passes: int | None = None, first=None) -> torch.Tensor:
         return apply_repeatedly(self.net, fixed, moving, passes or self.cascade,
-                                self.cascade_affine, self.cascade_tol)  # fmt: skip
+                                self.cascade_affine, self.cascade_tol, first)  # fmt: skip
 
     def network_flow(
-        self, fixed: torch.Tensor, moving: torch.Tensor, passes: int | None = None
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        passes: int | None = None,
+        first: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The network's flow for pairs of any size: the images brought to its trained size
         as it was trained (resized, or padded for a ``data.pad_to`` network: the recorded
         ``Preprocessing``), run ``cascade`` (or ``passes``) times (composed), the flow brought
-        back to the images' (H, W)."""
+        back to the images' (H, W). ``first``: a first pass already run here (``passes=1``),
+        reused where the network runs at the images' size."""
         size, prep = self.image_size, Preprocessing.of_model(self)
         if self.net_takes_any_size:
             size = tuple(fixed.shape[2:])  # no resizing: the pair as it is
+        if first is not None and tuple(fixed.shape[2:]) != tuple(size):
+            first = None  # on the network's grid it would need resizing back: run it again
         with torch.no_grad():
-            flow = self._cascade(prep.to_model(fixed, size), prep.to_model(moving, size), passes)
+            flow = self._cascade(prep.to_model(fixed, size), prep.to_model(moving, size), passes,
+                                 first)  # fmt: skip
         return prep.from_model(flow, tuple(fixed.shape[2:]))
 
     def extra_repr(self) -> str:
