@@ -2,6 +2,9 @@
 (``prealign``, issue #32), and from what image size, on the tune families only.
 
     python experiments/prealign_choice.py    # ~2 min on 2 cores -> results/prealign_choice/
+    # the rule checked once on held-out pairs no choice looked at (test split, seeds 1 and 2):
+    python experiments/prealign_choice.py --split test --seeds 1 2 --sizes 160x208 --steps 0 15 \
+        --out experiments/results/prealign_choice/test_seeds_1_2
 
 Pairs: ``bench.families.family(name, 18, size, seed, split="tune")`` (small, large, contrast)
 at 64 x 80, 96 x 128 and 160 x 208, seeds 0, 1 and 2 (54 pairs a family and size). Each
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +44,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     ap.add_argument("--pairs", type=int, default=18, help="pairs a family, size and seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--split", default="tune", help="tune (the choice) or test (a check)")
+    ap.add_argument("--sizes", nargs="+", default=[f"{h}x{w}" for h, w in SIZES])
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     start, header = time.time(), run_header()
@@ -47,16 +53,17 @@ def main() -> None:
     weights = zoo.WEIGHTS_DIR / f"{zoo.default_weights()}.ckpt"
     models = {n: air_reg.load_model(weights, prealign=n) for n in args.steps}
     rows = []
-    for size in SIZES:
+    for size in [tuple(int(n) for n in text.split("x")) for text in args.sizes]:
         for name in families.FAMILIES:
-            batches = [families.family(name, args.pairs, size, seed, split="tune")[0]
+            batches = [families.family(name, args.pairs, size, seed, split=args.split)[0]
                        for seed in args.seeds]  # fmt: skip
             batch = {k: torch.cat([b[k] for b in batches]) for k in ("fixed", "moving", "flow")}
             rows += _rows(models, batch, name, size)
     lines = [
         "# Pre-alignment before the shipped AiR-Match, one-shot (issue #32)",
         "",
-        f"{header}; `python experiments/prealign_choice.py`; the tune families, {args.pairs} "
+        f"{header}; `python experiments/prealign_choice.py {' '.join(sys.argv[1:])}`; the "
+        f"{args.split} families, {args.pairs} "
         f"pairs a family, size and seed (seeds {args.seeds}), one pair a call, the guard as "
         "`register` runs it; `prealign` 0 is the network's cascade alone; the size rule lifted.",
         "",
