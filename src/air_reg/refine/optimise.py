@@ -290,12 +290,18 @@ def prealign_affine(fixed: torch.Tensor, moving: torch.Tensor, steps: int) -> to
     no pair keeps one, and for images whose short side is under ``PREALIGN_MIN_SIDE`` px."""
     if min(fixed.shape[2:]) < PREALIGN_MIN_SIDE:
         return None
-    s = RefineSettings()
     with torch.inference_mode(False), torch.no_grad():
         fixed, moving = fixed.detach().clone(), moving.detach().clone()
-        theta = estimate_affine(fixed, moving, steps=steps, similarity="mi", levels=s.levels,
-                                min_size=s.min_size, max_voxels=s.affine_max_voxels,
-                                min_px=s.affine_min_px)  # fmt: skip
+        return affine_stage(fixed, moving, RefineSettings(affine_steps=steps), "mi")
+
+
+def affine_stage(fixed, moving, s: RefineSettings, similarity) -> torch.Tensor | None:
+    """The settings' affine stage (``estimate_affine`` with ``s``'s steps, pyramid and gate):
+    ``theta`` (B, D, D + 1), the identity for pairs it moves by at most ``affine_min_px``;
+    None when no pair keeps one."""
+    theta = estimate_affine(fixed, moving, steps=s.affine_steps, similarity=similarity,
+                            levels=s.levels, min_size=s.min_size,
+                            max_voxels=s.affine_max_voxels, min_px=s.affine_min_px)  # fmt: skip
     return _large_enough(theta, tuple(fixed.shape[2:]), s.affine_min_px)
 
 
@@ -419,11 +425,7 @@ def refine(
     with torch.inference_mode(False), torch.enable_grad():
         fixed, moving = fixed.detach().clone(), moving.detach().clone()
         if affine is None and s.affine_steps:
-            affine = estimate_affine(fixed, moving, steps=s.affine_steps, similarity=similarity,
-                                     levels=s.levels, min_size=s.min_size,
-                                     max_voxels=s.affine_max_voxels,
-                                     min_px=s.affine_min_px)  # fmt: skip
-            affine = _large_enough(affine, full, s.affine_min_px)
+            affine = affine_stage(fixed, moving, s, similarity)
         affine = None if affine is None else affine.detach().clone()
         if callable(init_flow):  # a network sees the moving image after the affine stage
             with torch.no_grad():
