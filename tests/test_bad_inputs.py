@@ -22,7 +22,7 @@ from air_reg import CheckpointError
 from air_reg.data.files import read_pair
 from air_reg.data.idx import FILES, default_data_root, load_dataset
 from air_reg.data.image_file import read_image_file
-from air_reg.errors import DataError
+from air_reg.errors import DataError, UserError
 from air_reg.images import ImageError, read_image, save_npy, write_image
 from air_reg.register import register
 
@@ -312,6 +312,15 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         save_npy(tmp_path / "out" / "flow.npy", np.zeros((2, 4, 4)))
     assert _leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("bad", ["weights=nope", "on_error=maybe", "refine_steps=-1"])
+def test_a_refused_setting_creates_no_output_folder(tmp_path, bad):
+    """The settings and the model are checked before ``out_dir`` is made: a typo leaves no
+    empty run folder behind to be mistaken for a result."""
+    with pytest.raises(UserError):
+        reg(tmp_path, bad)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

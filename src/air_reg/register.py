@@ -188,7 +188,6 @@ def register(cfg: DictConfig) -> dict:
     config goes to ``out_dir/config.yaml`` with the summary, not to the terminal.
     """
     start = time.perf_counter()
-    out_dir = check_writable(cfg.out_dir)
     fixed_in, moving_in = Path(cfg.fixed).expanduser(), Path(cfg.moving).expanduser()
     pairs = find_pairs(fixed_in, moving_in)
     folders = fixed_in.is_dir()
@@ -214,6 +213,7 @@ def register(cfg: DictConfig) -> dict:
     draw = None
     if cfg.figures:
         from air_reg.viz import pair_figure as draw  # matplotlib: only when figures are drawn
+    out_dir = check_writable(cfg.out_dir)  # after every check: a refusal leaves no folder
     pairlog = PairLog(out_dir, FIELDS, resume=bool(cfg.get("resume")), persist=folders)
     todo = [p for p in pairs if not pairlog.done(p[0])]
     compute_s, stopped, suffix, written = 0.0, None, ".png", []
