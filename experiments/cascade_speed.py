@@ -1,10 +1,14 @@
 """The shipped AiR-Match one-shot (its cascade of up to 6 passes) with the fixed images encoded
 once (``contract.fixed_state``, the default) against once a pass (the network without the
-option), interleaved in one run, on the held-out families (issue #32's time target).
+option), interleaved in one run, on the held-out families (issue #32's time target); then the
+network's calls of a few pairs (``registrar.CPU_CALL_PIXELS``, the default) against a whole
+batch in one call, one-shot as ``register`` runs it, and one pass at several sizes and call
+sizes (the choice of ``CPU_CALL_PIXELS``).
 
-    python experiments/cascade_speed.py      # ~2 min on 2 cores; results/cascade_speed/
+    python experiments/cascade_speed.py      # ~4 min on 2 cores; results/cascade_speed/
 
-Both rows are the same computation: the flows must be equal (checked, ``torch.equal``).
+Each comparison is of the same computation: the flows must be equal (``torch.equal``; calls of
+other sizes: within 1e-3 px, the float order of the convolutions).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from air_reg import zoo
 from air_reg.bench import families
 from air_reg.bench.machine import run_header, write_report
 from air_reg.bench.refinement import interleaved_times
+from air_reg.refine import registrar
 from air_reg.refine.flows import apply_repeatedly
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
     start, head = time.time(), run_header()
-    lines = [f"# The cascade with the fixed images encoded once or every pass ({head})", "",
+    title = "The one-shot cascade: the fixed images encoded once; calls of a few pairs"
+    lines = [f"# {title} ({head})", "",
              f"`python experiments/cascade_speed.py --pairs {args.pairs} --rounds {args.rounds}`: "
              "the shipped default model one-shot on the held-out families (160 x 208), one "
              "call a family, the two rows interleaved, median over rounds; flows torch.equal.",
@@ -66,7 +72,71 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{name}: the two rows' flows differ")
         once, every = (statistics.median(times[k]) for k in nets)
         lines.append(f"| {name} | {len(f)} | {once:.1f} | {every:.1f} | {every / once:.2f} |")
+    lines += calls_of_a_few_pairs(reg, args.pairs, args.rounds)
+    lines += call_sizes(reg.net, args.rounds)
     write_report(REPO / "experiments" / "results" / "cascade_speed" / "README.md", lines, start)
+
+
+def calls_of_a_few_pairs(reg, pairs: int, rounds: int) -> list[str]:
+    """``reg.one_shot`` on a family's batch: the network given at most ``CPU_CALL_PIXELS``
+    pixels a call (the default) against the whole batch in one call."""
+    default = registrar.CPU_CALL_PIXELS
+    lines = ["", f"One-shot (`Registrar.one_shot`: the affine stage, up to 6 passes), {pairs} "
+             f"pairs a family in one call; the network given at most {default} pixels a call "
+             f"({registrar.pairs_per_call(torch.zeros(1, 1, *families.SIZE))} pairs of "
+             f"{families.SIZE[0]} x {families.SIZE[1]}) or the whole batch:", "",
+             "| family | a few pairs a call, ms/pair | whole batch, ms/pair | ratio | "
+             "max flow difference, px |", "|---|---|---|---|---|"]  # fmt: skip
+
+    def one_shot(f, m, limit):
+        registrar.CPU_CALL_PIXELS = limit
+        try:
+            return reg.one_shot(f, m)
+        finally:
+            registrar.CPU_CALL_PIXELS = default
+
+    for name in families.FAMILIES:
+        batch = families.family(name, pairs, split="test")[0]
+        f, m = batch["fixed"], batch["moving"]
+        rows = {k: (lambda limit=limit, f=f, m=m: one_shot(f, m, limit))
+                for k, limit in {"few": default, "whole": 2**62}.items()}  # fmt: skip
+        with torch.no_grad():
+            for fn in rows.values():
+                fn()
+            times, flows = interleaved_times(rows, rounds, len(f), lambda flow: flow)
+        diff = (flows["few"] - flows["whole"]).abs().max().item()
+        if diff > 1e-3:
+            raise SystemExit(f"{name}: calls of a few pairs change the flows by {diff} px")
+        few, whole = (statistics.median(times[k]) for k in rows)
+        lines.append(f"| {name} | {few:.1f} | {whole:.1f} | {whole / few:.2f} | {diff:.1e} |")
+    return lines
+
+
+SIZES = {(28, 28): (256, 16, 64, 256), (96, 128): (32, 2, 8, 32), (160, 208): (16, 1, 2, 4, 8, 16),
+         (256, 256): (8, 1, 2, 4, 8)}  # fmt: skip  # size: (pairs, then call sizes)
+
+
+def call_sizes(net, rounds: int) -> list[str]:
+    """One pass of ``net`` on random pairs, ms a pair, in calls of several sizes."""
+    lines = ["", "One pass of the network (random pairs, no affine stage), ms a pair by pairs "
+             "a call (the row's fastest in bold; the default's call size is among them):", "",
+             "| size | pairs | pairs a call: ms/pair |", "|---|---|---|"]  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    for size, (n, *per_call) in SIZES.items():
+        f, m = torch.rand(2, n, 1, *size, generator=g)
+        default = min(n, registrar.pairs_per_call(f))  # what a Registrar gives it
+        rows = {c: (lambda c=c, f=f, m=m, n=n: [net(f[i : i + c], m[i : i + c])
+                                                for i in range(0, n, c)])
+                for c in sorted({*per_call, default})}  # fmt: skip
+        with torch.no_grad():
+            rows[per_call[0]]()
+            times, _ = interleaved_times(rows, rounds, n, lambda out: None)
+        ms = {c: statistics.median(t) for c, t in times.items()}
+        best = min(ms, key=ms.get)
+        cells = ", ".join(f"**{c}: {t:.2f}**" if c == best else f"{c}: {t:.2f}"
+                          for c, t in ms.items())  # fmt: skip
+        lines.append(f"| {size[0]} x {size[1]} | {n} | {cells} |")
+    return lines
 
 
 if __name__ == "__main__":

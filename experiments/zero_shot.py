@@ -4,6 +4,7 @@ model-free refinement and the identity, the same pairs for every method.
 
     python experiments/zero_shot.py                     # -> experiments/results/zero_shot/
     python experiments/zero_shot.py --quick    # 3 pairs a family at 96 x 128, 20 digit pairs
+    python experiments/zero_shot.py --batched-only  # families/batched.md alone, ~2 min
 
 Families (``air_reg.bench.families``, held-out sources: scikit-image's images and MNI152
 slices under small, large (affine + deformable) and contrast-change known fields): EPE,
@@ -45,6 +46,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=MODELS, help=".ckpt paths trained elsewhere")
     p.add_argument("--shipped", nargs="+", default=["air_unet_mnist"], help="shipped weights")
     p.add_argument("--quick", action="store_true")
+    only = "only the batched one-shot table (families/batched.md), ~2 min"
+    p.add_argument("--batched-only", action="store_true", help=only)
     p.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "zero_shot")
     args = p.parse_args()
     models = [m for m in args.models if Path(m).is_file()]
@@ -61,9 +64,10 @@ def main() -> None:
     # them, a pair stopping once a pass moved it < 0.25 px)
     cascaded = [m for m in models if "voxelmorph" in m]
     cascaded = ["--cascaded", *cascaded] if cascaded else []
-    run("refine_families.py", [*quick, "--methods", *methods, "--models", *models,
-                               *args.shipped, *cascaded,
-                               "--out", str(args.out / "families")])  # fmt: skip
+    if not args.batched_only:
+        run("refine_families.py", [*quick, "--methods", *methods, "--models", *models,
+                                   *args.shipped, *cascaded,
+                                   "--out", str(args.out / "families")])  # fmt: skip
     # one-shot, the family's pairs in one call (register on a folder): ms per pair, batched
     n, size = (3, (96, 128)) if args.quick else (18, families.SIZE)
     table = batched(models + args.shipped, list(families.FAMILIES), n, size)
@@ -73,6 +77,8 @@ def main() -> None:
         f"{os.getloadavg()[0]:.2f})\n\n" + table
     )
     print(table)
+    if args.batched_only:
+        return
     digits = ["--pairs", "20", "--batch", "20", "--no-ants"] if args.quick else []
     digits += ["--checkpoints", *models] if models else []
     run("refine_benchmark.py", [*digits, "--weights", "air_unet", "--steps", "50",

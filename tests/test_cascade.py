@@ -15,7 +15,7 @@ from air_reg.checkpoint import shipped_weights
 from air_reg.errors import ConfigError
 from air_reg.models import contract
 from air_reg.models.components.spatial_transformer import warp
-from air_reg.refine import keep_if_better, optimise
+from air_reg.refine import keep_if_better, optimise, registrar
 from air_reg.refine.flows import FIT_POINTS, affine_flow, apply_repeatedly, compose, fit_affine
 from air_reg.refine.registrar import Registrar
 from air_reg.zoo import default_weights
@@ -201,3 +201,30 @@ def test_prealign_in_a_batch_is_each_pair_alone():
     for i in range(2):
         torch.testing.assert_close(both[i : i + 1], alone[i], atol=1e-3, rtol=0)
     assert alone[0].abs().amax() > 8  # the large motion was registered, not left alone
+
+
+def test_a_batch_reaches_the_network_a_few_pairs_a_call(monkeypatch):
+    """On CPU a ``Registrar`` gives its network at most ``CPU_CALL_PIXELS`` pixels a call (the
+    features of a large batch leave the caches: docs/speed.md, "Inference"); the flows are
+    those of the whole batch in one call, pair for pair."""
+    model = air_reg.load_model(shipped_weights(default_weights()))
+    g = torch.Generator().manual_seed(4)
+    images = torch.nn.functional.avg_pool2d(torch.rand(6, 1, 40, 48, generator=g), 5, 1, 2)
+    fixed, moving = images[:3], images[3:]
+    with torch.no_grad():
+        whole = model(fixed, moving)
+    monkeypatch.setattr(registrar, "CPU_CALL_PIXELS", 2 * 40 * 48 + 1)
+    calls = []
+    hook = model.net.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
+    with torch.no_grad():
+        chunked = model(fixed, moving)
+    hook.remove()
+    ones = calls.index(1)  # pairs 0-1 (all their passes), then pair 2 alone
+    assert set(calls[:ones]) == {2}
+    assert set(calls[ones:]) == {1}
+    torch.testing.assert_close(chunked, whole, atol=1e-3, rtol=0)  # float order only
+    assert registrar.pairs_per_call(fixed) == 2
+    monkeypatch.undo()  # the default: 3 pairs of 160 x 208, 167 of 28 x 28, 1 of 512 x 512
+    assert registrar.pairs_per_call(torch.zeros(9, 1, 160, 208)) == 3
+    assert registrar.pairs_per_call(torch.zeros(500, 1, 28, 28)) == 167
+    assert registrar.pairs_per_call(torch.zeros(2, 1, 512, 512)) == 1

@@ -22,6 +22,20 @@ from air_reg.refine.flows import affine_flow, after_affine, apply_repeatedly, fi
 from air_reg.refine.optimise import affine_reach, prealign_affine, refine
 from air_reg.refine.settings import LEGACY_DEFAULTS, RefineSettings
 
+# On CPU a network call holds at most this many pixels (voxels), about 2-4 pairs of 160 x 208:
+# AiR-Match one-shot on 16 such pairs took 31 / 29 / 29 / 35 / 46 ms a pair in calls of 1 / 2 /
+# 4 / 8 / 16 pairs (2 threads; the encoder's features of a large batch leave the caches), at
+# 28 x 28 best near 64 pairs a call, at 256 x 256 near 2 (docs/speed.md, "Inference").
+CPU_CALL_PIXELS = 2**17
+
+
+def pairs_per_call(images: torch.Tensor) -> int:
+    """How many pairs of ``images`` (B, 1, *spatial) a network call takes: all of them on a
+    GPU, on CPU as many as fit in ``CPU_CALL_PIXELS`` (at least one)."""
+    if images.device.type != "cpu":
+        return max(1, len(images))
+    return max(1, CPU_CALL_PIXELS // images[0, 0].numel())
+
 
 class Registrar(nn.Module):
     """A network's flow, refined per pair at the images' own size when ``settings`` is given.
@@ -178,8 +192,15 @@ class Registrar(nn.Module):
         return flow
 
     def _cascade(self, fixed, moving, passes: int | None = None, first=None) -> torch.Tensor:
-        return apply_repeatedly(self.net, fixed, moving, passes or self.cascade,
-                                self.cascade_affine, self.cascade_tol, first)  # fmt: skip
+        """``apply_repeatedly`` on at most ``pairs_per_call`` pairs a call, concatenated."""
+        step, flows = pairs_per_call(fixed), []
+        for i in range(0, len(fixed), step):
+            part = slice(i, i + step)
+            flows.append(apply_repeatedly(
+                self.net, fixed[part], moving[part], passes or self.cascade, self.cascade_affine,
+                self.cascade_tol, None if first is None else first[part],
+            ))  # fmt: skip
+        return flows[0] if len(flows) == 1 else torch.cat(flows)
 
     def network_flow(
         self,
