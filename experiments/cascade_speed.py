@@ -3,9 +3,10 @@ once (``contract.fixed_state``, the default) against once a pass (the network wi
 option), interleaved in one run, on the held-out families (issue #32's time target); then the
 network's calls of a few pairs (``registrar.CPU_CALL_PIXELS``, the default) against a whole
 batch in one call, one-shot as ``register`` runs it, and one pass at several sizes and call
-sizes (the choice of ``CPU_CALL_PIXELS``).
+sizes (the choice of ``CPU_CALL_PIXELS``); then the local window match on its kernel
+(``speed.local_match``, the default) against the torch ops.
 
-    python experiments/cascade_speed.py      # ~4 min on 2 cores; results/cascade_speed/
+    python experiments/cascade_speed.py      # ~5 min on 2 cores; results/cascade_speed/
 
 Each comparison is of the same computation: the flows must be equal (``torch.equal``; calls of
 other sizes: within 1e-3 px, the float order of the convolutions).
@@ -25,6 +26,7 @@ from air_reg import zoo
 from air_reg.bench import families
 from air_reg.bench.machine import run_header, write_report
 from air_reg.bench.refinement import interleaved_times
+from air_reg.models.components.matching import LocalMatch
 from air_reg.refine import registrar
 from air_reg.refine.flows import apply_repeatedly
 
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | {len(f)} | {once:.1f} | {every:.1f} | {every / once:.2f} |")
     lines += calls_of_a_few_pairs(reg, args.pairs, args.rounds)
     lines += call_sizes(reg.net, args.rounds)
+    lines += local_match_kernel(args.pairs, args.rounds)
     write_report(REPO / "experiments" / "results" / "cascade_speed" / "README.md", lines, start)
 
 
@@ -136,6 +139,35 @@ def call_sizes(net, rounds: int) -> list[str]:
         cells = ", ".join(f"**{c}: {t:.2f}**" if c == best else f"{c}: {t:.2f}"
                           for c, t in ms.items())  # fmt: skip
         lines.append(f"| {size[0]} x {size[1]} | {n} | {cells} |")
+    return lines
+
+
+def local_match_kernel(pairs: int, rounds: int) -> list[str]:
+    """The default one-shot with the local window match on its kernel (what ``load_model``
+    gives) against the same model with the plain torch ``LocalMatch``."""
+    path = zoo.WEIGHTS_DIR / f"{zoo.default_weights()}.ckpt"
+    regs = {"kernel": air_reg.load_model(path), "torch": air_reg.load_model(path)}
+    regs["torch"].net.local_match = LocalMatch()  # the model as written, before accelerate
+    lines = ["", f"One-shot (`Registrar.one_shot`), {pairs} pairs a family in one call, the "
+             "local window match on its kernel (`speed.local_match`, the default) or the "
+             "torch ops:", "",
+             "| family | kernel, ms/pair | torch ops, ms/pair | ratio | max flow difference, px |"
+             , "|---|---|---|---|---|"]  # fmt: skip
+    for name in families.FAMILIES:
+        batch = families.family(name, pairs, split="test")[0]
+        f, m = batch["fixed"], batch["moving"]
+        rows = {k: (lambda r=r, f=f, m=m: r.one_shot(f, m)) for k, r in regs.items()}
+        with torch.no_grad():
+            for fn in rows.values():
+                fn()
+            times, flows = interleaved_times(rows, rounds, len(f), lambda flow: flow)
+        diff = (flows["kernel"] - flows["torch"]).abs().max().item()
+        if diff > 1e-3:
+            raise SystemExit(f"{name}: the kernel changes the flows by {diff} px")
+        kernel, plain = (statistics.median(times[k]) for k in rows)
+        lines.append(
+            f"| {name} | {kernel:.1f} | {plain:.1f} | {plain / kernel:.2f} | {diff:.1e} |"
+        )
     return lines
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, needs_kernel
 from hydra.utils import instantiate
 
 import air_reg
@@ -15,12 +15,15 @@ from air_reg.errors import ConfigError
 from air_reg.models import contract
 from air_reg.models.components.air_match import AiRMatch
 from air_reg.models.components.matching import (
+    LocalMatch,
     global_match,
     local_match,
     sine_position_encoding,
     soft_attend,
 )
 from air_reg.models.components.spatial_transformer import identity_grid, integrate_velocity
+from air_reg.speed import kernels
+from air_reg.speed import local_match as kernel_local_match
 from air_reg.train import train
 
 
@@ -225,6 +228,48 @@ def test_accelerate_keeps_the_flow():
         speed.accelerate(net, attention="auto", dropout="fast")
         after = net(fixed, moving)
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("shape", "radius", "score", "prior"),
+    [((3, 32, 20, 52), 3, "l2", 1.0),  # rows longer than the SIMD width, an overlapping tail
+     ((2, 8, 5, 7), 2, "dot", 0.0),  # rows shorter than it: pixel by pixel
+     ((1, 48, 17, 16), 1, "l2", 0.4), ((2, 4, 9, 33), 3, "dot", 2.0)],
+)  # fmt: skip
+def test_the_local_match_kernel_is_the_torch_maths(shape, radius, score, prior):
+    g = torch.Generator().manual_seed(sum(shape))
+    fixed, moving = (3 * torch.randn(*shape, generator=g) for _ in range(2))
+    kw = {"radius": radius, "scale": torch.tensor(0.8) / shape[1] ** 0.5, "score": score,
+          "prior": prior}  # fmt: skip
+    with torch.no_grad():
+        expected = local_match(fixed, moving, **kw)
+        got = kernel_local_match.local_match(fixed, moving, **kw)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert expected.abs().amax() > 0.5  # the windows do move pixels
+
+
+@needs_kernel
+def test_accelerate_runs_the_local_match_on_its_kernel_at_inference_only():
+    net = AiRMatch(image_size=32).eval()
+    assert type(net.local_match) is LocalMatch  # plain PyTorch until accelerated
+    keys = set(net.state_dict())
+    speed.accelerate(net, attention="auto")
+    assert type(net.local_match) is kernel_local_match.KernelLocalMatch
+    assert set(net.state_dict()) == keys  # checkpoints load either way
+    fixed, moving = pair(32, 32)
+    before = kernels.calls().get("local_match", {})
+    with torch.no_grad():
+        net(fixed, moving)
+    net(fixed, moving).square().mean().backward()  # training: the torch ops carry the gradient
+    after = kernels.calls()["local_match"]
+    ran = {k: after.get(k, 0) - before.get(k, 0) for k in ("kernel", "torch")}
+    assert ran == {"kernel": 2, "torch": 2}  # two finer scales, once each way
+    volume = speed.accelerate(AiRMatch(image_size=(16, 16, 16)).eval())
+    assert kernel_local_match.why_not(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4))
+    plain = speed.accelerate(AiRMatch(image_size=32), attention="sdpa")
+    assert type(plain.local_match) is LocalMatch  # sdpa: PyTorch only
+    assert type(volume.local_match) is kernel_local_match.KernelLocalMatch  # falls back per call
 
 
 def test_the_displacement_comes_from_the_attention_not_a_head():

@@ -1,13 +1,16 @@
 """Speed behind one door: air-reg's optional CPU kernels, swapped into plain PyTorch models.
 
 The models (``air_reg.models``) are plain PyTorch: ``ScaledDotProductAttention`` modules
-(``F.scaled_dot_product_attention``) and ``nn.Dropout``. ``accelerate(net, ...)`` replaces
-those modules in place with kernel-backed ones computing the same function; nothing else in
-air-reg knows about the kernels. The entry points call it with the ``speed`` config node:
+(``F.scaled_dot_product_attention``), ``LocalMatch`` modules and ``nn.Dropout``.
+``accelerate(net, ...)`` replaces those modules in place with kernel-backed ones computing the
+same function; nothing else in air-reg knows about the kernels. The entry points call it with
+the ``speed`` config node:
 
 - ``speed.attention``: ``auto`` (default: air-reg's attention kernel where it is faster and
   can run: CPU float32, head size <= 8, no attention dropout; else SDPA), ``kernel`` (insist)
-  or ``sdpa`` (PyTorch only). Same maths; only float32 rounding differs.
+  or ``sdpa`` (PyTorch only). Same maths; only float32 rounding differs. With ``auto`` and
+  ``kernel`` AiR-Match's local window match (``LocalMatch``) also runs on its kernel at
+  inference (``speed.local_match``: 2-D, CPU float32, no gradient; else the torch ops).
 - ``speed.dropout``: ``torch`` (default: PyTorch's dropout, the paper configs' random stream)
   or ``fast`` (counter-based masks in air-reg's kernel: the same distribution, another random
   stream, so seeded results change).
@@ -38,8 +41,10 @@ def accelerate(net: nn.Module, *, attention: str = "auto", dropout: str = "torch
     Parameters and state-dict keys are unchanged, so checkpoints load either way.
     """
     from air_reg.models.components.attention import ScaledDotProductAttention
+    from air_reg.models.components.matching import LocalMatch
     from air_reg.speed.attention import KernelAttention
     from air_reg.speed.dropout import FastDropout
+    from air_reg.speed.local_match import KernelLocalMatch
 
     if attention not in ATTENTION:
         raise ConfigError(f"speed.attention must be one of {ATTENTION}, got {attention!r}")
@@ -50,6 +55,8 @@ def accelerate(net: nn.Module, *, attention: str = "auto", dropout: str = "torch
         for i, (name, child) in enumerate(children):
             if type(child) is ScaledDotProductAttention:
                 setattr(parent, name, KernelAttention.replacing(child, attention))
+            elif type(child) is LocalMatch and attention != "sdpa":
+                setattr(parent, name, KernelLocalMatch())
             elif dropout == "fast" and type(child) is nn.Dropout:
                 prev = children[i - 1][1] if i and isinstance(parent, nn.Sequential) else None
                 fuse = type(prev) is nn.ReLU  # ReLU then dropout: one pass in the kernel

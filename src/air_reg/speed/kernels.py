@@ -4,8 +4,9 @@
 ``csrc/dropout.cpp`` (counter-based dropout, ``speed.dropout``), ``csrc/warp.cpp`` (the
 warps of instance optimisation, ``air_reg.speed.warp``), ``csrc/refine_loop.cpp`` and
 ``csrc/refine_loop3d.cpp`` (a refinement level's whole Adam loop, 2-D and 3-D,
-``speed.refine_loop``) and ``csrc/affine_loop.cpp`` (a level of the 2-D affine stage, the same
-module) are compiled together into one
+``speed.refine_loop``), ``csrc/affine_loop.cpp`` (a level of the 2-D affine stage, the same
+module) and ``csrc/local_match.cpp`` (AiR-Match's local window match at inference,
+``speed.local_match``) are compiled together into one
 library with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``;
 ``-O3 -march=native -fopenmp``, a few seconds) into ``$AIR_REG_CACHE`` (default
 ``~/.cache/air_reg``), keyed by sources, compiler and CPU. Their threads are the OpenMP threads
@@ -41,8 +42,9 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "small_head_attention.cpp", CSRC / "dropout.cpp", CSRC / "warp.cpp",
            CSRC / "refine_loop.cpp", CSRC / "refine_loop3d.cpp",
-           CSRC / "affine_loop.cpp")  # fmt: skip
-HEADERS = (CSRC / "interp.h", CSRC / "mi.h", CSRC / "team.h")  # included: in the cache key
+           CSRC / "affine_loop.cpp", CSRC / "local_match.cpp")  # fmt: skip
+# included by the sources: in the cache key
+HEADERS = (CSRC / "interp.h", CSRC / "mi.h", CSRC / "team.h", CSRC / "vec.h")
 FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared"]
 # Tried in this order until one builds: without -march=native the build is portable (slower);
 # without -fopenmp (Apple clang) the kernels' threads are Python threads instead.
@@ -164,8 +166,10 @@ def library() -> ctypes.CDLL:
     lib.air_square_fwd.argtypes = [ptr, ptr, i64, i64, i64, i32, i32, i32]
     lib.air_square_bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i32, i32]
     lib.air_flow_penalty.argtypes = [ptr, ptr, ptr, i64, i64, i64, f32, f32, f32, i32, i32, i32]
+    lib.air_local_match.argtypes = [ptr, ptr, ptr, ptr, *[i64] * 5, f32, f32, i32, i32, i32]
     for fn in (lib.air_dropout, lib.air_relu_dropout_bwd, lib.air_upwarp_fwd, lib.air_upwarp_bwd,
-               lib.air_square_fwd, lib.air_square_bwd, lib.air_flow_penalty):  # fmt: skip
+               lib.air_square_fwd, lib.air_square_bwd, lib.air_flow_penalty,
+               lib.air_local_match):  # fmt: skip
         fn.restype = None
     lib.openmp = bool(lib.air_attn_openmp())  # asked once, not on every call
     return lib

@@ -46,9 +46,9 @@ from torch import nn
 from air_reg.errors import ConfigError
 from air_reg.models.components.matching import (
     FlowPropagation,
+    LocalMatch,
     MatchingLayer,
     global_match,
-    local_match,
     sine_position_encoding,
 )
 from air_reg.models.components.spatial_transformer import (
@@ -207,6 +207,7 @@ class AiRMatch(nn.Module):
             MatchingLayer(dim=dim, heads=heads, ff_dim=ff_mult * dim) for _ in range(layers)
         )
         self.propagation = FlowPropagation(dim=dim) if propagate else None
+        self.local_match = LocalMatch()  # a module: speed.accelerate swaps in a CPU kernel
         log_t = torch.full((1 + len(scales),), math.log(temperature))  # coarse, then finer
         self.log_temperature = nn.Parameter(log_t, requires_grad=learn_scores)
         log_p = torch.full_like(log_t, math.log(prior)) if prior > 0 else None
@@ -219,7 +220,7 @@ class AiRMatch(nn.Module):
         kw = {"scale": scale, "score": self.score, "prior": prior}
         if kind == "global":
             return global_match(fixed, moving, max_tokens=self.max_tokens, **kw)
-        return local_match(fixed, moving, radius=self.radius, **kw)
+        return self.local_match(fixed, moving, radius=self.radius, **kw)
 
     def forward(
         self, fixed: torch.Tensor, moving: torch.Tensor, *, fixed_state=None

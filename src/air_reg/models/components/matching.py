@@ -153,6 +153,14 @@ def local_match(
     return torch.cat(out, dim=2)
 
 
+class LocalMatch(nn.Module):
+    """``local_match`` as a module (no parameters), so that ``air_reg.speed.accelerate`` can
+    put its CPU kernel in its place for inference (``speed.local_match``): the same maths."""
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, **kw) -> torch.Tensor:
+        return local_match(fixed, moving, **kw)
+
+
 def _local_scores(fixed: torch.Tensor, padded: torch.Tensor, *, radius, scale, score, prior):
     """``local_match`` on features (B, C, *grid) and the moving ones padded by ``radius``."""
     grid = tuple(fixed.shape[2:])
