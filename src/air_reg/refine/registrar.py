@@ -10,6 +10,8 @@ flow is brought to (H, W) and ``refine`` works there.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -22,10 +24,11 @@ from air_reg.refine.flows import affine_flow, after_affine, apply_repeatedly, fi
 from air_reg.refine.optimise import affine_reach, prealign_affine, refine
 from air_reg.refine.settings import LEGACY_DEFAULTS, RefineSettings
 
-# On CPU a network call holds at most this many pixels (voxels), about 2-4 pairs of 160 x 208:
-# AiR-Match one-shot on 16 such pairs took 31 / 29 / 29 / 35 / 46 ms a pair in calls of 1 / 2 /
-# 4 / 8 / 16 pairs (2 threads; the encoder's features of a large batch leave the caches), at
-# 28 x 28 best near 64 pairs a call, at 256 x 256 near 2 (docs/speed.md, "Inference").
+# On CPU a network call holds at most this many pixels (voxels): 3 pairs of 160 x 208. The
+# encoder's features of a large batch leave the caches: one AiR-Match pass on 16 such pairs took
+# 27.5 / 22.2 / 23.7 / 22.6 / 28.3 / 35.4 ms a pair in calls of 1 / 2 / 3 / 4 / 8 / 16 pairs, at
+# 28 x 28 and 256 x 256 the best calls held 2^17 pixels too (experiments/cascade_speed.py,
+# docs/speed.md, "Inference").
 CPU_CALL_PIXELS = 2**17
 
 
@@ -34,7 +37,7 @@ def pairs_per_call(images: torch.Tensor) -> int:
     GPU, on CPU as many as fit in ``CPU_CALL_PIXELS`` (at least one)."""
     if images.device.type != "cpu":
         return max(1, len(images))
-    return max(1, CPU_CALL_PIXELS // images[0, 0].numel())
+    return max(1, CPU_CALL_PIXELS // math.prod(images.shape[2:]))
 
 
 class Registrar(nn.Module):
