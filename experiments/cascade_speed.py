@@ -98,21 +98,11 @@ def calls_of_a_few_pairs(reg, pairs: int, rounds: int) -> list[str]:
         finally:
             registrar.CPU_CALL_PIXELS = default
 
-    for name in families.FAMILIES:
-        batch = families.family(name, pairs, split="test")[0]
-        f, m = batch["fixed"], batch["moving"]
-        rows = {k: (lambda limit=limit, f=f, m=m: one_shot(f, m, limit))
-                for k, limit in {"few": default, "whole": 2**62}.items()}  # fmt: skip
-        with torch.no_grad():
-            for fn in rows.values():
-                fn()
-            times, flows = interleaved_times(rows, rounds, len(f), lambda flow: flow)
-        diff = (flows["few"] - flows["whole"]).abs().max().item()
-        if diff > 1e-3:
-            raise SystemExit(f"{name}: calls of a few pairs change the flows by {diff} px")
-        few, whole = (statistics.median(times[k]) for k in rows)
-        lines.append(f"| {name} | {few:.1f} | {whole:.1f} | {whole / few:.2f} | {diff:.1e} |")
-    return lines
+    return lines + one_shot_ab(
+        lambda f, m: {k: (lambda limit=limit: one_shot(f, m, limit))
+                      for k, limit in {"few": default, "whole": 2**62}.items()},
+        pairs, rounds, "calls of a few pairs",
+    )  # fmt: skip
 
 
 SIZES = {(28, 28): (256, 16, 64, 256), (96, 128): (32, 2, 8, 32), (160, 208): (16, 1, 2, 4, 8, 16),
@@ -153,21 +143,31 @@ def local_match_kernel(pairs: int, rounds: int) -> list[str]:
              "torch ops:", "",
              "| family | kernel, ms/pair | torch ops, ms/pair | ratio | max flow difference, px |"
              , "|---|---|---|---|---|"]  # fmt: skip
+    return lines + one_shot_ab(
+        lambda f, m: {k: (lambda r=r: r.one_shot(f, m)) for k, r in regs.items()},
+        pairs, rounds, "the kernel",
+    )  # fmt: skip
+
+
+def one_shot_ab(rows_of, pairs: int, rounds: int, what: str) -> list[str]:
+    """Table rows, a family each: two ways of the same one-shot on the family's batch
+    (``rows_of(fixed, moving)``: {name: call}, the default first), interleaved: ms a pair,
+    the ratio and the largest flow difference (over 1e-3 px the run stops: ``what`` changed
+    the flows)."""
+    lines = []
     for name in families.FAMILIES:
         batch = families.family(name, pairs, split="test")[0]
-        f, m = batch["fixed"], batch["moving"]
-        rows = {k: (lambda r=r, f=f, m=m: r.one_shot(f, m)) for k, r in regs.items()}
+        rows = rows_of(batch["fixed"], batch["moving"])
         with torch.no_grad():
             for fn in rows.values():
-                fn()
-            times, flows = interleaved_times(rows, rounds, len(f), lambda flow: flow)
-        diff = (flows["kernel"] - flows["torch"]).abs().max().item()
+                fn()  # warm-up
+            times, flows = interleaved_times(rows, rounds, pairs, lambda flow: flow)
+        a, b = rows
+        diff = (flows[a] - flows[b]).abs().max().item()
         if diff > 1e-3:
-            raise SystemExit(f"{name}: the kernel changes the flows by {diff} px")
-        kernel, plain = (statistics.median(times[k]) for k in rows)
-        lines.append(
-            f"| {name} | {kernel:.1f} | {plain:.1f} | {plain / kernel:.2f} | {diff:.1e} |"
-        )
+            raise SystemExit(f"{name}: {what} changes the flows by {diff} px")
+        ta, tb = (statistics.median(times[k]) for k in (a, b))
+        lines.append(f"| {name} | {ta:.1f} | {tb:.1f} | {tb / ta:.2f} | {diff:.1e} |")
     return lines
 
 
