@@ -323,6 +323,19 @@ def test_a_refused_setting_creates_no_output_folder(tmp_path, bad):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_refused_pair_leaves_no_empty_run_folder(tmp_path):
+    """A pair refused once it is read (a volume for a 2-D model) ends the run with nothing
+    written, not even the output folder it made."""
+    volume = npy(tmp_path / "v.npy", np.zeros((3, 28, 28), np.float32))
+    with pytest.raises(UserError, match="registers 2-D images and these are 3-D volumes"):
+        reg(tmp_path, fixed=volume, moving=volume)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()  # a folder the user made stays
+    with pytest.raises(UserError):
+        reg(tmp_path, fixed=volume, moving=volume)
+    assert (tmp_path / "out").is_dir()
+
+
 @pytest.mark.slow
 def test_failed_register_leaves_no_half_written_files(tmp_path, ckpt, monkeypatch):
     fixed, moving, bad = (

@@ -14,6 +14,7 @@ warped. A pair whose result is not more similar than the unregistered images get
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -213,6 +214,7 @@ def register(cfg: DictConfig) -> dict:
     draw = None
     if cfg.figures:
         from air_reg.viz import pair_figure as draw  # matplotlib: only when figures are drawn
+    created = not Path(cfg.out_dir).expanduser().is_dir()
     out_dir = check_writable(cfg.out_dir)  # after every check: a refusal leaves no folder
     pairlog = PairLog(out_dir, FIELDS, resume=bool(cfg.get("resume")), persist=folders)
     todo = [p for p in pairs if not pairlog.done(p[0])]
@@ -272,6 +274,9 @@ def register(cfg: DictConfig) -> dict:
             pairlog.close(write=True)
         else:
             pairlog.close(write=False)
+            if created:  # and nothing in it: a refused pair leaves no empty run folder
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
     outputs = [*paths_for(Path(), "<name>", folders, suffix).values(), *written,
                "summary.csv", "config.yaml"]  # fmt: skip
     shown = " ".join(str(o) for o in outputs if (cfg.figures or "figure" not in str(o))

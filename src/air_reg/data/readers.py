@@ -130,9 +130,10 @@ def normalise(
         if lo < 0 or hi > 1:
             raise ImageError(
                 f"{where}: values lie in [{lo:.4g}, {hi:.4g}], outside [0, 1], and "
-                f"normalize=none (data.normalize, recorded with a model) takes them as "
-                f"they are; rescale the image to [0, 1], e.g. (a - a.min()) / (a.max() - "
-                f"a.min()), or train with data.normalize=minmax"
+                f"normalize=none (register's default without a model, or the model's "
+                f"recorded data.normalize) takes them as they are; rescale the image to [0, "
+                f"1], e.g. (a - a.min()) / (a.max() - a.min()), or pass normalize=minmax "
+                f"(training: data.normalize=minmax)"
             )
         return image.astype(np.float32)
     if mode == "percentile":
