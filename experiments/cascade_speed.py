@@ -4,9 +4,11 @@ option), interleaved in one run, on the held-out families (issue #32's time targ
 network's calls of a few pairs (``registrar.CPU_CALL_PIXELS``, the default) against a whole
 batch in one call, one-shot as ``register`` runs it, and one pass at several sizes and call
 sizes (the choice of ``CPU_CALL_PIXELS``); then the local window match on its kernel
-(``speed.local_match``, the default) against the torch ops.
+(``speed.local_match``, the default) against the torch ops; and the default one-shot on the
+pairs shrunk to 3/4 and 1/2 of their size, its flow brought back (time against accuracy:
+can a lower resolution buy issue #32's 1/100 of ANTs' time?).
 
-    python experiments/cascade_speed.py      # ~5 min on 2 cores; results/cascade_speed/
+    python experiments/cascade_speed.py      # ~6 min on 2 cores; results/cascade_speed/
 
 Each comparison is of the same computation: the flows must be equal (``torch.equal``; calls of
 other sizes: within 1e-3 px, the float order of the convolutions).
@@ -20,15 +22,18 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import air_reg
-from air_reg import zoo
+from air_reg import metrics, zoo
 from air_reg.bench import families
 from air_reg.bench.machine import run_header, write_report
 from air_reg.bench.refinement import interleaved_times
 from air_reg.models.components.matching import LocalMatch
+from air_reg.models.components.spatial_transformer import resize_flow
 from air_reg.refine import registrar
 from air_reg.refine.flows import apply_repeatedly
+from air_reg.refine.optimise import PREALIGN_MIN_SIDE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += calls_of_a_few_pairs(reg, args.pairs, args.rounds)
     lines += call_sizes(reg.net, args.rounds)
     lines += local_match_kernel(args.pairs, args.rounds)
+    lines += lower_resolution(reg, args.pairs, args.rounds)
     write_report(REPO / "experiments" / "results" / "cascade_speed" / "README.md", lines, start)
 
 
@@ -147,6 +153,40 @@ def local_match_kernel(pairs: int, rounds: int) -> list[str]:
         lambda f, m: {k: (lambda r=r: r.one_shot(f, m)) for k, r in regs.items()},
         pairs, rounds, "the kernel",
     )  # fmt: skip
+
+
+def lower_resolution(reg, pairs: int, rounds: int) -> list[str]:
+    """The default one-shot on the families' pairs resized to 3/4 and 1/2 (antialiased), its
+    flow resized back (``resize_flow``): EPE against the true field at full size, ms a pair."""
+    scales = (1.0, 0.75, 0.5)
+    lines = ["", f"One-shot on the pairs shrunk by a factor (antialiased), the flow brought back "
+             f"to {families.SIZE[0]} x {families.SIZE[1]}, {pairs} pairs a family in one call: "
+             "EPE px (worst pair) and ms a pair (the affine stage runs only on images of "
+             f"{PREALIGN_MIN_SIDE} px a side or more: not at 1/2, nor at 3/4):", "",
+             "| family | " + " | ".join(f"x {s:g}" for s in scales) + " |",
+             "|---" * (len(scales) + 1) + "|"]  # fmt: skip
+
+    def at(f, m, scale):
+        if scale == 1:
+            return reg.one_shot(f, m)
+        size = tuple(round(n * scale) for n in f.shape[2:])
+        small = [F.interpolate(x, size=size, mode="bilinear", antialias=True) for x in (f, m)]
+        return resize_flow(reg.one_shot(*small), tuple(f.shape[2:]))
+
+    for name in families.FAMILIES:
+        batch = families.family(name, pairs, split="test")[0]
+        f, m = batch["fixed"], batch["moving"]
+        rows = {s: (lambda s=s, f=f, m=m: at(f, m, s)) for s in scales}
+        with torch.no_grad():
+            for fn in rows.values():
+                fn()  # warm-up
+            times, epes = interleaved_times(
+                rows, rounds, pairs, lambda flow, t=batch["flow"]: metrics.epe(flow, t)
+            )
+        ms = {s: statistics.median(t) for s, t in times.items()}
+        cells = [f"{epes[s].mean():.3f} ({epes[s].max():.2f}), {ms[s]:.0f} ms" for s in scales]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def one_shot_ab(rows_of, pairs: int, rounds: int, what: str) -> list[str]:
