@@ -100,3 +100,12 @@ def test_the_budget_rides_on_any_trainer(trainer, make_cfg):
         0,
     )
     assert make_cfg("train", [f"trainer={trainer}"]).trainer.max_time is None
+
+
+@pytest.mark.parametrize("trainer", ["default", "gpu", "ddp"])
+def test_a_step_budget_is_a_plain_override_on_any_trainer(trainer, make_cfg):
+    """``trainer.max_steps=N`` as Lightning users write it (no ``+``); -1 (no step limit)
+    unless given."""
+    assert make_cfg("train", [f"trainer={trainer}"]).trainer.max_steps == -1
+    cfg = make_cfg("train", [f"trainer={trainer}", "trainer.max_steps=250"])
+    assert cfg.trainer.max_steps == 250
