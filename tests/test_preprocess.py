@@ -124,3 +124,5 @@ def test_eval_refuses_a_data_config_that_preprocesses_otherwise(given, fix):
     _check_preprocessing(trained, trained)
     with pytest.raises(ConfigError, match=rf"add {re.escape(fix)}, or leave data= out"):
         _check_preprocessing(given, trained)
+    if "pad_to" not in fix:  # data that read no files are [0, 1] as they are: no normalising
+        _check_preprocessing(given, trained, reads_files=False)

@@ -76,13 +76,15 @@ def eval_datamodule(cfg: DictConfig, model):
     record = getattr(model, "build_config", None) or {}
     data_cfg = cfg.get("data") or OmegaConf.create(record["data"])
     if cfg.get("data") and record.get("data"):
-        _check_preprocessing(Preprocessing.of(cfg.data), Preprocessing.of(record["data"]))
+        _check_preprocessing(Preprocessing.of(cfg.data), Preprocessing.of(record["data"]),
+                             reads_files=_reads_files(cfg.data))  # fmt: skip
     data_cfg.num_test_pairs = cfg.get("num_pairs")  # null = one pair per test image
     if cfg.get("batch_size"):
         data_cfg.eval_batch_size = cfg.batch_size
     datamodule = instantiate(data_cfg)
     data_size = spatial_size(datamodule.image_size)
-    if model.image_size is not None and data_size != tuple(model.image_size):
+    any_size = getattr(model, "net_takes_any_size", False)  # e.g. AiR-Match: the data's size
+    if model.image_size is not None and data_size != tuple(model.image_size) and not any_size:
         size = "x".join(map(str, model.image_size))
         raise ConfigError(
             f"the model was trained on {size} images but the data are "
@@ -92,12 +94,27 @@ def eval_datamodule(cfg: DictConfig, model):
     return datamodule
 
 
-def _check_preprocessing(given: Preprocessing, trained: Preprocessing) -> None:
-    """Refuse a ``data=`` that normalises or sizes the images otherwise than training did."""
+def _reads_files(data) -> bool:
+    """Whether a data config's module reads image files, and so normalises them
+    (``FolderDataModule``); the idx datasets and the generated ones are [0, 1] as they are."""
+    return str(data.get("_target_") or "").endswith("FolderDataModule")
+
+
+def _check_preprocessing(
+    given: Preprocessing, trained: Preprocessing, *, reads_files: bool = True
+) -> None:
+    """Refuse a ``data=`` that normalises or sizes the images otherwise than training did
+    (normalisation only where ``reads_files``: elsewhere the images are [0, 1] as they are,
+    e.g. MNIST pairs for the synthetic-trained model, whose record says ``minmax`` for
+    ``register``'s files)."""
     fixes = []
-    if given.normalize != trained.normalize:
+    if reads_files and given.normalize != trained.normalize:
         fixes.append(f"data.normalize={trained.normalize}")
-    elif trained.normalize == "percentile" and given.percentiles != trained.percentiles:
+    elif (
+        reads_files
+        and trained.normalize == "percentile"
+        and given.percentiles != trained.percentiles
+    ):
         fixes.append(f"data.percentiles=[{trained.percentiles[0]},{trained.percentiles[1]}]")
     if (given.sizing == "pad") != (trained.sizing == "pad"):
         fixes.append(f"data.pad_to={trained.pad_to}" if trained.pad_to else "data.pad_to=null")
