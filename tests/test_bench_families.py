@@ -71,6 +71,21 @@ def test_magnitudes_are_within_the_stated_ranges(batches):
         assert (b["edges"] <= b["inside"]).all()
 
 
+def test_wider_shifts_move_the_large_family_further_and_only_it(batches):
+    """``shift_px`` widens the large family's affine shifts (experiments/attention_reach.py):
+    8 px is the family as it is; 32 moves every pair further on average; the other families
+    ignore it."""
+    as_is = fam.family("large", 4, SMALL, seed=0, split="tune")[0]
+    eight = fam.family("large", 4, SMALL, seed=0, split="tune", shift_px=8.0)[0]
+    wide = fam.family("large", 4, SMALL, seed=0, split="tune", shift_px=32.0)[0]
+    assert torch.equal(as_is["flow"], eight["flow"])
+    assert wide["flow"].norm(dim=1).mean() > 1.5 * as_is["flow"].norm(dim=1).mean()
+    small = fam.family("small", 2, SMALL, seed=0, split="tune", shift_px=32.0)[0]
+    assert torch.equal(
+        small["flow"], fam.family("small", 2, SMALL, seed=0, split="tune")[0]["flow"]
+    )
+
+
 def test_the_affine_part_is_exact():
     a, t = synthetic.random_affines(2, torch.Generator().manual_seed(0))
     zero = torch.zeros(2, 2, 5, 7)

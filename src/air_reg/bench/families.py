@@ -176,8 +176,11 @@ def pair_seed(seed: int, name: str, split: str, i: int) -> int:
     return ((seed * 7919 + FAMILIES.index(name)) * 104729 + SPLITS.index(split)) * 1_000_003 + i
 
 
-def make_pair(name: str, split: str, i: int, size: tuple[int, int], seed: int) -> dict:
-    """Pair ``i`` of family ``name``: images (1, H, W), flow (2, H, W), source and contrast."""
+def make_pair(
+    name: str, split: str, i: int, size: tuple[int, int], seed: int, shift_px: float | None = None
+) -> dict:
+    """Pair ``i`` of family ``name``: images (1, H, W), flow (2, H, W), source and contrast;
+    ``shift_px``: the large family's affine shift range (+- px per axis; None: 8)."""
     g = torch.Generator().manual_seed(pair_seed(seed, name, split, i))
     source = SOURCES[split][i % len(SOURCES[split])]
     if source == MNI:
@@ -191,7 +194,8 @@ def make_pair(name: str, split: str, i: int, size: tuple[int, int], seed: int) -
     px = {"small": SMALL_PX, "large": LARGE_PX, "contrast": CONTRAST_PX}[name]
     flow = multiscale_flows(1, size, g, u(px))
     if name == "large":
-        flow = affine_after(flow, *random_affines(1, g))
+        shift = {} if shift_px is None else {"shift_px": float(shift_px)}
+        flow = affine_after(flow, *random_affines(1, g, **shift))
     moving, contrast = t1, "none"
     if name == "contrast":
         moving, contrast = (t2, "t2-like") if source.startswith(MNI) else remap(t1, g)
@@ -254,17 +258,20 @@ def family(
     *,
     split: str = "test",
     batch_size: int | None = None,
+    shift_px: float | None = None,
 ) -> list[dict]:
     """The first ``n`` pairs of family ``name`` on ``split``'s sources, in batches of
     ``batch_size`` (default: one batch); the module docstring gives the keys. Seeded: the same
-    arguments give the same tensors in any process."""
+    arguments give the same tensors in any process. ``shift_px``: the large family's shifts
+    (+- px per axis) instead of its 8 (motions beyond the benchmark's, e.g. to see where a
+    local window stops reaching)."""
     if name not in FAMILIES:
         raise ConfigError(f"unknown family {name!r}; choose one of {FAMILIES}")
     _check_split(split)
     size = tuple(int(s) for s in size)
     if len(size) != 2 or min(size) < 16 or n < 1:
         raise ConfigError(f"family: need n >= 1 pairs of size (H, W) >= 16, got {n}, {size}")
-    pairs = [make_pair(name, split, i, size, seed) for i in range(n)]
+    pairs = [make_pair(name, split, i, size, seed, shift_px) for i in range(n)]
     batches = []
     for start in range(0, n, batch_size or n):
         chunk = pairs[start : start + (batch_size or n)]
