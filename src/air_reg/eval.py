@@ -108,14 +108,12 @@ def _check_preprocessing(
     e.g. MNIST pairs for the synthetic-trained model, whose record says ``minmax`` for
     ``register``'s files)."""
     fixes = []
-    if reads_files and given.normalize != trained.normalize:
-        fixes.append(f"data.normalize={trained.normalize}")
-    elif (
-        reads_files
-        and trained.normalize == "percentile"
-        and given.percentiles != trained.percentiles
-    ):
-        fixes.append(f"data.percentiles=[{trained.percentiles[0]},{trained.percentiles[1]}]")
+    if reads_files:
+        if given.normalize != trained.normalize:
+            fixes.append(f"data.normalize={trained.normalize}")
+        elif trained.normalize == "percentile" and given.percentiles != trained.percentiles:
+            p_lo, p_hi = trained.percentiles
+            fixes.append(f"data.percentiles=[{p_lo},{p_hi}]")
     if (given.sizing == "pad") != (trained.sizing == "pad"):
         fixes.append(f"data.pad_to={trained.pad_to}" if trained.pad_to else "data.pad_to=null")
     if fixes:

@@ -77,11 +77,9 @@ def _load_npy(path: Path) -> np.ndarray:
         ) from err
 
 
-def _load_pil(path: Path, colour: bool = False) -> np.ndarray:
-    """A PIL-readable file's pixels: (H, W) grey, or with ``colour`` (H, W, 3) uint8 RGB for
-    a colour file (alpha dropped)."""
-    grey, rgb = load_pil_pixels(path, grey=not colour, colour=colour)
-    return rgb if rgb is not None else grey
+def _load_pil(path: Path) -> np.ndarray:
+    """A PIL-readable file's (H, W) grey pixels (``load_pil_pixels``)."""
+    return load_pil_pixels(path, colour=False)[0]
 
 
 def _is_colour(img: Image.Image) -> bool:
