@@ -66,19 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     nets = {"fixed encoded once": reg.net, "fixed encoded every pass": EveryPass(reg.net)}
     lines += ["| family | pairs | fixed encoded once, ms/pair | every pass, ms/pair | ratio |",
               "|---|---|---|---|---|"]  # fmt: skip
-    for name in families.FAMILIES:
-        batch = families.family(name, args.pairs, split="test")[0]
-        f, m = batch["fixed"], batch["moving"]
-        rows = {k: (lambda n=n, f=f, m=m: apply_repeatedly(n, f, m, passes, affine, tol))
+
+    def rows_of(f, m):
+        return {k: (lambda n=n: apply_repeatedly(n, f, m, passes, affine, tol))
                 for k, n in nets.items()}  # fmt: skip
-        with torch.no_grad():
-            for fn in rows.values():
-                fn()  # warm-up
-            times, flows = interleaved_times(rows, args.rounds, len(f), lambda flow: flow)
+
+    for name, _, times, flows in per_family(rows_of, args.pairs, args.rounds):
         if not torch.equal(*flows.values()):
             raise SystemExit(f"{name}: the two rows' flows differ")
         once, every = (statistics.median(times[k]) for k in nets)
-        lines.append(f"| {name} | {len(f)} | {once:.1f} | {every:.1f} | {every / once:.2f} |")
+        lines.append(f"| {name} | {args.pairs} | {once:.1f} | {every:.1f} | {every / once:.2f} |")
     lines += calls_of_a_few_pairs(reg, args.pairs, args.rounds)
     lines += call_sizes(reg.net, args.rounds)
     lines += local_match_kernel(args.pairs, args.rounds)
@@ -173,16 +170,11 @@ def lower_resolution(reg, pairs: int, rounds: int) -> list[str]:
         small = [F.interpolate(x, size=size, mode="bilinear", antialias=True) for x in (f, m)]
         return resize_flow(reg.one_shot(*small), tuple(f.shape[2:]))
 
-    for name in families.FAMILIES:
-        batch = families.family(name, pairs, split="test")[0]
-        f, m = batch["fixed"], batch["moving"]
-        rows = {s: (lambda s=s, f=f, m=m: at(f, m, s)) for s in scales}
-        with torch.no_grad():
-            for fn in rows.values():
-                fn()  # warm-up
-            times, epes = interleaved_times(
-                rows, rounds, pairs, lambda flow, t=batch["flow"]: metrics.epe(flow, t)
-            )
+    def rows_of(f, m):
+        return {s: (lambda s=s: at(f, m, s)) for s in scales}
+
+    for name, batch, times, flows in per_family(rows_of, pairs, rounds):
+        epes = {s: metrics.epe(flow, batch["flow"]) for s, flow in flows.items()}
         ms = {s: statistics.median(t) for s, t in times.items()}
         cells = [f"{epes[s].mean():.3f} ({epes[s].max():.2f}), {ms[s]:.0f} ms" for s in scales]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -195,6 +187,20 @@ def one_shot_ab(rows_of, pairs: int, rounds: int, what: str) -> list[str]:
     the ratio and the largest flow difference (over 1e-3 px the run stops: ``what`` changed
     the flows)."""
     lines = []
+    for name, _, times, flows in per_family(rows_of, pairs, rounds):
+        a, b = flows
+        diff = (flows[a] - flows[b]).abs().max().item()
+        if diff > 1e-3:
+            raise SystemExit(f"{name}: {what} changes the flows by {diff} px")
+        ta, tb = (statistics.median(times[k]) for k in (a, b))
+        lines.append(f"| {name} | {ta:.1f} | {tb:.1f} | {tb / ta:.2f} | {diff:.1e} |")
+    return lines
+
+
+def per_family(rows_of, pairs: int, rounds: int):
+    """For each held-out family: (name, its batch of ``pairs``, {row: ms a pair per round},
+    {row: its last flow}), the rows (``rows_of(fixed, moving)``: {row: call}) warmed up once
+    and then timed interleaved, without gradients."""
     for name in families.FAMILIES:
         batch = families.family(name, pairs, split="test")[0]
         rows = rows_of(batch["fixed"], batch["moving"])
@@ -202,13 +208,7 @@ def one_shot_ab(rows_of, pairs: int, rounds: int, what: str) -> list[str]:
             for fn in rows.values():
                 fn()  # warm-up
             times, flows = interleaved_times(rows, rounds, pairs, lambda flow: flow)
-        a, b = rows
-        diff = (flows[a] - flows[b]).abs().max().item()
-        if diff > 1e-3:
-            raise SystemExit(f"{name}: {what} changes the flows by {diff} px")
-        ta, tb = (statistics.median(times[k]) for k in (a, b))
-        lines.append(f"| {name} | {ta:.1f} | {tb:.1f} | {tb / ta:.2f} | {diff:.1e} |")
-    return lines
+        yield name, batch, times, flows
 
 
 if __name__ == "__main__":

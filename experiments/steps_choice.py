@@ -58,7 +58,7 @@ def main() -> None:
             if k < len(fixed):  # deterministic: scored once
                 epe[n].append(float((got - flow[i : i + 1]).norm(dim=1).mean()))
     ident = float(flow.norm(dim=1).mean())
-    lbfgs = "".join(f" --lbfgs {' '.join(map(str, args.lbfgs))}" for _ in args.lbfgs[:1])
+    lbfgs = f" --lbfgs {' '.join(map(str, args.lbfgs))}" if args.lbfgs else ""
     ref = max(args.steps)
     lines = [
         "# Refinement steps against time, 233 x 197 (issue #31)",
@@ -74,7 +74,7 @@ def main() -> None:
     for n in settings:
         e, t = statistics.mean(epe[n]), statistics.median(ms[n])
         e_ref, t_ref = statistics.mean(epe[ref]), statistics.median(ms[ref])
-        k = n if isinstance(n, int) else int(n.split()[1])
+        k = settings[n].steps  # a level's steps, fine to coarse: k, 2k, 3k
         label = f"{n} ({k} / {2 * k} / {3 * k})"
         lines.append(f"| {label} | {e:.3f} | {e / e_ref:.2f}x | {t:.0f} | {t / t_ref:.2f}x |")
     write_report(args.out / "README.md", lines, start)

@@ -24,7 +24,7 @@ from air_reg.bench.families import FAMILIES, MNI, family
 from air_reg.bench.tables import checkpoint_name
 from air_reg.checkpoint import shipped_weights
 from air_reg.classical import ants_syn, demons, has_ants, has_simpleitk
-from air_reg.models.components.air_match import PREALIGN_STEPS
+from air_reg.models.components.air_match import PREALIGN_STEPS, AiRMatch
 from air_reg.refine.optimise import keep_if_better
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ FAST = ("identity", "refine", "demons")  # the smoke test's
 # defaults, for any network: the ablations at the same inference);
 # <source> a shipped weights name or a checkpoint path.
 NET, NET_REFINE, NET_CASCADE = "net", "net+refine", "net+cascade"
-CASCADE = {"cascade": 6, "cascade_affine": True, "cascade_tol": 0.25,  # NET_CASCADE's
-           "prealign": PREALIGN_STEPS}  # fmt: skip
+CASCADE = {**dict(zip(("cascade", "cascade_affine", "cascade_tol"), AiRMatch.default_cascade,
+                      strict=True)), "prealign": PREALIGN_STEPS}  # NET_CASCADE's  # fmt: skip
 FIELDS = ("family", "pair", "source", "contrast", "method", "label", "epe", "epe_edges",
           "folding", "ms")  # fmt: skip
 
