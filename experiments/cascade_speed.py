@@ -6,9 +6,12 @@ batch in one call, one-shot as ``register`` runs it, and one pass at several siz
 sizes (the choice of ``CPU_CALL_PIXELS``); then the local window match on its kernel
 (``speed.local_match``, the default) against the torch ops; and the default one-shot on the
 pairs shrunk to 3/4 and 1/2 of their size, its flow brought back (time against accuracy:
-can a lower resolution buy issue #32's 1/100 of ANTs' time?).
+can a lower resolution buy issue #32's 1/100 of ANTs' time?); and one pass on larger images
+with the global match's scores in cache-sized chunks (``matching.INFER_SCORES``, the default)
+against chunks of ``max_tokens``^2 scores.
 
-    python experiments/cascade_speed.py      # ~6 min on 2 cores; results/cascade_speed/
+    python experiments/cascade_speed.py                 # ~7 min on 2 cores; results/cascade_speed/
+    python experiments/cascade_speed.py --tables large  # one table (names: --help)
 
 Each comparison is of the same computation: the flows must be equal (``torch.equal``; calls of
 other sizes: within 1e-3 px, the float order of the convolutions).
@@ -17,6 +20,7 @@ other sizes: within 1e-3 px, the float order of the convolutions).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +33,7 @@ from air_reg import metrics, zoo
 from air_reg.bench import families
 from air_reg.bench.machine import run_header, write_report
 from air_reg.bench.refinement import interleaved_times
+from air_reg.models.components import matching
 from air_reg.models.components.matching import LocalMatch
 from air_reg.models.components.spatial_transformer import resize_flow
 from air_reg.refine import registrar
@@ -53,34 +58,52 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pairs", type=int, default=18, help="pairs a family, one batch")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
+                   help="which tables to make (default: all)")  # fmt: skip
     args = p.parse_args(argv)
     start, head = time.time(), run_header()
     title = "The one-shot cascade: the fixed images encoded once; calls of a few pairs"
     lines = [f"# {title} ({head})", "",
-             f"`python experiments/cascade_speed.py --pairs {args.pairs} --rounds {args.rounds}`: "
-             "the shipped default model one-shot on the held-out families (160 x 208), one "
-             "call a family, the two rows interleaved, median over rounds; flows torch.equal.",
-             ""]  # fmt: skip
+             f"`python experiments/cascade_speed.py --pairs {args.pairs} --rounds {args.rounds} "
+             f"--tables {' '.join(args.tables)}`: the shipped default model, the rows of a "
+             "table interleaved, median over rounds."]  # fmt: skip
     reg = air_reg.load_model(zoo.WEIGHTS_DIR / f"{zoo.default_weights()}.ckpt")
+    if "encode" in args.tables:
+        lines += encoded_once(reg, args.pairs, args.rounds)
+    if "calls" in args.tables:
+        lines += calls_of_a_few_pairs(reg, args.pairs, args.rounds)
+    if "call_sizes" in args.tables:
+        lines += call_sizes(reg.net, args.rounds)
+    if "local" in args.tables:
+        lines += local_match_kernel(args.pairs, args.rounds)
+    if "resolution" in args.tables:
+        lines += lower_resolution(reg, args.pairs, args.rounds)
+    if "large" in args.tables:
+        lines += large_images(reg.net, args.rounds)
+    name = "README.md" if args.tables == list(TABLES) else f"{'_'.join(args.tables)}.md"
+    write_report(REPO / "experiments" / "results" / "cascade_speed" / name, lines, start)
+
+
+def encoded_once(reg, pairs: int, rounds: int) -> list[str]:
+    """The cascade with the fixed images encoded once (``encode_fixed``) against every pass."""
     passes, affine, tol = reg.cascade, reg.cascade_affine, reg.cascade_tol
     nets = {"fixed encoded once": reg.net, "fixed encoded every pass": EveryPass(reg.net)}
-    lines += ["| family | pairs | fixed encoded once, ms/pair | every pass, ms/pair | ratio |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines = ["", "The one-shot cascade (no affine stage) on the held-out families (160 x 208), "
+             "one call a family, the fixed images encoded once or every pass; flows "
+             "torch.equal:", "",
+             "| family | pairs | fixed encoded once, ms/pair | every pass, ms/pair | ratio |",
+             "|---|---|---|---|---|"]  # fmt: skip
 
     def rows_of(f, m):
         return {k: (lambda n=n: apply_repeatedly(n, f, m, passes, affine, tol))
                 for k, n in nets.items()}  # fmt: skip
 
-    for name, _, times, flows in per_family(rows_of, args.pairs, args.rounds):
+    for name, _, times, flows in per_family(rows_of, pairs, rounds):
         if not torch.equal(*flows.values()):
             raise SystemExit(f"{name}: the two rows' flows differ")
         once, every = (statistics.median(times[k]) for k in nets)
-        lines.append(f"| {name} | {args.pairs} | {once:.1f} | {every:.1f} | {every / once:.2f} |")
-    lines += calls_of_a_few_pairs(reg, args.pairs, args.rounds)
-    lines += call_sizes(reg.net, args.rounds)
-    lines += local_match_kernel(args.pairs, args.rounds)
-    lines += lower_resolution(reg, args.pairs, args.rounds)
-    write_report(REPO / "experiments" / "results" / "cascade_speed" / "README.md", lines, start)
+        lines.append(f"| {name} | {pairs} | {once:.1f} | {every:.1f} | {every / once:.2f} |")
+    return lines
 
 
 def calls_of_a_few_pairs(reg, pairs: int, rounds: int) -> list[str]:
@@ -181,6 +204,45 @@ def lower_resolution(reg, pairs: int, rounds: int) -> list[str]:
     return lines
 
 
+LARGE = ((256, 256), (384, 384), (512, 512), (768, 768))  # 1,024 to 9,216 tokens at 1/8
+
+
+def large_images(net, rounds: int) -> list[str]:
+    """One pass of ``net`` on a random pair a size, the global match (and the propagation)
+    in chunks of at most ``INFER_SCORES`` scores (the default) or of ``max_tokens``^2."""
+    default = matching.INFER_SCORES
+    lines = ["", "One pass of the network on one random pair, the global match and the "
+             f"propagation in chunks of at most {default:,} scores (`matching.INFER_SCORES`, "
+             f"the default) or of `max_tokens`^2 = {net.max_tokens**2:,} (before):", "",
+             "| size | tokens at 1/8 | chunks of INFER_SCORES, ms | of max_tokens^2, ms | ratio "
+             "| max flow difference, px |", "|---|---|---|---|---|---|"]  # fmt: skip
+
+    def run(f, m, limit):
+        matching.INFER_SCORES = limit
+        try:
+            return net(f, m)
+        finally:
+            matching.INFER_SCORES = default
+
+    g = torch.Generator().manual_seed(0)
+    for size in LARGE:
+        f, m = torch.rand(2, 1, 1, *size, generator=g)
+        rows = {k: (lambda limit=limit, f=f, m=m: run(f, m, limit))
+                for k, limit in {"chunks": default, "before": 2**62}.items()}  # fmt: skip
+        with torch.no_grad():
+            for fn in rows.values():
+                fn()  # warm-up
+            times, flows = interleaved_times(rows, rounds, 1, lambda flow: flow)
+        diff = (flows["chunks"] - flows["before"]).abs().max().item()
+        if diff > 1e-3:
+            raise SystemExit(f"{size}: the chunks change the flows by {diff} px")
+        a, b = (statistics.median(times[k]) for k in rows)
+        tokens = math.prod(-(-n // net.multiple) for n in size)
+        lines.append(f"| {size[0]} x {size[1]} | {tokens:,} | {a:.0f} | {b:.0f} | {b / a:.2f} | "
+                     f"{diff:.1e} |")  # fmt: skip
+    return lines
+
+
 def one_shot_ab(rows_of, pairs: int, rounds: int, what: str) -> list[str]:
     """Table rows, a family each: two ways of the same one-shot on the family's batch
     (``rows_of(fixed, moving)``: {name: call}, the default first), interleaved: ms a pair,
@@ -210,6 +272,8 @@ def per_family(rows_of, pairs: int, rounds: int):
             times, flows = interleaved_times(rows, rounds, pairs, lambda flow: flow)
         yield name, batch, times, flows
 
+
+TABLES = ("encode", "calls", "call_sizes", "local", "resolution", "large")
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ import air_reg
 from air_reg import speed
 from air_reg.errors import ConfigError
 from air_reg.models import contract
+from air_reg.models.components import matching
 from air_reg.models.components.air_match import AiRMatch
 from air_reg.models.components.matching import (
     LocalMatch,
@@ -104,6 +105,30 @@ def test_chunked_and_whole_matching_agree(grad):
     torch.testing.assert_close(
         soft_attend(q, k, v, scale=0.3, max_tokens=4), soft_attend(q, k, v, scale=0.3)
     )
+
+
+def test_inference_attends_in_cache_sized_chunks(monkeypatch):
+    # without gradients on CPU at most INFER_SCORES scores a chunk (below max_tokens^2), the
+    # same numbers; with gradients the max_tokens rule alone (the training path unchanged)
+    q, k, v = torch.randn(2, 50, 4), torch.randn(2, 30, 4), torch.randn(2, 30, 3)
+    with torch.no_grad():
+        whole = soft_attend(q, k, v, scale=0.3)
+    chunks = []
+    real = matching._attend
+
+    def counted(c, *args):
+        chunks.append(c.shape[1])
+        return real(c, *args)
+
+    monkeypatch.setattr(matching, "_attend", counted)
+    monkeypatch.setattr(matching, "INFER_SCORES", 300)  # 10 query rows of 30 keys a chunk
+    with torch.no_grad():
+        chunked = soft_attend(q, k, v, scale=0.3, max_tokens=4096)
+    assert chunks == [10] * 5
+    torch.testing.assert_close(chunked, whole, atol=0, rtol=0)  # row by row: the same floats
+    chunks.clear()
+    soft_attend(q, k, v, scale=0.3, max_tokens=4096)  # gradients on: one chunk, as before
+    assert chunks == [50]
 
 
 @pytest.mark.parametrize("size", [(9, 13), (5, 6, 7)])

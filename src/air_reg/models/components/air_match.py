@@ -17,11 +17,14 @@ bilinearly to the image and optionally integrated (a stationary velocity). An (H
 Memory: the global match and the Transformer are (H/8 * W/8)^2 per image at 1/8. Above
 ``max_tokens`` tokens the global match (and the propagation) goes in chunks of query rows,
 recomputed in the backward pass, so its scores never exceed a ``max_tokens``^2 matrix;
-the Transformer uses ``scaled_dot_product_attention`` (no N x N matrix on CPU). Measured
-(CPU, one thread, batch 1, defaults, peak RSS growth): inference 50 MB / 0.2 s at 256x256,
-0.22 GB / 1.3 s at 512x512, 0.64 GB / 15 s at 1024x1024 (2.4 GB without chunking);
-training 0.22 GB at 256x256, 0.8 GB at 512x512. Time grows as the square of the pixel
-count above ~512x512: about 1024x1024 is the practical top.
+the Transformer uses ``scaled_dot_product_attention`` (no N x N matrix on CPU). Without
+gradients on CPU the chunks hold at most ``matching.INFER_SCORES`` (2^21, 8 MB), so they stay
+in the caches: one pass 1.2-1.3x faster from 384x384 up (``experiments/cascade_speed.py
+--tables large``: 2 threads, 164 / 431 / 2,315 ms at 384 / 512 / 768 px a side). Measured
+before those chunks (CPU, one thread, batch 1, defaults, peak RSS growth; the chunks only
+lower it): inference 50 MB / 0.2 s at 256x256, 0.22 GB / 1.3 s at 512x512, 0.64 GB / 15 s at
+1024x1024 (2.4 GB without chunking); training 0.22 GB at 256x256, 0.8 GB at 512x512. Time
+grows as the square of the pixel count above ~512x512: about 1024x1024 is the practical top.
 
 Volumes: a 96^3 volume has 12^3 = 1728 tokens at 1/8, so the global match is a 1728 x 1728
 score matrix (12 MB in float32) per pair, like a 336x336 image; up to 128^3 (4096 tokens,
