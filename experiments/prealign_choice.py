@@ -31,7 +31,7 @@ from air_reg import metrics as M
 from air_reg import zoo
 from air_reg.bench import families
 from air_reg.bench.machine import run_header, write_report
-from air_reg.refine import optimise
+from air_reg.refine import optimise, registrar
 from air_reg.refine.optimise import keep_if_better
 
 OUT = Path(__file__).resolve().parent / "results" / "prealign_choice"
@@ -46,16 +46,27 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--split", default="tune", help="tune (the choice) or test (a check)")
     ap.add_argument("--sizes", nargs="+", default=[f"{h}x{w}" for h, w in SIZES])
+    ap.add_argument("--agree-px", type=float, nargs="+", default=[registrar.PREALIGN_AGREE_PX],
+                    help="the network's check (registrar.PREALIGN_AGREE_PX)")  # fmt: skip
+    ap.add_argument("--families", nargs="+", default=list(families.FAMILIES),
+                    choices=families.FAMILIES)  # fmt: skip
+    ap.add_argument("--shift-px", type=float, default=None,
+                    help="the large family's shifts, +- px (default: its 8)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     start, header = time.time(), run_header()
     optimise.PREALIGN_MIN_SIDE = 0  # every size: what the rule is chosen from
     weights = zoo.WEIGHTS_DIR / f"{zoo.default_weights()}.ckpt"
-    models = {n: air_reg.load_model(weights, prealign=n) for n in args.steps}
+    models = {}  # label: (model, agree_px); prealign 0 first, the baseline
+    for n in sorted(args.steps):
+        for px in args.agree_px if n else args.agree_px[:1]:
+            label = f"{n} (> {px:g} px)" if n and len(args.agree_px) > 1 else str(n)
+            models[label] = (air_reg.load_model(weights, prealign=n), px)
     rows = []
     for size in [tuple(int(n) for n in text.split("x")) for text in args.sizes]:
-        for name in families.FAMILIES:
-            batches = [families.family(name, args.pairs, size, seed, split=args.split)[0]
+        for name in args.families:
+            batches = [families.family(name, args.pairs, size, seed, split=args.split,
+                                       shift_px=args.shift_px)[0]
                        for seed in args.seeds]  # fmt: skip
             batch = {k: torch.cat([b[k] for b in batches]) for k in ("fixed", "moving", "flow")}
             rows += _rows(models, batch, name, size)
@@ -67,8 +78,8 @@ def main() -> None:
         f"pairs a family, size and seed (seeds {args.seeds}), one pair a call, the guard as "
         "`register` runs it; `prealign` 0 is the network's cascade alone; the size rule lifted.",
         "",
-        "| size | family | prealign (Adam steps) | EPE px | worst pair | pairs > 0.5 px worse "
-        "| folding % | ms a pair |",
+        "| size | family | prealign (Adam steps, network's check) | EPE px | worst pair "
+        "| pairs > 0.5 px worse | folding % | ms a pair |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
     ]
@@ -80,17 +91,19 @@ def _rows(models: dict, batch: dict, name: str, size) -> list[str]:
     ms = {n: [] for n in models}
     epe, fold = {n: [] for n in models}, {n: [] for n in models}
     with torch.no_grad():
-        for model in models.values():  # warm-up
+        for model, px in models.values():  # warm-up
+            registrar.PREALIGN_AGREE_PX = px
             model(fixed[:1], moving[:1])
         for i in range(len(fixed)):
             f, m = fixed[i : i + 1], moving[i : i + 1]
             for n in list(models)[i % len(models) :] + list(models)[: i % len(models)]:
+                model, registrar.PREALIGN_AGREE_PX = models[n]
                 tic = time.perf_counter()
-                flow = keep_if_better(models[n](f, m), f, m, models[n].guard_similarity)[0]
+                flow = keep_if_better(model(f, m), f, m, model.guard_similarity)[0]
                 ms[n].append(1000 * (time.perf_counter() - tic))
                 epe[n].append(M.epe(flow, true[i : i + 1]).item())
                 fold[n].append(M.folding(flow).item())
-    base = epe[min(models)]  # prealign 0 (or the fewest steps asked for)
+    base = epe[next(iter(models))]  # prealign 0 (or the fewest steps asked for)
     worse = {n: sum(e > b + 0.5 for e, b in zip(epe[n], base, strict=True)) for n in models}
     return [f"| {size[0]} x {size[1]} | {name} | {n} | {statistics.mean(epe[n]):.3f} | "
             f"{max(epe[n]):.2f} | {worse[n]} | {statistics.mean(fold[n]):.3f} | "

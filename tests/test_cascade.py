@@ -138,7 +138,7 @@ def _rotated_pair(size: tuple[int, int], degrees: float, shift: tuple[float, flo
 def test_prealign_aligns_a_large_rigid_motion_before_the_network():
     """One-shot with ``prealign``: the network sees the moving image after a mutual-information
     affine stage, and the flow is composed with it (``after_affine``); kept only where the
-    network's own first pass sees a large motion too."""
+    network's own first pass sees more than ``PREALIGN_AGREE_PX`` of affine motion too."""
     fixed, moving, flow = _rotated_pair((160, 192), 10.0, (9.0, -7.0))
     zeros = torch.zeros(1, 2, 160, 192)
     net = Sequence(0.6 * flow, zeros)  # first pass: a large motion, then nothing left
@@ -157,6 +157,15 @@ def test_prealign_aligns_a_large_rigid_motion_before_the_network():
     assert not Registrar(cascaded, cascade=2, prealign=15)(fixed, moving).any()
     assert len(cascaded.seen) == 2
     torch.testing.assert_close(cascaded.seen[1], moving)  # the second pass, unaligned pair
+    # the network's first pass sees part of the motion: the affine is kept above
+    # PREALIGN_AGREE_PX (4.5 px; 8 px before 2026-12-07) of affine motion seen, not below
+    reach = optimise.affine_reach(fit_affine(flow), (160, 192)).item()
+    for seen, kept in ((6.0, True), (4.0, False)):
+        part = Sequence(seen / reach * flow, zeros)
+        with torch.no_grad():
+            out = Registrar(part, prealign=15)(fixed, moving)
+        torch.testing.assert_close(out, got if kept else seen / reach * flow)
+    assert registrar.PREALIGN_AGREE_PX == 4.5
     without = Registrar(Sequence(zeros))(fixed, moving)
     assert not without.any()  # prealign 0 (a Registrar's default): the network alone
     # one_shot (register's path for pairs of any size) does the same through network_flow

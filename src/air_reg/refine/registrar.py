@@ -32,6 +32,15 @@ from air_reg.refine.settings import LEGACY_DEFAULTS, RefineSettings
 CPU_CALL_PIXELS = 2**17
 
 
+# One-shot, the prealign stage's affine is kept for a pair only where the network's own first
+# pass on the unaligned pair sees more than this much affine motion (px): mutual information
+# can prefer a wrong affine on a contrast change, where the network sees little motion. Was
+# 8 px (the refinement's affine_min_px) until 2026-12-07; every tune pair the stage moved
+# gained from its affine, down to 5.0 px seen, and the held-out contrast pairs it misread were
+# seen at 1.0 and 4.1 px (docs/protocol.md, "Pre-alignment"; experiments/prealign_choice.py).
+PREALIGN_AGREE_PX = 4.5
+
+
 def pairs_per_call(images: torch.Tensor) -> int:
     """How many pairs of ``images`` (B, 1, *spatial) a network call takes: all of them on a
     GPU, on CPU as many as fit in ``CPU_CALL_PIXELS`` (at least one)."""
@@ -174,7 +183,7 @@ class Registrar(nn.Module):
         """``run(fixed, moving)`` after the ``prealign`` stage, its flow composed with it. The
         stage's affine is kept for a pair only where the network sees a large motion too: the
         affine fit of its own first pass on the unaligned pair moves a pixel by more than
-        ``affine_min_px`` (mutual information alone can prefer a wrong affine on a contrast
+        ``PREALIGN_AGREE_PX`` (mutual information alone can prefer a wrong affine on a contrast
         change, where the network sees little motion: docs/protocol.md, "Pre-alignment").
         The other pairs go on from that first pass."""
         theta = prealign_affine(fixed, moving, self.prealign) if self.prealign else None
@@ -183,7 +192,7 @@ class Registrar(nn.Module):
         size = tuple(fixed.shape[2:])
         first = run(fixed, moving, passes=1)  # the network's view of the unaligned pairs
         keep = (affine_reach(theta, size) > 0) & (
-            affine_reach(fit_affine(first), size) > RefineSettings().affine_min_px
+            affine_reach(fit_affine(first), size) > PREALIGN_AGREE_PX
         )
         flow = torch.empty_like(first)
         if not keep.all():
