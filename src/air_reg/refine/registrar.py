@@ -26,9 +26,9 @@ from air_reg.refine.settings import LEGACY_DEFAULTS, RefineSettings
 
 # On CPU a network call holds at most this many pixels (voxels): 3 pairs of 160 x 208. The
 # encoder's features of a large batch leave the caches: one AiR-Match pass on 16 such pairs took
-# 27.5 / 22.2 / 23.7 / 22.6 / 28.3 / 35.4 ms a pair in calls of 1 / 2 / 3 / 4 / 8 / 16 pairs, at
-# 28 x 28 and 256 x 256 the best calls held 2^17 pixels too (experiments/cascade_speed.py,
-# docs/speed.md, "Inference").
+# 25.2 / 24.1 / 22.7 / 24.5 / 27.9 / 36.7 ms a pair in calls of 1 / 2 / 3 / 4 / 8 / 16 pairs, at
+# 28 x 28 and 256 x 256 the best calls held 2^17 pixels too (experiments/cascade_speed.py, its
+# call_sizes table; docs/speed.md, "Inference").
 CPU_CALL_PIXELS = 2**17
 
 

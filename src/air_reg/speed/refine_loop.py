@@ -44,7 +44,8 @@ from air_reg.speed import warp as warp_ops
 # load is not asked for a pair (volumes ask it, _oversubscribed): a benchmark's own threads
 # raise the load average above the core count, and one thread then cost more than the team
 # (matrix run of 22:35, dropped). Since the team scatters without per-thread buffers
-# (2026-12-07) the finest 233 x 197 level gains 1.86x from a team of two (docs/speed.md).
+# (2026-12-07) the levels of a 233 x 197 pair gain another 1.08-1.11x (docs/speed.md, "One pair
+# on both cores"; experiments/results/loop_ab/).
 _MIN_ROWS = 8
 _MIN_PIXELS = 1024
 _MIN_SLICES = 8  # field slices per thread below which one volume is not split
