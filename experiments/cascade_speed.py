@@ -20,6 +20,7 @@ other sizes: within 1e-3 px, the float order of the convolutions).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import time
@@ -41,6 +42,17 @@ from air_reg.refine.flows import apply_repeatedly
 from air_reg.refine.optimise import PREALIGN_MIN_SIDE
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    """``module.name`` set to ``value`` inside the block, restored after it."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
 
 
 class EveryPass(torch.nn.Module):
@@ -118,11 +130,8 @@ def calls_of_a_few_pairs(reg, pairs: int, rounds: int) -> list[str]:
              "max flow difference, px |", "|---|---|---|---|---|"]  # fmt: skip
 
     def one_shot(f, m, limit):
-        registrar.CPU_CALL_PIXELS = limit
-        try:
+        with patched(registrar, "CPU_CALL_PIXELS", limit):
             return reg.one_shot(f, m)
-        finally:
-            registrar.CPU_CALL_PIXELS = default
 
     return lines + one_shot_ab(
         lambda f, m: {k: (lambda limit=limit: one_shot(f, m, limit))
@@ -218,11 +227,8 @@ def large_images(net, rounds: int) -> list[str]:
              "| max flow difference, px |", "|---|---|---|---|---|---|"]  # fmt: skip
 
     def run(f, m, limit):
-        matching.INFER_SCORES = limit
-        try:
+        with patched(matching, "INFER_SCORES", limit):
             return net(f, m)
-        finally:
-            matching.INFER_SCORES = default
 
     g = torch.Generator().manual_seed(0)
     for size in LARGE:
