@@ -237,3 +237,62 @@ def test_a_batch_reaches_the_network_a_few_pairs_a_call(monkeypatch):
     assert registrar.pairs_per_call(torch.zeros(9, 1, 160, 208)) == 3
     assert registrar.pairs_per_call(torch.zeros(500, 1, 28, 28)) == 167
     assert registrar.pairs_per_call(torch.zeros(2, 1, 512, 512)) == 1
+
+
+def test_coarse_size_from_the_long_side():
+    assert registrar.COARSE_SIDE == 256
+    assert registrar.coarse_size((512, 512)) == (256, 256)
+    assert registrar.coarse_size((320, 416)) == (197, 256)
+    assert registrar.coarse_size((160, 208)) is None  # shrunk by less than a quarter
+    assert registrar.coarse_size((1024, 200)) == (655, 128)  # the affine stage still runs
+    assert registrar.coarse_size((300, 300, 300)) is None  # volumes: not measured
+
+
+def test_one_shot_on_large_images_runs_coarse_first(monkeypatch):
+    """An any-size network on a pair larger than ``COARSE_SIDE``: first the pair shrunk to
+    ``coarse_size`` (affine stage and cascade there), its flow brought to full size, then the
+    network at full size on the moving image warped by it, the two composed."""
+    g = torch.Generator().manual_seed(3)
+    fixed, moving = torch.nn.functional.avg_pool2d(
+        torch.rand(2, 1, 320, 416, generator=g), 9, 1, 4
+    )
+    small = torch.zeros(1, 2, 197, 256)
+    small[:, 0], small[:, 1] = 1.5, -2.0  # a shift in coarse pixels
+    step = torch.zeros(1, 2, 320, 416)
+    step[:, 1] = 0.25  # what the full-size pass adds
+    net = Sequence(small, step)
+    net.image_size, net.accepts_any_size = (128, 128), True
+    with torch.no_grad():
+        flow = Registrar(net)(fixed[None], moving[None])
+    assert [tuple(x.shape[2:]) for x in net.seen] == [(197, 256), (320, 416)]
+    coarse = torch.stack(
+        [torch.full((320, 416), 1.5 * 320 / 197), torch.full((320, 416), -2.0 * 416 / 256)]
+    )
+    torch.testing.assert_close(net.seen[1], warp(moving[None], coarse[None]))
+    torch.testing.assert_close(
+        flow[0], coarse + torch.stack([torch.zeros(320, 416), torch.full((320, 416), 0.25)])
+    )
+    monkeypatch.setattr(registrar, "COARSE_SIDE", None)  # off: the pair at its own size only
+    net = Sequence(step)
+    net.image_size, net.accepts_any_size = (128, 128), True
+    with torch.no_grad():
+        torch.testing.assert_close(Registrar(net)(fixed[None], moving[None]), step)
+    assert [tuple(x.shape[2:]) for x in net.seen] == [(320, 416)]
+
+
+@pytest.mark.slow
+def test_the_shipped_model_registers_a_large_rotation_on_a_large_image(monkeypatch):
+    # 5 degrees about the centre and (6, -4) px at 320 x 416 (up to 30 px): coarse first, the
+    # one-shot lands within 0.5 px (0.1), closer than at its own size only (3.8)
+    fixed, moving, flow = _rotated_pair((320, 416), 5.0, (6.0, -4.0))
+    model = air_reg.load_model(shipped_weights(default_weights()))
+    inner = (slice(None), slice(None), slice(40, -40), slice(40, -40))
+
+    def error() -> float:
+        with torch.no_grad():
+            return (model(fixed, moving) - flow)[inner].norm(dim=1).mean().item()
+
+    coarse_first = error()
+    monkeypatch.setattr(registrar, "COARSE_SIDE", None)
+    assert coarse_first < 0.5
+    assert error() > 2 * coarse_first

@@ -18,9 +18,11 @@ from torch import nn
 from air_reg import deprecation
 from air_reg.data.preprocess import Preprocessing
 from air_reg.errors import ConfigError
+from air_reg.images import resize
 from air_reg.models import contract
-from air_reg.models.components.spatial_transformer import warp
-from air_reg.refine.flows import affine_flow, after_affine, apply_repeatedly, fit_affine
+from air_reg.models.components.spatial_transformer import resize_flow, warp
+from air_reg.refine import optimise
+from air_reg.refine.flows import affine_flow, after_affine, apply_repeatedly, compose, fit_affine
 from air_reg.refine.optimise import affine_reach, prealign_affine, refine
 from air_reg.refine.settings import LEGACY_DEFAULTS, RefineSettings
 
@@ -39,6 +41,24 @@ CPU_CALL_PIXELS = 2**17
 # gained from its affine, down to 5.0 px seen, and the held-out contrast pairs it misread were
 # seen at 1.0 and 4.1 px (docs/protocol.md, "Pre-alignment"; experiments/prealign_choice.py).
 PREALIGN_AGREE_PX = 4.5
+
+
+# One-shot, an any-size network on 2-D images whose long side exceeds this (px) first registers
+# the pair shrunk to it (its affine stage and cascade there), then at full size from that flow.
+# The networks were trained at 128 x 128 on motions of up to about 10 % of the side: on larger
+# images the same motion is more pixels and tokens than they learned to match in one pass
+# (docs/protocol.md, "Coarse first"; experiments/coarse_choice.py). None: no coarse stage.
+COARSE_SIDE: int | None = 256
+
+
+def coarse_size(size: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The size a pair of ``size`` is first registered at (``COARSE_SIDE``), its short side kept
+    at ``PREALIGN_MIN_SIDE`` or more so that the affine stage still runs there; None when that
+    shrinks it by less than a quarter (or for volumes, not measured)."""
+    if COARSE_SIDE is None or len(size) != 2:
+        return None
+    scale = max(COARSE_SIDE / max(size), optimise.PREALIGN_MIN_SIDE / min(size))
+    return tuple(round(n * scale) for n in size) if scale <= 0.75 else None
 
 
 def pairs_per_call(images: torch.Tensor) -> int:
@@ -162,7 +182,7 @@ class Registrar(nn.Module):
                     "spacing and init_flow act on the refinement: load the model with "
                     "refine_steps (e.g. refine_steps=50)"
                 )
-            return self._prealigned(fixed, moving, self._cascade)
+            return self._coarse_first(fixed, moving, self._cascade)
         start = (
             init_flow
             if init_flow is not None
@@ -175,9 +195,22 @@ class Registrar(nn.Module):
     def one_shot(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """What the network registers alone, for pairs of any size: ``network_flow`` after
         the ``prealign`` affine stage (at the images' size, where it moves a pair), composed
-        with it. ``register`` runs this when it does not refine (through ``forward`` for an
-        any-size network)."""
-        return self._prealigned(fixed, moving, self.network_flow)
+        with it; on images larger than ``COARSE_SIDE`` all that first on the pair shrunk to it
+        (``_coarse_first``). ``register`` runs this when it does not refine (through ``forward``
+        for an any-size network)."""
+        return self._coarse_first(fixed, moving, self.network_flow)
+
+    def _coarse_first(self, fixed: torch.Tensor, moving: torch.Tensor, run) -> torch.Tensor:
+        """``_prealigned`` (the affine stage, then ``run``), for an any-size network on images
+        larger than ``COARSE_SIDE`` first at ``coarse_size``: its flow brought back to full
+        size, the moving image warped by it and ``run`` again there, the two composed."""
+        size = tuple(fixed.shape[2:])
+        small = coarse_size(size) if self.net_takes_any_size else None
+        if small is None:
+            return self._prealigned(fixed, moving, run)
+        coarse = self._prealigned(resize(fixed, small), resize(moving, small), run)
+        coarse = resize_flow(coarse, size)
+        return compose(coarse, run(fixed, warp(moving, coarse)))
 
     def _prealigned(self, fixed: torch.Tensor, moving: torch.Tensor, run) -> torch.Tensor:
         """``run(fixed, moving)`` after the ``prealign`` stage, its flow composed with it. The
