@@ -257,7 +257,7 @@ def test_one_shot_on_large_images_runs_coarse_first(monkeypatch):
         torch.rand(2, 1, 320, 416, generator=g), 9, 1, 4
     )
     small = torch.zeros(1, 2, 197, 256)
-    small[:, 0], small[:, 1] = 1.5, -2.0  # a shift in coarse pixels
+    small[:, 0], small[:, 1] = 4.0, -5.0  # a shift in coarse pixels: > COARSE_MIN_PX at full size
     step = torch.zeros(1, 2, 320, 416)
     step[:, 1] = 0.25  # what the full-size pass adds
     net = Sequence(small, step)
@@ -266,12 +266,20 @@ def test_one_shot_on_large_images_runs_coarse_first(monkeypatch):
         flow = Registrar(net)(fixed[None], moving[None])
     assert [tuple(x.shape[2:]) for x in net.seen] == [(197, 256), (320, 416)]
     coarse = torch.stack(
-        [torch.full((320, 416), 1.5 * 320 / 197), torch.full((320, 416), -2.0 * 416 / 256)]
+        [torch.full((320, 416), 4.0 * 320 / 197), torch.full((320, 416), -5.0 * 416 / 256)]
     )
     torch.testing.assert_close(net.seen[1], warp(moving[None], coarse[None]))
     torch.testing.assert_close(
         flow[0], coarse + torch.stack([torch.zeros(320, 416), torch.full((320, 416), 0.25)])
     )
+    # a coarse flow that moves no pixel by more than COARSE_MIN_PX (4.5 px): the pair at its
+    # own size alone, as without the stage
+    net = Sequence(small / 4, step)
+    net.image_size, net.accepts_any_size = (128, 128), True
+    with torch.no_grad():
+        torch.testing.assert_close(Registrar(net)(fixed[None], moving[None]), step)
+    assert [tuple(x.shape[2:]) for x in net.seen] == [(197, 256), (320, 416)]
+    torch.testing.assert_close(net.seen[1], moving[None])
     monkeypatch.setattr(registrar, "COARSE_SIDE", None)  # off: the pair at its own size only
     net = Sequence(step)
     net.image_size, net.accepts_any_size = (128, 128), True
