@@ -28,14 +28,15 @@ from pathlib import Path
 import torch
 
 import air_reg
-from air_reg import metrics as M
 from air_reg import zoo
 from air_reg.bench import families
+from air_reg.bench.family_bench import timed_scores
 from air_reg.bench.machine import run_header, write_report
 from air_reg.refine import registrar
 from air_reg.refine.optimise import keep_if_better
 
 OUT = Path(__file__).resolve().parent / "results" / "coarse_choice"
+FIELDS = ("fixed", "moving", "flow", "edges")  # of a family's batch, what the rows use
 
 
 def main() -> None:
@@ -57,7 +58,7 @@ def main() -> None:
         for name in args.families:
             batches = [families.family(name, args.pairs, size, seed, split=args.split)[0]
                        for seed in args.seeds]  # fmt: skip
-            batch = {k: torch.cat([b[k] for b in batches]) for k in ("fixed", "moving", "flow")}
+            batch = {k: torch.cat([b[k] for b in batches]) for k in FIELDS}
             rows += _rows(model, args.sides, batch, name, size)
     lines = [
         "# Coarse first: the shipped AiR-Match one-shot on larger images (issue #32)",
@@ -76,21 +77,8 @@ def main() -> None:
 
 
 def _rows(model, sides: list[int], batch: dict, name: str, size) -> list[str]:
-    fixed, moving, true = batch["fixed"], batch["moving"], batch["flow"]
-    ms, epe, fold = ({s: [] for s in sides} for _ in range(3))
-    with torch.no_grad():
-        for s in sides:  # warm-up
-            registrar.COARSE_SIDE = s or None
-            model(fixed[:1], moving[:1])
-        for i in range(len(fixed)):
-            f, m = fixed[i : i + 1], moving[i : i + 1]
-            for s in sides[i % len(sides) :] + sides[: i % len(sides)]:
-                registrar.COARSE_SIDE = s or None
-                tic = time.perf_counter()
-                flow = keep_if_better(model(f, m), f, m, model.guard_similarity)[0]
-                ms[s].append(1000 * (time.perf_counter() - tic))
-                epe[s].append(M.epe(flow, true[i : i + 1]).item())
-                fold[s].append(M.folding(flow).item())
+    scores = timed_scores({s: _guarded(model, s) for s in sides}, batch)
+    epe, fold, ms = ({s: scores[s][k] for s in sides} for k in ("epe", "folding", "ms"))
     base = epe[sides[0]]  # the first value asked for (0: none)
     out = []
     for s in sides:
@@ -103,6 +91,17 @@ def _rows(model, sides: list[int], batch: dict, name: str, size) -> list[str]:
                    f"{statistics.mean(epe[s]):.3f} | {max(epe[s]):.2f} | {worse} | "
                    f"{mean_fold:.3f} | {median_ms:.0f} |")  # fmt: skip
     return out
+
+
+def _guarded(model, side: int):
+    """``model``'s one-shot with ``COARSE_SIDE`` = ``side`` (0: none) and the guard, as
+    ``register`` runs it."""
+
+    def run(f, m):
+        registrar.COARSE_SIDE = side or None
+        return keep_if_better(model(f, m), f, m, model.guard_similarity)[0]
+
+    return run
 
 
 if __name__ == "__main__":

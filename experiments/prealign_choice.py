@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 
 import air_reg
-from air_reg import metrics as M
 from air_reg import zoo
 from air_reg.bench import families
+from air_reg.bench.family_bench import timed_scores
 from air_reg.bench.machine import run_header, write_report
 from air_reg.refine import optimise, registrar
 from air_reg.refine.optimise import keep_if_better
 
 OUT = Path(__file__).resolve().parent / "results" / "prealign_choice"
+FIELDS = ("fixed", "moving", "flow", "edges")  # of a family's batch, what the rows use
 STEPS = (0, 15, 30)
 SIZES = ((64, 80), (96, 128), (160, 208))
 
@@ -68,7 +69,7 @@ def main() -> None:
             batches = [families.family(name, args.pairs, size, seed, split=args.split,
                                        shift_px=args.shift_px)[0]
                        for seed in args.seeds]  # fmt: skip
-            batch = {k: torch.cat([b[k] for b in batches]) for k in ("fixed", "moving", "flow")}
+            batch = {k: torch.cat([b[k] for b in batches]) for k in FIELDS}
             rows += _rows(models, batch, name, size)
     lines = [
         "# Pre-alignment before the shipped AiR-Match, one-shot (issue #32)",
@@ -87,27 +88,24 @@ def main() -> None:
 
 
 def _rows(models: dict, batch: dict, name: str, size) -> list[str]:
-    fixed, moving, true = batch["fixed"], batch["moving"], batch["flow"]
-    ms = {n: [] for n in models}
-    epe, fold = {n: [] for n in models}, {n: [] for n in models}
-    with torch.no_grad():
-        for model, px in models.values():  # warm-up
-            registrar.PREALIGN_AGREE_PX = px
-            model(fixed[:1], moving[:1])
-        for i in range(len(fixed)):
-            f, m = fixed[i : i + 1], moving[i : i + 1]
-            for n in list(models)[i % len(models) :] + list(models)[: i % len(models)]:
-                model, registrar.PREALIGN_AGREE_PX = models[n]
-                tic = time.perf_counter()
-                flow = keep_if_better(model(f, m), f, m, model.guard_similarity)[0]
-                ms[n].append(1000 * (time.perf_counter() - tic))
-                epe[n].append(M.epe(flow, true[i : i + 1]).item())
-                fold[n].append(M.folding(flow).item())
+    scores = timed_scores({n: _guarded(model, px) for n, (model, px) in models.items()}, batch)
+    epe, fold, ms = ({n: scores[n][k] for n in models} for k in ("epe", "folding", "ms"))
     base = epe[next(iter(models))]  # prealign 0 (or the fewest steps asked for)
     worse = {n: sum(e > b + 0.5 for e, b in zip(epe[n], base, strict=True)) for n in models}
     return [f"| {size[0]} x {size[1]} | {name} | {n} | {statistics.mean(epe[n]):.3f} | "
             f"{max(epe[n]):.2f} | {worse[n]} | {statistics.mean(fold[n]):.3f} | "
             f"{statistics.median(ms[n]):.0f} |" for n in models]  # fmt: skip
+
+
+def _guarded(model, agree_px: float):
+    """``model``'s one-shot with the network's check at ``agree_px`` and the guard, as
+    ``register`` runs it."""
+
+    def run(f, m):
+        registrar.PREALIGN_AGREE_PX = agree_px
+        return keep_if_better(model(f, m), f, m, model.guard_similarity)[0]
+
+    return run
 
 
 if __name__ == "__main__":

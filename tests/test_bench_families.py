@@ -17,6 +17,7 @@ pytest.importorskip("nilearn")
 from air_reg import metrics as M  # noqa: E402
 from air_reg import warp  # noqa: E402
 from air_reg.bench import families as fam  # noqa: E402
+from air_reg.bench.family_bench import timed_pair, timed_scores  # noqa: E402
 from air_reg.data import brain, synthetic  # noqa: E402
 from air_reg.errors import ConfigError  # noqa: E402
 
@@ -178,3 +179,30 @@ def test_batched_one_shot_rows_give_each_model_its_epe_and_time():
     rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
     assert [r[1].strip() for r in rows] == ["air_match_synth", "air_unet_mnist"]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def test_timed_pairs_rotate_the_order_and_score_every_pair():
+    """``family_bench.timed_pair`` runs each method once a pair, the order rotated by the
+    turn; ``timed_scores`` (the choice scripts') scores every pair of a batch with them."""
+    order = []
+
+    def method(name, shift):
+        def run(fixed, moving):
+            order.append(name)
+            return torch.full((len(fixed), 2, *fixed.shape[2:]), shift)
+
+        return run
+
+    fns = {"a": method("a", 0.0), "b": method("b", 1.0), "c": method("c", 2.0)}
+    one = torch.zeros(1, 1, 8, 8)
+    assert list(timed_pair(fns, one, one, 1)) == ["b", "c", "a"]
+    assert order == ["b", "c", "a"]
+    images = torch.zeros(2, 1, 8, 8)
+    edges = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    batch = {"fixed": images, "moving": images, "flow": torch.zeros(2, 2, 8, 8), "edges": edges}
+    order.clear()
+    scores = timed_scores(fns, batch)
+    assert order == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"]  # warm-up, pairs 0, 1
+    assert scores["c"]["epe"] == pytest.approx([2 * 2**0.5] * 2)
+    assert scores["a"]["epe"] == [0.0, 0.0]
+    assert all(len(v) == 2 for s in scores.values() for v in s.values())

@@ -145,13 +145,9 @@ def run(
             fn(batch["fixed"][:1], batch["moving"][:1])
         for i in range(n):
             one = {k: batch[k][i : i + 1] for k in ("fixed", "moving", "flow", "edges")}
-            keys = list(fns)[turn % len(fns) :] + list(fns)[: turn % len(fns)]
+            timed = timed_pair(fns, one["fixed"], one["moving"], turn)
             turn += 1
-            for k in keys:
-                tic = time.perf_counter()
-                with torch.no_grad():
-                    flow = fns[k](one["fixed"], one["moving"]).detach()
-                ms = 1000 * (time.perf_counter() - tic)
+            for k, (flow, ms) in timed.items():
                 rows.append({
                     "family": name, "pair": i, "source": batch["source"][i],
                     "contrast": batch["contrast"][i], "method": k,
@@ -159,10 +155,43 @@ def run(
                     **score(flow, one["flow"], one["edges"]), "ms": ms,
                 })  # fmt: skip
             if sink is not None:
-                sink(rows[-len(keys) :])
+                sink(rows[-len(timed) :])
             log.info("%s pair %d (%s): %s", name, i, batch["source"][i],
-                     {r["method"]: round(r["epe"], 2) for r in rows[-len(keys):]})  # fmt: skip
+                     {r["method"]: round(r["epe"], 2) for r in rows[-len(timed):]})  # fmt: skip
     return rows
+
+
+def timed_pair(
+    fns: dict[str, Callable], fixed: torch.Tensor, moving: torch.Tensor, turn: int
+) -> dict[str, tuple[torch.Tensor, float]]:
+    """Each of ``fns`` (``fn(fixed, moving) -> flow``) on one pair without gradients, in an
+    order rotated by ``turn`` (the host is shared and noisy: no method always runs first):
+    ``{key: (flow, ms)}``, the keys in the order they ran."""
+    keys = list(fns)[turn % len(fns) :] + list(fns)[: turn % len(fns)]
+    out = {}
+    for k in keys:
+        tic = time.perf_counter()
+        with torch.no_grad():
+            flow = fns[k](fixed, moving).detach()
+        out[k] = (flow, 1000 * (time.perf_counter() - tic))
+    return out
+
+
+def timed_scores(fns: dict[str, Callable], batch: dict) -> dict[str, dict[str, list[float]]]:
+    """Each of ``fns`` on every pair of ``batch`` (keys fixed, moving, flow, edges), one pair a
+    call after one untimed warm-up call each, the order rotating pair by pair (``timed_pair``):
+    ``{key: {"epe": [...], "epe_edges": [...], "folding": [...], "ms": [...]}}``, one value
+    a pair."""
+    for fn in fns.values():
+        with torch.no_grad():
+            fn(batch["fixed"][:1], batch["moving"][:1])
+    out = {k: {"epe": [], "epe_edges": [], "folding": [], "ms": []} for k in fns}
+    for i in range(len(batch["fixed"])):
+        one = {k: batch[k][i : i + 1] for k in ("fixed", "moving", "flow", "edges")}
+        for k, (flow, ms) in timed_pair(fns, one["fixed"], one["moving"], i).items():
+            for name, value in {**score(flow, one["flow"], one["edges"]), "ms": ms}.items():
+                out[k][name].append(value)
+    return out
 
 
 def _mean(values: list[float]) -> float:

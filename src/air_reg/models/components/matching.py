@@ -49,8 +49,8 @@ def sine_position_encoding(dim: int, size: tuple[int, ...], device=None) -> torc
 
 # soft_attend without gradients on CPU: at most this many scores a chunk (8 MB). A pass of
 # AiR-Match at 512 x 512 (4,096 tokens at 1/8: 16.7 M scores a matrix, 67 MB, beyond the
-# caches) 1.25x faster, 384 x 384 1.2x; below 1,448 tokens (e.g. 256 x 256) nothing changes
-# (experiments/match_chunks.py)
+# caches) 1.33x faster, 384 x 384 and 768 x 768 1.23x; up to 1,448 tokens (e.g. 256 x 256: one
+# chunk) nothing changes (experiments/cascade_speed.py --tables large)
 INFER_SCORES = 2**21
 
 
